@@ -1,2 +1,209 @@
 //! `cargo xtask`: the one entry point for Updraft's developer tasks.
-fn main() {}
+//!
+//! - `cargo xtask deps`: install what a fresh machine lacks (Debian packages, the pinned
+//!   control plane built from its Go modules, kubectl).
+//! - `cargo xtask cluster up|down|status|env|kubeconfig`: the local control plane.
+//! - `cargo xtask test`: everything the tests need, then the whole test suite.
+//! - `cargo xtask demo`: a local control plane with Updraft and a pod running.
+#![forbid(unsafe_code)]
+
+mod deps;
+
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+use updraft_devcluster::{Layout, cluster, toolchain::Toolchain};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Updraft developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what this machine lacks: Debian packages, the control plane, kubectl.
+    Deps,
+    /// The local Kubernetes control plane on 127.0.0.1.
+    Cluster {
+        #[command(subcommand)]
+        action: ClusterAction,
+    },
+    /// Bring up the control plane, then run the whole test suite (extra args go to cargo test).
+    Test {
+        /// Arguments passed through to `cargo test`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        cargo_args: Vec<String>,
+    },
+    /// Run the demo: a local control plane, Updraft as a virtual node, a pod running.
+    Demo,
+}
+
+#[derive(Subcommand)]
+enum ClusterAction {
+    /// Build (once) and start whatever is not running; idempotent.
+    Up,
+    /// Stop every process `up` started.
+    Down {
+        /// Also delete the cluster's state (etcd data, PKI, logs).
+        #[arg(long)]
+        purge: bool,
+    },
+    /// Show what runs and where its logs are.
+    Status,
+    /// Print shell exports for the admin kubeconfig and the pinned kubectl.
+    Env,
+    /// Mint a kubeconfig for another identity and print it (or write it to --out).
+    Kubeconfig {
+        /// A node identity: user `system:node:NODE` in group `system:nodes`.
+        #[arg(long, conflicts_with = "service_account")]
+        node: Option<String>,
+        /// A service account, as NAMESPACE/NAME (token from the TokenRequest API).
+        #[arg(long)]
+        service_account: Option<String>,
+        /// Lifetime of a service account token, in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl: i64,
+        /// Write the kubeconfig here instead of printing it.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
+    let layout = Layout::for_workspace();
+    match cli.task {
+        Task::Deps => {
+            deps::install_packages()?;
+            Toolchain::ensure()?;
+        }
+        Task::Cluster { action } => runtime.block_on(cluster_task(&layout, action))?,
+        Task::Test { cargo_args } => return test(&runtime, &layout, &cargo_args),
+        Task::Demo => runtime.block_on(demo(&layout))?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn cluster_task(layout: &Layout, action: ClusterAction) -> Result<()> {
+    match action {
+        ClusterAction::Up => {
+            cluster::up(layout).await?;
+            println!(
+                "control plane ready on https://127.0.0.1:{}",
+                cluster::APISERVER_PORT
+            );
+            print_env(layout);
+        }
+        ClusterAction::Down { purge } => {
+            let stopped = cluster::down(layout)?;
+            if stopped.is_empty() {
+                println!("nothing was running");
+            }
+            for component in stopped {
+                println!("stopped {}", component.name());
+            }
+            if purge && layout.root().exists() {
+                std::fs::remove_dir_all(layout.root())
+                    .with_context(|| format!("removing {}", layout.root().display()))?;
+                println!("removed {}", layout.root().display());
+            }
+        }
+        ClusterAction::Status => {
+            for status in cluster::status(layout) {
+                let state = match status.pid {
+                    Some(pid) => format!("running (pid {pid})"),
+                    None => "stopped".to_owned(),
+                };
+                println!(
+                    "{:<24} {:<22} 127.0.0.1:{:<6} {}",
+                    status.component.name(),
+                    state,
+                    status.component.port(),
+                    status.log.display()
+                );
+            }
+            match cluster::readyz(layout).await {
+                Ok(()) => println!("API server: ready"),
+                Err(err) => println!("API server: not ready: {err}"),
+            }
+        }
+        ClusterAction::Env => print_env(layout),
+        ClusterAction::Kubeconfig {
+            node,
+            service_account,
+            ttl,
+            out,
+        } => {
+            let text = match (node, service_account) {
+                (Some(node), _) => cluster::node_kubeconfig(layout, &node)?,
+                (None, Some(sa)) => {
+                    let Some((namespace, name)) = sa.split_once('/') else {
+                        bail!("--service-account takes NAMESPACE/NAME, got {sa:?}");
+                    };
+                    cluster::service_account_kubeconfig(layout, namespace, name, ttl).await?
+                }
+                (None, None) => {
+                    bail!("say which identity: --node NAME or --service-account NS/NAME")
+                }
+            };
+            match out {
+                Some(path) => {
+                    std::fs::write(&path, text)
+                        .with_context(|| format!("writing {}", path.display()))?;
+                    println!("wrote {}", path.display());
+                }
+                None => print!("{text}"),
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_env(layout: &Layout) {
+    println!("export KUBECONFIG={}", layout.admin_kubeconfig().display());
+    println!("export PATH={}:$PATH", layout.bin().display());
+}
+
+fn test(
+    runtime: &tokio::runtime::Runtime,
+    layout: &Layout,
+    cargo_args: &[String],
+) -> Result<ExitCode> {
+    deps::install_packages()?;
+    runtime.block_on(cluster::up(layout))?;
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let status = Command::new(cargo)
+        .args(["test", "--workspace"])
+        .args(cargo_args)
+        .env("UPDRAFT_CLUSTER_DIR", layout.root())
+        .status()
+        .context("running cargo test")?;
+    Ok(if status.success() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+async fn demo(layout: &Layout) -> Result<()> {
+    deps::install_packages()?;
+    cluster::up(layout).await?;
+    println!("control plane ready. The Updraft node joins the demo once it exists; meanwhile:");
+    print_env(layout);
+    println!("kubectl get --raw /readyz");
+    Ok(())
+}

@@ -1,0 +1,600 @@
+//! Starting, checking and stopping the control-plane processes.
+//!
+//! Each component runs detached (its own process group) with its output in
+//! `<layout>/logs/<component>.log` and its PID in `<layout>/run/<component>.pid`. A PID file is
+//! trusted only while `/proc/<pid>/exe` is still the binary we started, so a recycled PID is
+//! never signalled.
+
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::ServiceAccount;
+use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+use crate::kubeconfig::{self, Credentials};
+use crate::pki::{self, CertificateAuthority, Identity};
+use crate::toolchain::Toolchain;
+use crate::{Error, Layout, Result, io_err};
+
+/// The API server's secure port on 127.0.0.1.
+pub const APISERVER_PORT: u16 = 6443;
+const ETCD_CLIENT_PORT: u16 = 2379;
+const ETCD_PEER_PORT: u16 = 2380;
+const CONTROLLER_MANAGER_PORT: u16 = 10257;
+const SCHEDULER_PORT: u16 = 10259;
+/// The Service network. Its addresses are virtual: nothing ever routes to them here.
+const SERVICE_CIDR: &str = "10.96.0.0/16";
+/// The user name in the certificate the API server presents to kubelets (and so to Updraft).
+pub const KUBELET_CLIENT_USER: &str = "kube-apiserver-kubelet-client";
+
+/// One control-plane process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Component {
+    /// The key-value store.
+    Etcd,
+    /// kube-apiserver.
+    ApiServer,
+    /// kube-controller-manager (node lifecycle, CSR signing, Deployments, Jobs …).
+    ControllerManager,
+    /// kube-scheduler.
+    Scheduler,
+}
+
+impl Component {
+    /// All components in start order.
+    pub const ALL: [Component; 4] = [
+        Self::Etcd,
+        Self::ApiServer,
+        Self::ControllerManager,
+        Self::Scheduler,
+    ];
+
+    /// The component's name, as in its log and PID file names.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Etcd => "etcd",
+            Self::ApiServer => "kube-apiserver",
+            Self::ControllerManager => "kube-controller-manager",
+            Self::Scheduler => "kube-scheduler",
+        }
+    }
+
+    /// The port the component listens on.
+    pub fn port(self) -> u16 {
+        match self {
+            Self::Etcd => ETCD_CLIENT_PORT,
+            Self::ApiServer => APISERVER_PORT,
+            Self::ControllerManager => CONTROLLER_MANAGER_PORT,
+            Self::Scheduler => SCHEDULER_PORT,
+        }
+    }
+
+    fn binary(self, toolchain: &Toolchain) -> PathBuf {
+        match self {
+            Self::Etcd => toolchain.etcd.clone(),
+            other => toolchain.kubernetes(other.name()),
+        }
+    }
+
+    fn startup_timeout(self) -> Duration {
+        match self {
+            Self::ApiServer => Duration::from_secs(180),
+            _ => Duration::from_secs(60),
+        }
+    }
+
+    fn args(self, layout: &Layout) -> Vec<String> {
+        let pki = layout.pki();
+        let p = |name: &str| pki.join(name).display().to_string();
+        let ca = p("ca.crt");
+        let mut args: Vec<String> = match self {
+            Self::Etcd => vec![
+                "--name=updraft-dev".into(),
+                format!("--data-dir={}", layout.etcd_data().display()),
+                format!("--listen-client-urls=https://127.0.0.1:{ETCD_CLIENT_PORT}"),
+                format!("--advertise-client-urls=https://127.0.0.1:{ETCD_CLIENT_PORT}"),
+                format!("--listen-peer-urls=http://127.0.0.1:{ETCD_PEER_PORT}"),
+                format!("--initial-advertise-peer-urls=http://127.0.0.1:{ETCD_PEER_PORT}"),
+                format!("--initial-cluster=updraft-dev=http://127.0.0.1:{ETCD_PEER_PORT}"),
+                format!("--cert-file={}", p("etcd-server.crt")),
+                format!("--key-file={}", p("etcd-server.key")),
+                format!("--trusted-ca-file={ca}"),
+                "--client-cert-auth=true".into(),
+                // A throw-away development store: durability across power loss is not worth
+                // the fsync latency on a shared disk.
+                "--unsafe-no-fsync=true".into(),
+                "--log-level=warn".into(),
+            ],
+            Self::ApiServer => vec![
+                "--bind-address=127.0.0.1".into(),
+                "--advertise-address=127.0.0.1".into(),
+                format!("--secure-port={APISERVER_PORT}"),
+                format!("--etcd-servers=https://127.0.0.1:{ETCD_CLIENT_PORT}"),
+                format!("--etcd-cafile={ca}"),
+                format!("--etcd-certfile={}", p("apiserver-etcd-client.crt")),
+                format!("--etcd-keyfile={}", p("apiserver-etcd-client.key")),
+                format!("--tls-cert-file={}", p("apiserver.crt")),
+                format!("--tls-private-key-file={}", p("apiserver.key")),
+                format!("--client-ca-file={ca}"),
+                "--anonymous-auth=false".into(),
+                "--authorization-mode=Node,RBAC".into(),
+                "--enable-admission-plugins=NodeRestriction".into(),
+                format!("--service-account-key-file={}", p("sa.pub")),
+                format!("--service-account-signing-key-file={}", p("sa.key")),
+                "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
+                format!("--service-cluster-ip-range={SERVICE_CIDR}"),
+                format!(
+                    "--kubelet-client-certificate={}",
+                    p("apiserver-kubelet-client.crt")
+                ),
+                format!("--kubelet-client-key={}", p("apiserver-kubelet-client.key")),
+                // Kubelets (Updraft) must serve a certificate from the cluster CA, obtained
+                // through a kubelet-serving CSR or issued from it.
+                format!("--kubelet-certificate-authority={ca}"),
+                "--kubelet-preferred-address-types=InternalIP,Hostname".into(),
+                "--allow-privileged=true".into(),
+                // Loopback addresses are not valid Endpoints, so the `kubernetes` Service
+                // cannot point at this API server; nothing in-cluster needs it.
+                "--endpoint-reconciler-type=none".into(),
+                "--profiling=false".into(),
+            ],
+            Self::ControllerManager => {
+                let kubeconfig = layout
+                    .component_kubeconfig(self.name())
+                    .display()
+                    .to_string();
+                vec![
+                    format!("--kubeconfig={kubeconfig}"),
+                    format!("--authentication-kubeconfig={kubeconfig}"),
+                    format!("--authorization-kubeconfig={kubeconfig}"),
+                    "--bind-address=127.0.0.1".into(),
+                    format!("--secure-port={CONTROLLER_MANAGER_PORT}"),
+                    "--leader-elect=false".into(),
+                    "--use-service-account-credentials=true".into(),
+                    format!("--service-account-private-key-file={}", p("sa.key")),
+                    format!("--root-ca-file={ca}"),
+                    format!("--cluster-signing-cert-file={ca}"),
+                    format!("--cluster-signing-key-file={}", p("ca.key")),
+                    format!("--service-cluster-ip-range={SERVICE_CIDR}"),
+                    "--profiling=false".into(),
+                ]
+            }
+            Self::Scheduler => {
+                let kubeconfig = layout
+                    .component_kubeconfig(self.name())
+                    .display()
+                    .to_string();
+                vec![
+                    format!("--kubeconfig={kubeconfig}"),
+                    format!("--authentication-kubeconfig={kubeconfig}"),
+                    format!("--authorization-kubeconfig={kubeconfig}"),
+                    "--bind-address=127.0.0.1".into(),
+                    format!("--secure-port={SCHEDULER_PORT}"),
+                    "--leader-elect=false".into(),
+                    "--profiling=false".into(),
+                ]
+            }
+        };
+        if self != Self::Etcd {
+            args.push("--v=1".into());
+        }
+        args
+    }
+
+    fn pid_file(self, layout: &Layout) -> PathBuf {
+        layout.run().join(format!("{}.pid", self.name()))
+    }
+}
+
+/// What `status` reports about one component.
+#[derive(Debug, Clone)]
+pub struct ComponentStatus {
+    /// The component.
+    pub component: Component,
+    /// Its PID, if it runs.
+    pub pid: Option<u32>,
+    /// Its log file.
+    pub log: PathBuf,
+}
+
+/// The PID of `component` if the process recorded for it still runs our binary.
+fn running_pid(layout: &Layout, toolchain: &Toolchain, component: Component) -> Option<u32> {
+    let text = std::fs::read_to_string(component.pid_file(layout)).ok()?;
+    let pid: u32 = text.trim().parse().ok()?;
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
+    let expected = component.binary(toolchain);
+    let expected = std::fs::canonicalize(&expected).unwrap_or(expected);
+    (exe == expected).then_some(pid)
+}
+
+/// What runs now.
+pub fn status(layout: &Layout) -> Vec<ComponentStatus> {
+    let toolchain = Toolchain::in_cache();
+    Component::ALL
+        .iter()
+        .map(|&component| ComponentStatus {
+            component,
+            pid: running_pid(layout, &toolchain, component),
+            log: layout.log(component.name()),
+        })
+        .collect()
+}
+
+fn port_open(port: u16) -> bool {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+}
+
+fn create_dir(path: &Path) -> Result<()> {
+    std::fs::create_dir_all(path).map_err(io_err("creating", path))
+}
+
+/// Creates a directory only its owner may enter (etcd insists on that for its data).
+fn create_private_dir(path: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    create_dir(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
+        .map_err(io_err("restricting permissions of", path))
+}
+
+/// Creates the PKI and the component kubeconfigs that do not exist yet.
+fn ensure_pki(layout: &Layout) -> Result<()> {
+    let dir = layout.pki();
+    let ca = CertificateAuthority::load_or_create(&dir)?;
+    pki::ensure_service_account_key(&dir)?;
+    let apiserver_names = [
+        "localhost",
+        "kubernetes",
+        "kubernetes.default",
+        "kubernetes.default.svc",
+        "kubernetes.default.svc.cluster.local",
+    ];
+    ca.issue_to_files(
+        &dir,
+        "apiserver",
+        &Identity::loopback_server("kube-apiserver", &apiserver_names),
+    )?;
+    let mut etcd = Identity::loopback_server("etcd", &["localhost"]);
+    etcd.client = true;
+    ca.issue_to_files(&dir, "etcd-server", &etcd)?;
+    ca.issue_to_files(
+        &dir,
+        "apiserver-etcd-client",
+        &Identity::client("kube-apiserver-etcd-client", &[]),
+    )?;
+    ca.issue_to_files(
+        &dir,
+        "apiserver-kubelet-client",
+        &Identity::client(KUBELET_CLIENT_USER, &[]),
+    )?;
+
+    let server = kubeconfig::server_url(APISERVER_PORT);
+    let users = [
+        (
+            layout.admin_kubeconfig(),
+            "updraft-admin",
+            vec!["system:masters"],
+        ),
+        (
+            layout.component_kubeconfig(Component::ControllerManager.name()),
+            "system:kube-controller-manager",
+            vec![],
+        ),
+        (
+            layout.component_kubeconfig(Component::Scheduler.name()),
+            "system:kube-scheduler",
+            vec![],
+        ),
+    ];
+    for (path, user, groups) in users {
+        if path.is_file() {
+            continue;
+        }
+        let cert = ca.issue(&Identity::client(user, &groups))?;
+        let text = kubeconfig::render(
+            &server,
+            ca.cert_pem(),
+            user,
+            &Credentials::ClientCertificate(cert),
+        );
+        kubeconfig::write(&path, &text)?;
+    }
+    Ok(())
+}
+
+fn link_kubectl(layout: &Layout, toolchain: &Toolchain) -> Result<()> {
+    let link = layout.kubectl();
+    create_dir(&layout.bin())?;
+    if std::fs::read_link(&link).is_ok_and(|target| target == toolchain.kubectl) {
+        return Ok(());
+    }
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(&toolchain.kubectl, &link).map_err(io_err("linking", &link))
+}
+
+fn spawn(layout: &Layout, toolchain: &Toolchain, component: Component) -> Result<u32> {
+    let log_path = layout.log(component.name());
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(io_err("opening", &log_path))?;
+    let log_err = log.try_clone().map_err(io_err("opening", &log_path))?;
+    let binary = component.binary(toolchain);
+    let child = Command::new(&binary)
+        .args(component.args(layout))
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log_err)
+        // Its own process group: a Ctrl-C in the terminal that ran `cluster up` must not
+        // take the control plane down with it.
+        .process_group(0)
+        .spawn()
+        .map_err(io_err("starting", &binary))?;
+    let pid = child.id();
+    let pid_file = component.pid_file(layout);
+    std::fs::write(&pid_file, format!("{pid}\n")).map_err(io_err("writing", &pid_file))?;
+    // The child is deliberately not waited for: it outlives this process.
+    drop(child);
+    Ok(pid)
+}
+
+fn alive(pid: u32) -> bool {
+    // A zombie (exited, not yet reaped by us) counts as gone.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|stat| {
+            !stat
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
+        .unwrap_or(false)
+}
+
+async fn wait_ready(layout: &Layout, component: Component, pid: u32) -> Result<()> {
+    let timeout = component.startup_timeout();
+    let started = Instant::now();
+    let mut last_seen = String::from("not checked yet");
+    while started.elapsed() < timeout {
+        if !alive(pid) {
+            return Err(Error::Exited {
+                component: component.name(),
+                status: "exited".into(),
+                log: layout.log(component.name()),
+            });
+        }
+        match component {
+            Component::ApiServer => match readyz(layout).await {
+                Ok(()) => return Ok(()),
+                Err(e) => last_seen = e.to_string(),
+            },
+            _ if port_open(component.port()) => return Ok(()),
+            _ => last_seen = format!("port {} not listening", component.port()),
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    Err(Error::NotReady {
+        what: component.name().into(),
+        seconds: timeout.as_secs(),
+        last_seen,
+        log: layout.log(component.name()),
+    })
+}
+
+/// Asks the API server's `/readyz` with the admin identity.
+pub async fn readyz(layout: &Layout) -> Result<()> {
+    let client = admin_client(layout).await?;
+    let request = http::Request::get("/readyz")
+        .body(Vec::new())
+        .map_err(|e| Error::NotRunning {
+            reason: format!("building the /readyz request: {e}"),
+        })?;
+    let body = client.request_text(request).await?;
+    if body.trim() == "ok" {
+        Ok(())
+    } else {
+        Err(Error::NotRunning {
+            reason: format!("/readyz answered {body:?}"),
+        })
+    }
+}
+
+/// A client with the cluster-admin identity.
+pub async fn admin_client(layout: &Layout) -> Result<kube::Client> {
+    client_for(&layout.admin_kubeconfig()).await
+}
+
+/// A client for the kubeconfig at `path`.
+pub async fn client_for(path: &Path) -> Result<kube::Client> {
+    if !path.is_file() {
+        return Err(Error::NotRunning {
+            reason: format!("{} does not exist", path.display()),
+        });
+    }
+    let kubeconfig =
+        kube::config::Kubeconfig::read_from(path).map_err(|source| Error::Kubeconfig {
+            path: path.to_owned(),
+            source,
+        })?;
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .map_err(|source| Error::Kubeconfig {
+            path: path.to_owned(),
+            source,
+        })?;
+    Ok(kube::Client::try_from(config)?)
+}
+
+/// Grants the API server's kubelet-client identity what kubeadm grants it: the kubelet API.
+async fn bootstrap_rbac(layout: &Layout) -> Result<()> {
+    let client = admin_client(layout).await?;
+    let binding: ClusterRoleBinding = serde_json::from_value(serde_json::json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRoleBinding",
+        "metadata": { "name": "updraft-dev:apiserver-kubelet-client" },
+        "roleRef": {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "ClusterRole",
+            "name": "system:kubelet-api-admin"
+        },
+        "subjects": [{
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "User",
+            "name": KUBELET_CLIENT_USER
+        }]
+    }))
+    .map_err(|e| Error::NotRunning {
+        reason: format!("invalid built-in RBAC binding: {e}"),
+    })?;
+    let name = binding.metadata.name.clone().unwrap_or_default();
+    Api::<ClusterRoleBinding>::all(client)
+        .patch(
+            &name,
+            &PatchParams::apply("updraft-devcluster").force(),
+            &Patch::Apply(&binding),
+        )
+        .await?;
+    Ok(())
+}
+
+/// Starts whatever is not running yet (building the toolchain first if needed) and waits
+/// until the API server is ready and the cluster bootstrap is applied. Idempotent.
+pub async fn up(layout: &Layout) -> Result<()> {
+    let toolchain = Toolchain::ensure()?;
+    for dir in [layout.root().to_path_buf(), layout.logs(), layout.run()] {
+        create_dir(&dir)?;
+    }
+    create_private_dir(&layout.etcd_data())?;
+    ensure_pki(layout)?;
+    link_kubectl(layout, &toolchain)?;
+    for component in Component::ALL {
+        if running_pid(layout, &toolchain, component).is_some() {
+            continue;
+        }
+        if port_open(component.port()) {
+            return Err(Error::PortInUse {
+                port: component.port(),
+                component: component.name(),
+            });
+        }
+        let pid = spawn(layout, &toolchain, component)?;
+        wait_ready(layout, component, pid).await?;
+        if component == Component::ApiServer {
+            bootstrap_rbac(layout).await?;
+        }
+    }
+    // Whatever was already running, the API server must answer now.
+    readyz(layout).await
+}
+
+/// Stops every component this layout started (SIGTERM, then SIGKILL after a grace period),
+/// newest first, and removes their PID files. Returns the components that were stopped.
+pub fn down(layout: &Layout) -> Result<Vec<Component>> {
+    let toolchain = Toolchain::in_cache();
+    let mut stopped = Vec::new();
+    for &component in Component::ALL.iter().rev() {
+        if let Some(pid) = running_pid(layout, &toolchain, component) {
+            terminate(pid, Duration::from_secs(20));
+            stopped.push(component);
+        }
+        let pid_file = component.pid_file(layout);
+        if pid_file.exists() {
+            std::fs::remove_file(&pid_file).map_err(io_err("removing", &pid_file))?;
+        }
+    }
+    Ok(stopped)
+}
+
+fn terminate(pid: u32, grace: Duration) {
+    let Ok(raw) = i32::try_from(pid) else { return };
+    let target = Pid::from_raw(raw);
+    if kill(target, Signal::SIGTERM).is_err() {
+        return;
+    }
+    let deadline = Instant::now() + grace;
+    while alive(pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    if alive(pid) {
+        let _ = kill(target, Signal::SIGKILL);
+        while alive(pid) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// A kubeconfig for the node identity `system:node:<node>` (group `system:nodes`), the
+/// identity a kubelet has under the Node authorizer and `NodeRestriction`.
+pub fn node_kubeconfig(layout: &Layout, node: &str) -> Result<String> {
+    let ca = CertificateAuthority::load(&layout.pki())?;
+    let user = format!("system:node:{node}");
+    let cert = ca.issue(&Identity::client(&user, &["system:nodes"]))?;
+    Ok(kubeconfig::render(
+        &kubeconfig::server_url(APISERVER_PORT),
+        ca.cert_pem(),
+        &user,
+        &Credentials::ClientCertificate(cert),
+    ))
+}
+
+/// A kubeconfig for the client certificate the API server uses towards kubelets.
+pub fn kubelet_client_kubeconfig(layout: &Layout) -> Result<String> {
+    let pki = layout.pki();
+    let read = |name: &str| {
+        let path = pki.join(name);
+        std::fs::read_to_string(&path).map_err(io_err("reading", path))
+    };
+    let ca = read("ca.crt")?;
+    let cert = pki::CertifiedKey {
+        cert_pem: read("apiserver-kubelet-client.crt")?,
+        key_pem: read("apiserver-kubelet-client.key")?,
+    };
+    Ok(kubeconfig::render(
+        &kubeconfig::server_url(APISERVER_PORT),
+        &ca,
+        KUBELET_CLIENT_USER,
+        &Credentials::ClientCertificate(cert),
+    ))
+}
+
+/// A kubeconfig for service account `namespace/name`, with a token from the TokenRequest API
+/// valid for `ttl_seconds`.
+pub async fn service_account_kubeconfig(
+    layout: &Layout,
+    namespace: &str,
+    name: &str,
+    ttl_seconds: i64,
+) -> Result<String> {
+    let client = admin_client(layout).await?;
+    let request = TokenRequest {
+        spec: Some(TokenRequestSpec {
+            audiences: Some(vec![]),
+            expiration_seconds: Some(ttl_seconds),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let token = Api::<ServiceAccount>::namespaced(client, namespace)
+        .create_token_request(name, &PostParams::default(), &request)
+        .await?
+        .status
+        .and_then(|s| s.token)
+        .unwrap_or_default();
+    let ca_path = CertificateAuthority::cert_path(&layout.pki());
+    let ca = std::fs::read_to_string(&ca_path).map_err(io_err("reading", &ca_path))?;
+    Ok(kubeconfig::render(
+        &kubeconfig::server_url(APISERVER_PORT),
+        &ca,
+        &format!("system:serviceaccount:{namespace}:{name}"),
+        &Credentials::Token(token),
+    ))
+}
