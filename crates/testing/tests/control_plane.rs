@@ -1,4 +1,5 @@
 //! The harness against the real control plane: what every other integration test relies on.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: a panic is a failure report
 
 use std::time::Duration;
 

@@ -1,0 +1,18 @@
+//! The kubelet HTTPS API of an Updraft node.
+//!
+//! The API server (for `kubectl logs/exec/attach/port-forward/top`), metrics-server and
+//! Prometheus reach a node through its kubelet port. This crate serves that port the way the
+//! kubelet does:
+//! - [`tls`]: TLS 1.2+ with rustls, the serving certificate swappable at run time (renewal),
+//!   client certificates optional and verified against a CA;
+//! - [`auth`]: who is calling (client certificate, bearer token through TokenReview, or
+//!   anonymous only if allowed) and whether they may (SubjectAccessReview on `nodes/<sub>`),
+//!   both cached;
+//! - [`server`]: the accept loop that ties TLS, authentication and authorization to an axum
+//!   router, with HTTP upgrades for the streaming protocols.
+#![forbid(unsafe_code)]
+
+pub mod auth;
+mod cache;
+pub mod server;
+pub mod tls;
