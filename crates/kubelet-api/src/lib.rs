@@ -14,5 +14,6 @@
 
 pub mod auth;
 mod cache;
+pub mod csr;
 pub mod server;
 pub mod tls;
