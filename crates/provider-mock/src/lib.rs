@@ -1,0 +1,539 @@
+//! An in-process provider for tests and benchmarks.
+//!
+//! Pods are "running" as soon as they are created, with a pod IP; nothing is executed. What a
+//! pod does is chosen by annotations, so tests can drive every path of the node:
+//!
+//! | annotation | value | effect |
+//! | --- | --- | --- |
+//! | `mock.updraft.dev/fail-create` | `permanent`, `invalid` or `transient:N` | creation fails (always, or the first N times) |
+//! | `mock.updraft.dev/start-delay-ms` | milliseconds | the pod stays `Pending` that long |
+//! | `mock.updraft.dev/exit-after-ms` | milliseconds | every container exits after that long … |
+//! | `mock.updraft.dev/exit-code` | integer (default 0) | … with this code; restarts per `restartPolicy` |
+//!
+//! A malformed value fails creation with `InvalidInput` naming the annotation.
+#![forbid(unsafe_code)]
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use futures::stream::BoxStream;
+use k8s_openapi::api::core::v1::{
+    ContainerState, ContainerStateRunning, ContainerStateTerminated, ContainerStateWaiting,
+    ContainerStatus, Pod, PodCondition, PodIP, PodStatus,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use tokio::sync::mpsc;
+use updraft_provider::{
+    PodRef, PodStatusUpdate, Provider, ProviderError, ProviderPod, ResolvedPod, Result,
+};
+
+const ANNOTATION_PREFIX: &str = "mock.updraft.dev/";
+
+/// Settings of the mock provider.
+#[derive(Debug, Clone)]
+pub struct MockConfig {
+    /// The node's address, reported as each pod's `hostIP`.
+    pub host_ip: String,
+    /// Pod IPs are allocated sequentially from this base (reported only; never routed).
+    pub pod_ip_base: Ipv4Addr,
+}
+
+impl Default for MockConfig {
+    fn default() -> Self {
+        Self {
+            host_ip: "127.0.0.1".into(),
+            pod_ip_base: Ipv4Addr::new(10, 244, 0, 0),
+        }
+    }
+}
+
+/// How a mock pod behaves, parsed from its annotations.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Behaviour {
+    fail_create: Option<Failure>,
+    start_delay: Option<Duration>,
+    exit_after: Option<Duration>,
+    exit_code: i32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Failure {
+    Permanent,
+    Invalid,
+    Transient(u32),
+}
+
+impl Behaviour {
+    fn of(pod: &Pod) -> Result<Self> {
+        let mut behaviour = Self::default();
+        let Some(annotations) = pod.metadata.annotations.as_ref() else {
+            return Ok(behaviour);
+        };
+        for (key, value) in annotations {
+            let Some(name) = key.strip_prefix(ANNOTATION_PREFIX) else {
+                continue;
+            };
+            let bad = |expected: &str| {
+                ProviderError::InvalidInput(format!(
+                    "annotation {key}={value:?} is malformed: expected {expected}"
+                ))
+            };
+            let millis = |v: &str| v.parse::<u64>().map(Duration::from_millis);
+            match name {
+                "fail-create" => {
+                    behaviour.fail_create = Some(match value.as_str() {
+                        "permanent" => Failure::Permanent,
+                        "invalid" => Failure::Invalid,
+                        other => other
+                            .strip_prefix("transient:")
+                            .and_then(|n| n.parse().ok())
+                            .map(Failure::Transient)
+                            .ok_or_else(|| bad("permanent, invalid or transient:N"))?,
+                    })
+                }
+                "start-delay-ms" => {
+                    behaviour.start_delay = Some(millis(value).map_err(|_| bad("milliseconds"))?)
+                }
+                "exit-after-ms" => {
+                    behaviour.exit_after = Some(millis(value).map_err(|_| bad("milliseconds"))?)
+                }
+                "exit-code" => {
+                    behaviour.exit_code = value.parse().map_err(|_| bad("an integer"))?
+                }
+                _ => {
+                    return Err(bad(
+                        "one of fail-create, start-delay-ms, exit-after-ms, exit-code",
+                    ));
+                }
+            }
+        }
+        Ok(behaviour)
+    }
+}
+
+#[derive(Debug)]
+struct MockPod {
+    pod: PodRef,
+    spec_pod: Pod,
+    status: PodStatus,
+    /// The pod's timer (start delay or exit), aborted when the pod is deleted.
+    timer: Option<tokio::task::JoinHandle<()>>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    pods: HashMap<(String, String), MockPod>,
+    /// Transient failures already returned, per pod UID.
+    failures: HashMap<String, u32>,
+    next_ip: u32,
+}
+
+/// The mock provider. Cheap: a map entry per pod and, only for pods with a delay or an exit
+/// annotation, one timer.
+#[derive(Debug, Clone)]
+pub struct MockProvider {
+    config: MockConfig,
+    state: Arc<Mutex<State>>,
+    updates_tx: mpsc::UnboundedSender<PodStatusUpdate>,
+    updates_rx: Arc<Mutex<Option<mpsc::UnboundedReceiver<PodStatusUpdate>>>>,
+}
+
+impl MockProvider {
+    /// A mock provider with `config`.
+    pub fn new(config: MockConfig) -> Self {
+        let (updates_tx, updates_rx) = mpsc::unbounded_channel();
+        Self {
+            config,
+            state: Arc::new(Mutex::new(State::default())),
+            updates_tx,
+            updates_rx: Arc::new(Mutex::new(Some(updates_rx))),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// How many pods the provider runs (for tests and benchmarks).
+    pub fn pod_count(&self) -> usize {
+        self.lock().pods.len()
+    }
+
+    fn publish(&self, pod: &MockPod) {
+        let _ = self.updates_tx.send(PodStatusUpdate {
+            pod: pod.pod.clone(),
+            status: pod.status.clone(),
+        });
+    }
+
+    /// Moves the pod to running (again) and arms its exit timer.
+    fn start(&self, key: &(String, String), behaviour: &Behaviour) {
+        let mut state = self.lock();
+        let Some(entry) = state.pods.get_mut(key) else {
+            return;
+        };
+        let restarts = entry
+            .status
+            .container_statuses
+            .as_ref()
+            .and_then(|c| c.first())
+            .map_or(0, |c| {
+                c.restart_count + i32::from(matches!(&c.state, Some(s) if s.terminated.is_some()))
+            });
+        let now = updraft_provider::now();
+        entry.status.phase = Some("Running".into());
+        entry.status.conditions = Some(conditions(true, &now));
+        entry.status.container_statuses = Some(container_statuses(
+            &entry.spec_pod,
+            &entry.pod,
+            restarts,
+            |_| ContainerState {
+                running: Some(ContainerStateRunning {
+                    started_at: Some(now.clone()),
+                }),
+                ..Default::default()
+            },
+        ));
+        if let Some(after) = behaviour.exit_after {
+            let this = self.clone();
+            let key = key.clone();
+            let behaviour = behaviour.clone();
+            entry.timer = Some(tokio::spawn(async move {
+                tokio::time::sleep(after).await;
+                this.exit(&key, &behaviour);
+            }));
+        }
+        self.publish(entry);
+    }
+
+    fn exit(&self, key: &(String, String), behaviour: &Behaviour) {
+        let code = behaviour.exit_code;
+        let restart = {
+            let mut state = self.lock();
+            let Some(entry) = state.pods.get_mut(key) else {
+                return;
+            };
+            let policy = entry
+                .spec_pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.restart_policy.clone())
+                .unwrap_or_else(|| "Always".into());
+            let restart = policy == "Always" || (policy == "OnFailure" && code != 0);
+            let now = updraft_provider::now();
+            let restarts = entry
+                .status
+                .container_statuses
+                .as_ref()
+                .and_then(|c| c.first())
+                .map_or(0, |c| c.restart_count);
+            let reason = if code == 0 { "Completed" } else { "Error" };
+            entry.status.container_statuses = Some(container_statuses(
+                &entry.spec_pod,
+                &entry.pod,
+                restarts,
+                |_| ContainerState {
+                    terminated: Some(ContainerStateTerminated {
+                        exit_code: code,
+                        reason: Some(reason.into()),
+                        finished_at: Some(now.clone()),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+            ));
+            entry.status.conditions = Some(conditions(false, &now));
+            if !restart {
+                entry.status.phase = Some(if code == 0 { "Succeeded" } else { "Failed" }.into());
+            }
+            self.publish(entry);
+            restart
+        };
+        if restart {
+            self.start(key, behaviour);
+        }
+    }
+
+    fn allocate_ip(&self, state: &mut State) -> String {
+        state.next_ip = state.next_ip.wrapping_add(1);
+        Ipv4Addr::from(u32::from(self.config.pod_ip_base).wrapping_add(state.next_ip)).to_string()
+    }
+}
+
+fn conditions(ready: bool, now: &Time) -> Vec<PodCondition> {
+    let status = |ok: bool| if ok { "True" } else { "False" }.to_owned();
+    [
+        "PodReadyToStartContainers",
+        "Initialized",
+        "ContainersReady",
+        "Ready",
+    ]
+    .iter()
+    .map(|type_| PodCondition {
+        type_: (*type_).into(),
+        status: status(ready || matches!(*type_, "PodReadyToStartContainers" | "Initialized")),
+        last_transition_time: Some(now.clone()),
+        ..Default::default()
+    })
+    .collect()
+}
+
+fn container_statuses(
+    pod: &Pod,
+    pod_ref: &PodRef,
+    restart_count: i32,
+    state: impl Fn(&str) -> ContainerState,
+) -> Vec<ContainerStatus> {
+    pod.spec
+        .iter()
+        .flat_map(|s| s.containers.iter())
+        .map(|c| {
+            let state = state(&c.name);
+            let running = state.running.is_some();
+            ContainerStatus {
+                name: c.name.clone(),
+                image: c.image.clone().unwrap_or_default(),
+                image_id: format!("mock://{}", c.image.clone().unwrap_or_default()),
+                container_id: Some(format!("mock://{}/{}", pod_ref.uid, c.name)),
+                ready: running,
+                started: Some(running),
+                restart_count,
+                state: Some(state),
+                ..Default::default()
+            }
+        })
+        .collect()
+}
+
+#[async_trait::async_trait]
+impl Provider for MockProvider {
+    async fn create_pod(&self, resolved: &ResolvedPod) -> Result<()> {
+        let pod_ref = PodRef::of(&resolved.pod);
+        let behaviour = Behaviour::of(&resolved.pod)?;
+        let key = (pod_ref.namespace.clone(), pod_ref.name.clone());
+        {
+            let mut state = self.lock();
+            if state
+                .pods
+                .get(&key)
+                .is_some_and(|p| p.pod.uid == pod_ref.uid)
+            {
+                return Ok(());
+            }
+            match behaviour.fail_create {
+                Some(Failure::Permanent) => {
+                    return Err(ProviderError::Permanent(
+                        "mock: told to fail creation".into(),
+                    ));
+                }
+                Some(Failure::Invalid) => {
+                    return Err(ProviderError::InvalidInput(
+                        "mock: told to reject the pod".into(),
+                    ));
+                }
+                Some(Failure::Transient(times)) => {
+                    let failed = state.failures.entry(pod_ref.uid.clone()).or_default();
+                    if *failed < times {
+                        *failed += 1;
+                        return Err(ProviderError::Transient(format!(
+                            "mock: transient failure {failed} of {times}"
+                        )));
+                    }
+                }
+                None => {}
+            }
+            let ip = self.allocate_ip(&mut state);
+            let now = updraft_provider::now();
+            let status = PodStatus {
+                phase: Some("Pending".into()),
+                host_ip: Some(self.config.host_ip.clone()),
+                pod_ip: Some(ip.clone()),
+                pod_ips: Some(vec![PodIP { ip }]),
+                start_time: Some(now.clone()),
+                conditions: Some(conditions(false, &now)),
+                container_statuses: Some(container_statuses(&resolved.pod, &pod_ref, 0, |_| {
+                    ContainerState {
+                        waiting: Some(ContainerStateWaiting {
+                            reason: Some("ContainerCreating".into()),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }
+                })),
+                ..Default::default()
+            };
+            let previous = state.pods.insert(
+                key.clone(),
+                MockPod {
+                    pod: pod_ref,
+                    spec_pod: resolved.pod.clone(),
+                    status,
+                    timer: None,
+                },
+            );
+            if let Some(timer) = previous.and_then(|p| p.timer) {
+                timer.abort();
+            }
+        }
+        match behaviour.start_delay {
+            Some(delay) => {
+                let this = self.clone();
+                let timer_key = key.clone();
+                let timer = tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    this.start(&timer_key, &behaviour);
+                });
+                if let Some(entry) = self.lock().pods.get_mut(&key) {
+                    entry.timer = Some(timer);
+                    self.publish(entry);
+                }
+            }
+            None => self.start(&key, &behaviour),
+        }
+        Ok(())
+    }
+
+    async fn update_pod(&self, resolved: &ResolvedPod) -> Result<()> {
+        let pod_ref = PodRef::of(&resolved.pod);
+        let mut state = self.lock();
+        match state
+            .pods
+            .get_mut(&(pod_ref.namespace.clone(), pod_ref.name.clone()))
+        {
+            Some(entry) if entry.pod.uid == pod_ref.uid => {
+                entry.spec_pod = resolved.pod.clone();
+                Ok(())
+            }
+            _ => Err(ProviderError::NotFound(format!("pod {pod_ref}"))),
+        }
+    }
+
+    async fn delete_pod(&self, pod: &PodRef, _grace_period_seconds: i64) -> Result<()> {
+        let mut state = self.lock();
+        let key = (pod.namespace.clone(), pod.name.clone());
+        if state
+            .pods
+            .get(&key)
+            .is_some_and(|p| p.pod.uid == pod.uid || pod.uid.is_empty())
+        {
+            if let Some(timer) = state.pods.remove(&key).and_then(|p| p.timer) {
+                timer.abort();
+            }
+        }
+        state.failures.remove(&pod.uid);
+        Ok(())
+    }
+
+    async fn pod_status(&self, pod: &PodRef) -> Result<Option<PodStatus>> {
+        let state = self.lock();
+        Ok(state
+            .pods
+            .get(&(pod.namespace.clone(), pod.name.clone()))
+            .filter(|p| p.pod.uid == pod.uid)
+            .map(|p| p.status.clone()))
+    }
+
+    async fn list_pods(&self) -> Result<Vec<ProviderPod>> {
+        let state = self.lock();
+        Ok(state
+            .pods
+            .values()
+            .map(|p| ProviderPod {
+                pod: p.pod.clone(),
+                status: p.status.clone(),
+            })
+            .collect())
+    }
+
+    fn status_updates(&self) -> Option<BoxStream<'static, PodStatusUpdate>> {
+        let receiver = self
+            .updates_rx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()?;
+        Some(tokio_stream::wrappers::UnboundedReceiverStream::new(receiver).boxed())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(annotations: &[(&str, &str)], restart_policy: &str) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "namespace": "ns", "name": "p", "uid": "u1",
+                "annotations": annotations.iter().map(|(k, v)| (format!("{ANNOTATION_PREFIX}{k}"), v.to_string())).collect::<HashMap<_, _>>()
+            },
+            "spec": {"restartPolicy": restart_policy, "containers": [{"name": "c", "image": "busybox"}]}
+        }))
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_pod_runs_at_once_with_an_ip() {
+        let mock = MockProvider::new(MockConfig::default());
+        let p = pod(&[], "Always");
+        mock.create_pod(&ResolvedPod::unresolved(p.clone()))
+            .await
+            .unwrap();
+        let status = mock.pod_status(&PodRef::of(&p)).await.unwrap().unwrap();
+        assert_eq!(status.phase.as_deref(), Some("Running"));
+        assert_eq!(status.pod_ip.as_deref(), Some("10.244.0.1"));
+        assert!(status.container_statuses.unwrap()[0].ready);
+    }
+
+    #[tokio::test]
+    async fn malformed_annotations_name_themselves() {
+        let mock = MockProvider::new(MockConfig::default());
+        let err = mock
+            .create_pod(&ResolvedPod::unresolved(pod(
+                &[("exit-after-ms", "soon")],
+                "Never",
+            )))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, ProviderError::InvalidInput(m) if m.contains("mock.updraft.dev/exit-after-ms")),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn transient_failures_stop_after_n_attempts() {
+        let mock = MockProvider::new(MockConfig::default());
+        let p = ResolvedPod::unresolved(pod(&[("fail-create", "transient:2")], "Always"));
+        assert!(mock.create_pod(&p).await.unwrap_err().is_transient());
+        assert!(mock.create_pod(&p).await.unwrap_err().is_transient());
+        mock.create_pod(&p).await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn exits_follow_the_restart_policy() {
+        let mock = MockProvider::new(MockConfig::default());
+        let mut updates = mock.status_updates().unwrap();
+        let never = pod(&[("exit-after-ms", "1000"), ("exit-code", "3")], "Never");
+        mock.create_pod(&ResolvedPod::unresolved(never.clone()))
+            .await
+            .unwrap();
+        let failed = loop {
+            let update = updates.next().await.unwrap();
+            if update.status.phase.as_deref() == Some("Failed") {
+                break update.status;
+            }
+        };
+        let terminated = failed.container_statuses.unwrap()[0]
+            .state
+            .clone()
+            .unwrap()
+            .terminated
+            .unwrap();
+        assert_eq!(
+            (terminated.exit_code, terminated.reason.as_deref()),
+            (3, Some("Error"))
+        );
+    }
+}

@@ -1,0 +1,56 @@
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::Pod;
+
+/// One resolved environment variable.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct EnvVar {
+    /// The variable's name.
+    pub name: String,
+    /// Its value, after `$(VAR)` expansion and reference resolution.
+    pub value: String,
+}
+
+/// One file of a configMap, secret, downwardAPI or projected volume.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct VolumeFile {
+    /// The file's content.
+    pub data: Vec<u8>,
+    /// Its permission bits (from `defaultMode`/`mode`).
+    pub mode: u32,
+}
+
+impl std::fmt::Debug for VolumeFile {
+    // File contents may be secret: never print them.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VolumeFile")
+            .field("bytes", &self.data.len())
+            .field("mode", &format_args!("{:o}", self.mode))
+            .finish()
+    }
+}
+
+/// The files of one volume, by relative path.
+pub type VolumeFiles = BTreeMap<String, VolumeFile>;
+
+/// A pod with everything the provider needs resolved by the node.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResolvedPod {
+    /// The pod as in the API server.
+    pub pod: Pod,
+    /// Environment per container name (init and app containers), in definition order.
+    pub env: BTreeMap<String, Vec<EnvVar>>,
+    /// The files of every configMap, secret, downwardAPI and projected volume, by volume name.
+    pub volumes: BTreeMap<String, VolumeFiles>,
+}
+
+impl ResolvedPod {
+    /// A pod whose containers get no environment and whose volumes have no files.
+    pub fn unresolved(pod: Pod) -> Self {
+        Self {
+            pod,
+            env: BTreeMap::new(),
+            volumes: BTreeMap::new(),
+        }
+    }
+}
