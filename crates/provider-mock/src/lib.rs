@@ -414,14 +414,11 @@ impl Provider for MockProvider {
     async fn delete_pod(&self, pod: &PodRef, _grace_period_seconds: i64) -> Result<()> {
         let mut state = self.lock();
         let key = (pod.namespace.clone(), pod.name.clone());
-        if state
-            .pods
-            .get(&key)
-            .is_some_and(|p| p.pod.uid == pod.uid || pod.uid.is_empty())
+        let same_pod = |p: &MockPod| p.pod.uid == pod.uid || pod.uid.is_empty();
+        if state.pods.get(&key).is_some_and(same_pod)
+            && let Some(timer) = state.pods.remove(&key).and_then(|p| p.timer)
         {
-            if let Some(timer) = state.pods.remove(&key).and_then(|p| p.timer) {
-                timer.abort();
-            }
+            timer.abort();
         }
         state.failures.remove(&pod.uid);
         Ok(())
