@@ -1,0 +1,84 @@
+//! The virtual node: what the API server and the scheduler see as a kubelet.
+//!
+//! - [`node`]: registers the Node, keeps its status and its Lease (the heartbeat) current,
+//!   re-creates it if it is deleted;
+//! - [`pods`]: watches the pods bound to the node and reconciles each through the
+//!   [`Provider`](updraft_provider::Provider), writing status back;
+//! - [`resolve`]: turns a pod's env and volume references into values and files, so that
+//!   providers never read Secrets or ConfigMaps.
+//!
+//! [`VirtualNode`] runs all of it until shutdown.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod node;
+pub mod pods;
+pub mod resolve;
+
+pub use config::NodeConfig;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use updraft_provider::Provider;
+
+/// Everything the node can fail with at start-up; while running, errors are retried.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A call to the API server failed.
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    /// The configuration is unusable.
+    #[error("configuration: {0}")]
+    Config(String),
+}
+
+/// A virtual node with its provider.
+pub struct VirtualNode<P> {
+    client: kube::Client,
+    config: NodeConfig,
+    provider: Arc<P>,
+}
+
+impl<P: Provider> VirtualNode<P> {
+    /// A node named by `config` that talks to the API server through `client` and runs pods
+    /// on `provider`.
+    pub fn new(client: kube::Client, config: NodeConfig, provider: Arc<P>) -> Self {
+        Self {
+            client,
+            config,
+            provider,
+        }
+    }
+
+    /// Registers the node, then runs the node and pod controllers until `shutdown`
+    /// completes. On shutdown, in-flight reconciliations finish and pods keep running in the
+    /// provider; the Node is left in place (its Lease expires, as with a stopped kubelet).
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), Error> {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let node = node::NodeController::new(
+            self.client.clone(),
+            self.config.clone(),
+            self.provider.clone(),
+        );
+        node.register().await?;
+        let node_task = tokio::spawn(node.run(stop_rx.clone()));
+        let pods = pods::PodController::new(
+            self.client.clone(),
+            self.config.clone(),
+            self.provider.clone(),
+        );
+        let pods_task = tokio::spawn(pods.run(stop_rx));
+        shutdown.await;
+        tracing::info!(
+            "shutting down: finishing in-flight work; pods keep running in the provider"
+        );
+        let _ = stop_tx.send(true);
+        let _ = pods_task.await;
+        let _ = node_task.await;
+        Ok(())
+    }
+}

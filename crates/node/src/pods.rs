@@ -1,0 +1,474 @@
+//! The pod controller: every pod bound to the node, reconciled through the provider.
+//!
+//! One kube-runtime controller watches pods with `spec.nodeName=<node>` (a single watch, no
+//! per-pod polling) and reconciles each pod when it changes: create it in the provider,
+//! update it when its spec changed, delete it (honouring the grace period) when the pod is
+//! being deleted, and leave terminal pods alone. Status flows the other way through the
+//! provider's status stream, and is written only when it differs from what the API has.
+//! A sweep at start-up and every minute deletes provider pods that no longer exist in the
+//! API (force-deleted while Updraft was down, for instance).
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{HashMap, HashSet};
+use std::hash::{Hash as _, Hasher as _};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use futures::stream::BoxStream;
+use k8s_openapi::api::core::v1::{HostIP, Pod, PodIP, PodStatus};
+use kube::Resource as _;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
+use kube::runtime::controller::{self, Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
+use tokio::sync::watch;
+use updraft_provider::{PodRef, PodStatusUpdate, Provider, ProviderError};
+
+use crate::NodeConfig;
+use crate::resolve::{ResolveError, Resolver};
+
+/// Why one reconciliation of a pod failed; it is retried with backoff.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    /// The provider failed transiently.
+    #[error("provider: {0}")]
+    Provider(#[from] ProviderError),
+    /// The pod's references could not be resolved yet.
+    #[error("resolving the pod: {0}")]
+    Resolve(#[from] ResolveError),
+    /// An API call failed.
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+}
+
+/// Reconciles the pods bound to the node.
+pub struct PodController<P> {
+    client: kube::Client,
+    config: NodeConfig,
+    provider: Arc<P>,
+}
+
+struct Context<P> {
+    client: kube::Client,
+    provider: Arc<P>,
+    config: NodeConfig,
+    recorder: Recorder,
+    /// Whether the provider pushes status; if not, status is read after each call and
+    /// reconciliation repeats every minute.
+    streams_status: bool,
+    /// The hash of the spec last given to the provider, per pod: an update is sent only when
+    /// the spec really changed. Rebuilt after a restart by adopting what the provider runs.
+    applied_specs: Mutex<HashMap<PodRef, u64>>,
+    /// Consecutive failures per pod, for exponential backoff.
+    failures: Mutex<HashMap<PodRef, u32>>,
+}
+
+impl<P: Provider> PodController<P> {
+    /// A controller for the pods of the node `config` names.
+    pub fn new(client: kube::Client, config: NodeConfig, provider: Arc<P>) -> Self {
+        Self {
+            client,
+            config,
+            provider,
+        }
+    }
+
+    /// Runs until `stop` turns true; in-flight reconciliations finish first.
+    pub async fn run(self, stop: watch::Receiver<bool>) {
+        let pods = Api::<Pod>::all(self.client.clone());
+        let selector =
+            watcher::Config::default().fields(&format!("spec.nodeName={}", self.config.name));
+        let status_updates = self.provider.status_updates();
+        let recorder = Recorder::new(
+            self.client.clone(),
+            Reporter {
+                controller: "updraft".into(),
+                instance: Some(self.config.name.clone()),
+            },
+        );
+        let context = Arc::new(Context {
+            client: self.client.clone(),
+            provider: self.provider.clone(),
+            config: self.config.clone(),
+            recorder,
+            streams_status: status_updates.is_some(),
+            applied_specs: Mutex::new(HashMap::new()),
+            failures: Mutex::new(HashMap::new()),
+        });
+        let controller = Controller::new(pods, selector)
+            .with_config(controller::Config::default().concurrency(self.config.pod_workers));
+        let store = controller.store();
+        let mut background = tokio::task::JoinSet::new();
+        if let Some(updates) = status_updates {
+            background.spawn(write_status_updates(
+                updates,
+                store.clone(),
+                context.clone(),
+            ));
+        }
+        background.spawn(sweep_orphans(store, context.clone()));
+        let mut stop_signal = stop.clone();
+        controller
+            .graceful_shutdown_on(async move {
+                let _ = stop_signal.wait_for(|stopped| *stopped).await;
+            })
+            .run(reconcile, error_policy, context)
+            .for_each(|result| async move {
+                if let Err(err) = result {
+                    tracing::debug!("pod reconciliation: {err}");
+                }
+            })
+            .await;
+        background.abort_all();
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn spec_hash(pod: &Pod) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    serde_json::to_string(&pod.spec)
+        .unwrap_or_default()
+        .hash(&mut hasher);
+    hasher.finish()
+}
+
+fn is_terminal(pod: &Pod) -> bool {
+    matches!(
+        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+        Some("Succeeded" | "Failed")
+    )
+}
+
+async fn reconcile<P: Provider>(
+    pod: Arc<Pod>,
+    context: Arc<Context<P>>,
+) -> Result<Action, ReconcileError> {
+    let pod_ref = PodRef::of(&pod);
+    let provider = &context.provider;
+
+    if pod.metadata.deletion_timestamp.is_some() {
+        let grace = pod.metadata.deletion_grace_period_seconds.unwrap_or(30);
+        if let Err(err) = provider.delete_pod(&pod_ref, grace).await
+            && !matches!(err, ProviderError::NotFound(_))
+        {
+            publish(
+                &context,
+                &pod,
+                EventType::Warning,
+                "ProviderDeleteFailed",
+                err.to_string(),
+            )
+            .await;
+            return Err(err.into());
+        }
+        lock(&context.applied_specs).remove(&pod_ref);
+        lock(&context.failures).remove(&pod_ref);
+        // The provider has stopped the pod: now the API object may go, but only this
+        // incarnation of it (a pod re-created under the same name keeps running).
+        let params = DeleteParams {
+            grace_period_seconds: Some(0),
+            preconditions: Some(Preconditions {
+                uid: Some(pod_ref.uid.clone()),
+                resource_version: None,
+            }),
+            ..DeleteParams::default()
+        };
+        match Api::<Pod>::namespaced(context.client.clone(), &pod_ref.namespace)
+            .delete(&pod_ref.name, &params)
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => {}
+            Err(err) => return Err(err.into()),
+        }
+        return Ok(Action::await_change());
+    }
+    if is_terminal(&pod) {
+        return Ok(Action::await_change());
+    }
+
+    let spec = spec_hash(&pod);
+    let applied = lock(&context.applied_specs).get(&pod_ref).copied();
+    let running = match applied {
+        Some(_) => true,
+        None => provider.pod_status(&pod_ref).await?.is_some(),
+    };
+    if running && applied == Some(spec) {
+        return Ok(resync(&context));
+    }
+    if running && applied.is_none() {
+        // Running from before a restart: adopt it without touching it.
+        lock(&context.applied_specs).insert(pod_ref.clone(), spec);
+        return Ok(resync(&context));
+    }
+
+    let resolution = match Resolver::resolve(context.client.clone(), &pod).await {
+        Ok(resolution) => resolution,
+        Err(err) => {
+            publish(
+                &context,
+                &pod,
+                EventType::Warning,
+                err.event_reason(),
+                err.to_string(),
+            )
+            .await;
+            return Err(err.into());
+        }
+    };
+    for missing in &resolution.missing_optional {
+        publish(
+            &context,
+            &pod,
+            EventType::Warning,
+            missing.reason,
+            missing.message.clone(),
+        )
+        .await;
+    }
+    let (call, failed_reason) = if running {
+        (
+            provider.update_pod(&resolution.pod).await,
+            "ProviderUpdateFailed",
+        )
+    } else {
+        (
+            provider.create_pod(&resolution.pod).await,
+            "ProviderCreateFailed",
+        )
+    };
+    match call {
+        Ok(()) => {
+            lock(&context.applied_specs).insert(pod_ref.clone(), spec);
+            lock(&context.failures).remove(&pod_ref);
+        }
+        Err(err) if err.is_transient() => {
+            publish(
+                &context,
+                &pod,
+                EventType::Warning,
+                failed_reason,
+                err.to_string(),
+            )
+            .await;
+            return Err(err.into());
+        }
+        Err(err) => {
+            // Retrying will not help: say why on the pod, as the Go virtual-kubelet does.
+            publish(
+                &context,
+                &pod,
+                EventType::Warning,
+                failed_reason,
+                err.to_string(),
+            )
+            .await;
+            write_provider_failure(&context, &pod, &err).await?;
+            return Ok(Action::await_change());
+        }
+    }
+    if !context.streams_status
+        && let Some(status) = provider.pod_status(&pod_ref).await?
+    {
+        write_status(&context, &pod, status).await?;
+    }
+    Ok(resync(&context))
+}
+
+fn resync<P>(context: &Context<P>) -> Action {
+    if context.streams_status {
+        Action::await_change()
+    } else {
+        Action::requeue(Duration::from_secs(60))
+    }
+}
+
+fn error_policy<P: Provider>(
+    pod: Arc<Pod>,
+    error: &ReconcileError,
+    context: Arc<Context<P>>,
+) -> Action {
+    let pod_ref = PodRef::of(&pod);
+    let attempt = {
+        let mut failures = lock(&context.failures);
+        let attempt = failures.entry(pod_ref.clone()).or_default();
+        *attempt = attempt.saturating_add(1);
+        *attempt
+    };
+    // 1 s, 2 s, 4 s … capped at 5 min, like the kubelet's back-off.
+    let delay =
+        Duration::from_secs(1u64 << attempt.min(9).saturating_sub(1)).min(Duration::from_secs(300));
+    tracing::info!(pod = %pod_ref, attempt, ?delay, "reconciliation failed, retrying: {error}");
+    Action::requeue(delay)
+}
+
+async fn publish<P>(context: &Context<P>, pod: &Pod, type_: EventType, reason: &str, note: String) {
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note.chars().take(1000).collect()),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(err) = context.recorder.publish(&event, &pod.object_ref(&())).await {
+        tracing::debug!("publishing event {reason}: {err}");
+    }
+}
+
+/// Marks a pod the provider refused: `Failed` if it would never be restarted, else `Pending`,
+/// with reason `ProviderFailed` and the provider's message.
+async fn write_provider_failure<P>(
+    context: &Context<P>,
+    pod: &Pod,
+    err: &ProviderError,
+) -> Result<(), kube::Error> {
+    let never_restarts =
+        pod.spec.as_ref().and_then(|s| s.restart_policy.as_deref()) == Some("Never");
+    let patch = serde_json::json!({"status": {
+        "phase": if never_restarts { "Failed" } else { "Pending" },
+        "reason": "ProviderFailed",
+        "message": err.to_string(),
+    }});
+    let pod_ref = PodRef::of(pod);
+    Api::<Pod>::namespaced(context.client.clone(), &pod_ref.namespace)
+        .patch_status(
+            &pod_ref.name,
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await?;
+    Ok(())
+}
+
+/// The status to write: the provider's, with what the API already knows and the provider
+/// does not say (conditions of other types such as `PodScheduled`, the QoS class) kept.
+pub fn merge_status(api_pod: &Pod, provider: PodStatus, host_ip: &str) -> PodStatus {
+    let current = api_pod.status.clone().unwrap_or_default();
+    let mut status = provider;
+    let mut conditions = status.conditions.take().unwrap_or_default();
+    let provided: HashSet<String> = conditions.iter().map(|c| c.type_.clone()).collect();
+    for condition in current.conditions.iter().flatten() {
+        if !provided.contains(&condition.type_) {
+            conditions.push(condition.clone());
+        }
+    }
+    // Keep each condition's transition time while its status is unchanged, so rewriting the
+    // same state does not look like a change.
+    for condition in &mut conditions {
+        if let Some(old) = current
+            .conditions
+            .iter()
+            .flatten()
+            .find(|c| c.type_ == condition.type_ && c.status == condition.status)
+        {
+            condition.last_transition_time = old.last_transition_time.clone();
+        }
+    }
+    conditions.sort_by(|a, b| a.type_.cmp(&b.type_));
+    status.conditions = Some(conditions);
+    if status.host_ip.is_none() {
+        status.host_ip = Some(host_ip.to_owned());
+    }
+    if status.host_ips.is_none() {
+        status.host_ips = status.host_ip.clone().map(|ip| vec![HostIP { ip }]);
+    }
+    if status.pod_ips.is_none() {
+        status.pod_ips = status.pod_ip.clone().map(|ip| vec![PodIP { ip }]);
+    }
+    if status.qos_class.is_none() {
+        status.qos_class = current.qos_class.clone();
+    }
+    if status.start_time.is_none() {
+        status.start_time = current.start_time.clone();
+    }
+    status
+}
+
+fn comparable(status: &PodStatus) -> serde_json::Value {
+    let mut status = status.clone();
+    if let Some(conditions) = status.conditions.as_mut() {
+        conditions.sort_by(|a, b| a.type_.cmp(&b.type_));
+    }
+    serde_json::to_value(status).unwrap_or_default()
+}
+
+/// Writes `provider_status` to the pod if it changes anything. Returns whether it wrote.
+async fn write_status<P>(
+    context: &Context<P>,
+    pod: &Pod,
+    provider_status: PodStatus,
+) -> Result<bool, kube::Error> {
+    let desired = merge_status(pod, provider_status, &context.config.internal_ip);
+    let current = pod.status.clone().unwrap_or_default();
+    if comparable(&desired) == comparable(&current) {
+        return Ok(false);
+    }
+    let pod_ref = PodRef::of(pod);
+    let patch = serde_json::json!({
+        "metadata": { "uid": pod_ref.uid },
+        "status": desired
+    });
+    Api::<Pod>::namespaced(context.client.clone(), &pod_ref.namespace)
+        .patch_status(
+            &pod_ref.name,
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await?;
+    Ok(true)
+}
+
+async fn write_status_updates<P: Provider>(
+    mut updates: BoxStream<'static, PodStatusUpdate>,
+    store: Store<Pod>,
+    context: Arc<Context<P>>,
+) {
+    while let Some(update) = updates.next().await {
+        let key = ObjectRef::new(&update.pod.name).within(&update.pod.namespace);
+        let Some(pod) = store.get(&key) else { continue };
+        if pod.metadata.uid.as_deref() != Some(update.pod.uid.as_str())
+            || pod.metadata.deletion_timestamp.is_some()
+        {
+            continue;
+        }
+        if let Err(err) = write_status(&context, &pod, update.status).await {
+            tracing::warn!(pod = %update.pod, "writing pod status: {err}");
+        }
+    }
+}
+
+/// Deletes provider pods that have no pod in the API (by UID), once the watch has listed
+/// everything, and then every minute.
+async fn sweep_orphans<P: Provider>(store: Store<Pod>, context: Arc<Context<P>>) {
+    if store.wait_until_ready().await.is_err() {
+        return;
+    }
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tick.tick().await;
+        let known: HashSet<String> = store
+            .state()
+            .iter()
+            .filter_map(|p| p.metadata.uid.clone())
+            .collect();
+        let running = match context.provider.list_pods().await {
+            Ok(running) => running,
+            Err(err) => {
+                tracing::warn!("listing provider pods: {err}");
+                continue;
+            }
+        };
+        for orphan in running.into_iter().filter(|p| !known.contains(&p.pod.uid)) {
+            tracing::info!(pod = %orphan.pod, "deleting a provider pod that no longer exists in the API");
+            if let Err(err) = context.provider.delete_pod(&orphan.pod, 0).await {
+                tracing::warn!(pod = %orphan.pod, "deleting an orphaned pod: {err}");
+            }
+            lock(&context.applied_specs).remove(&orphan.pod);
+        }
+    }
+}
