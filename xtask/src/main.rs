@@ -7,6 +7,7 @@
 //! - `cargo xtask demo`: a local control plane with Updraft and a pod running.
 #![forbid(unsafe_code)]
 
+mod demo;
 mod deps;
 
 use std::path::PathBuf;
@@ -93,7 +94,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Task::Cluster { action } => runtime.block_on(cluster_task(&layout, action))?,
         Task::Test { cargo_args } => return test(&runtime, &layout, &cargo_args),
-        Task::Demo => runtime.block_on(demo(&layout))?,
+        Task::Demo => {
+            deps::install_packages()?;
+            runtime.block_on(demo::run(&layout))?
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -113,8 +117,8 @@ async fn cluster_task(layout: &Layout, action: ClusterAction) -> Result<()> {
             if stopped.is_empty() {
                 println!("nothing was running");
             }
-            for component in stopped {
-                println!("stopped {}", component.name());
+            for name in stopped {
+                println!("stopped {name}");
             }
             if purge && layout.root().exists() {
                 std::fs::remove_dir_all(layout.root())
@@ -197,13 +201,4 @@ fn test(
     } else {
         ExitCode::FAILURE
     })
-}
-
-async fn demo(layout: &Layout) -> Result<()> {
-    deps::install_packages()?;
-    cluster::up(layout).await?;
-    println!("control plane ready. The Updraft node joins the demo once it exists; meanwhile:");
-    print_env(layout);
-    println!("kubectl get --raw /readyz");
-    Ok(())
 }

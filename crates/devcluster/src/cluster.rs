@@ -496,15 +496,81 @@ pub async fn up(layout: &Layout) -> Result<()> {
     readyz(layout).await
 }
 
-/// Stops every component this layout started (SIGTERM, then SIGKILL after a grace period),
-/// newest first, and removes their PID files. Returns the components that were stopped.
-pub fn down(layout: &Layout) -> Result<Vec<Component>> {
-    let toolchain = Toolchain::in_cache();
+/// Starts `program` detached, like a component, under `name` (its log is
+/// `logs/<name>.log`); `down` stops it before the control plane. Used for the demo's node.
+pub fn start_extra(layout: &Layout, name: &str, program: &Path, args: &[String]) -> Result<u32> {
+    for dir in [layout.logs(), layout.run()] {
+        create_dir(&dir)?;
+    }
+    let log_path = layout.log(name);
+    let log = std::fs::File::create(&log_path).map_err(io_err("creating", &log_path))?;
+    let log_err = log.try_clone().map_err(io_err("opening", &log_path))?;
+    let program = std::fs::canonicalize(program).map_err(io_err("finding", program))?;
+    let child = Command::new(&program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log_err)
+        .process_group(0)
+        .spawn()
+        .map_err(io_err("starting", &program))?;
+    let pid = child.id();
+    drop(child);
+    let pid_file = layout.run().join(format!("{name}.extra"));
+    std::fs::write(&pid_file, format!("{pid}\n{}\n", program.display()))
+        .map_err(io_err("writing", &pid_file))?;
+    Ok(pid)
+}
+
+/// Stops the process [`start_extra`] started under `name`, if it runs.
+pub fn down_extra(layout: &Layout, name: &str) -> Result<bool> {
+    Ok(stop_extras_matching(layout, Some(name))?.contains(&name.to_owned()))
+}
+
+/// Stops the processes [`start_extra`] started; returns their names.
+fn stop_extras(layout: &Layout) -> Result<Vec<String>> {
+    stop_extras_matching(layout, None)
+}
+
+fn stop_extras_matching(layout: &Layout, only: Option<&str>) -> Result<Vec<String>> {
     let mut stopped = Vec::new();
+    let Ok(entries) = std::fs::read_dir(layout.run()) else {
+        return Ok(stopped);
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if path.extension().is_none_or(|e| e != "extra") || only.is_some_and(|o| o != name) {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let mut lines = text.lines();
+        let pid = lines.next().and_then(|p| p.trim().parse::<u32>().ok());
+        let program = lines.next().map(PathBuf::from);
+        if let (Some(pid), Some(program)) = (pid, program)
+            && std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|exe| exe == program)
+        {
+            terminate(pid, Duration::from_secs(20));
+            stopped.push(name);
+        }
+        std::fs::remove_file(&path).map_err(io_err("removing", &path))?;
+    }
+    Ok(stopped)
+}
+
+/// Stops every component this layout started (SIGTERM, then SIGKILL after a grace period),
+/// newest first — processes started with [`start_extra`] before the control plane — and
+/// removes their PID files. Returns the names of what was stopped.
+pub fn down(layout: &Layout) -> Result<Vec<String>> {
+    let mut stopped = stop_extras(layout)?;
+    let toolchain = Toolchain::in_cache();
     for &component in Component::ALL.iter().rev() {
         if let Some(pid) = running_pid(layout, &toolchain, component) {
             terminate(pid, Duration::from_secs(20));
-            stopped.push(component);
+            stopped.push(component.name().to_owned());
         }
         let pid_file = component.pid_file(layout);
         if pid_file.exists() {

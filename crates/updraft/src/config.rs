@@ -1,0 +1,225 @@
+//! Command-line flags, environment variables and the provider config file.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context as _, bail};
+use clap::{Args, ValueEnum};
+use k8s_openapi::api::core::v1::Taint;
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use serde::Deserialize;
+use updraft_node::NodeConfig;
+
+/// The providers this binary carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ProviderKind {
+    /// In-process pods for tests, demos and benchmarks.
+    Mock,
+}
+
+/// Where the kubelet port's certificate comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ServingCertificateSource {
+    /// `--tls-cert-file` and `--tls-key-file`.
+    Files,
+    /// A `kubernetes.io/kubelet-serving` CSR, renewed before expiry (someone must approve it).
+    Csr,
+    /// A self-signed certificate: the API server will not trust it unless told to skip
+    /// verification. Only when explicitly asked for.
+    SelfSigned,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `updraft run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The node's name.
+    #[arg(
+        long = "nodename",
+        env = "DEFAULT_NODE_NAME",
+        default_value = "updraft"
+    )]
+    pub node_name: String,
+    /// Which provider runs the pods.
+    #[arg(long, env = "UPDRAFT_PROVIDER", value_enum, default_value = "mock")]
+    pub provider: ProviderKind,
+    /// The provider's YAML config file.
+    #[arg(long, env = "UPDRAFT_PROVIDER_CONFIG")]
+    pub provider_config: Option<PathBuf>,
+    /// Kubeconfig to reach the API server with (in-cluster config when absent).
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// The kubelet API port.
+    #[arg(long, env = "KUBELET_PORT", default_value_t = 10250)]
+    pub kubelet_port: u16,
+    /// The address the API server reaches the node at (the Node's InternalIP; the kubelet
+    /// API listens on it too).
+    #[arg(long, env = "VKUBELET_POD_IP", default_value = "127.0.0.1")]
+    pub node_ip: String,
+    /// Key of the node's taint.
+    #[arg(
+        long,
+        env = "VKUBELET_TAINT_KEY",
+        default_value = "virtual-kubelet.io/provider"
+    )]
+    pub taint_key: String,
+    /// Value of the node's taint (default: the provider's name).
+    #[arg(long, env = "VKUBELET_TAINT_VALUE")]
+    pub taint_value: Option<String>,
+    /// Effect of the node's taint.
+    #[arg(long, env = "VKUBELET_TAINT_EFFECT", default_value = "NoSchedule")]
+    pub taint_effect: String,
+    /// Register the node without a taint.
+    #[arg(long, env = "UPDRAFT_DISABLE_TAINT")]
+    pub disable_taint: bool,
+    /// Extra node labels, KEY=VALUE, repeatable.
+    #[arg(long = "node-label", value_parser = parse_label)]
+    pub node_labels: Vec<(String, String)>,
+    /// Pods reconciled concurrently.
+    #[arg(long, env = "UPDRAFT_POD_WORKERS", default_value_t = 10)]
+    pub pod_workers: u16,
+    /// Where the serving certificate comes from.
+    #[arg(
+        long,
+        env = "UPDRAFT_SERVING_CERTIFICATE",
+        value_enum,
+        default_value = "files"
+    )]
+    pub serving_certificate: ServingCertificateSource,
+    /// Serving certificate (PEM) for `--serving-certificate files`.
+    #[arg(long, env = "APISERVER_CERT_LOCATION")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// Serving key (PEM) for `--serving-certificate files`.
+    #[arg(long, env = "APISERVER_KEY_LOCATION")]
+    pub tls_key_file: Option<PathBuf>,
+    /// CA that client certificates are verified against (the API server's kubelet client).
+    #[arg(long, env = "APISERVER_CA_CERT_LOCATION")]
+    pub client_ca_file: Option<PathBuf>,
+    /// Let requests without credentials through as `system:anonymous` (still authorized).
+    #[arg(long, env = "UPDRAFT_ANONYMOUS_AUTH")]
+    pub anonymous_auth: bool,
+    /// Log filter (`info`, `updraft_node=debug`, …).
+    #[arg(long, env = "RUST_LOG", default_value = "info")]
+    pub log_level: String,
+    /// Log format.
+    #[arg(long, env = "UPDRAFT_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("{text:?} is not KEY=VALUE"))
+}
+
+/// The mock provider's config file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct MockProviderFile {
+    /// Node capacity, e.g. `{cpu: "20", memory: 100Gi, pods: "110"}`.
+    #[serde(default)]
+    pub capacity: BTreeMap<String, String>,
+}
+
+/// Reads the provider config file, with errors that name the file, the field and the line.
+pub fn read_mock_config(path: Option<&PathBuf>) -> anyhow::Result<MockProviderFile> {
+    let Some(path) = path else {
+        return Ok(MockProviderFile::default());
+    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading provider config {}", path.display()))?;
+    let file: MockProviderFile = serde_yaml::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("provider config {}: {e}", path.display()))?;
+    for (resource, value) in &file.capacity {
+        if updraft_node::resolve::parse_quantity(value).is_err() {
+            bail!(
+                "provider config {}: capacity.{resource}: {value:?} is not a Kubernetes quantity (e.g. \"4\", \"500m\", \"16Gi\")",
+                path.display()
+            );
+        }
+    }
+    Ok(file)
+}
+
+impl RunArgs {
+    /// The node's configuration from the flags and the provider file.
+    pub fn node_config(&self, provider_file: &MockProviderFile) -> NodeConfig {
+        let provider = match self.provider {
+            ProviderKind::Mock => "mock",
+        };
+        let mut config = NodeConfig::new(&self.node_name, provider);
+        config.internal_ip = self.node_ip.clone();
+        config.kubelet_port = self.kubelet_port;
+        config.pod_workers = self.pod_workers.max(1);
+        config.labels = self.node_labels.iter().cloned().collect();
+        config.taint = (!self.disable_taint).then(|| Taint {
+            key: self.taint_key.clone(),
+            value: Some(
+                self.taint_value
+                    .clone()
+                    .unwrap_or_else(|| provider.to_owned()),
+            ),
+            effect: self.taint_effect.clone(),
+            time_added: None,
+        });
+        for (resource, value) in &provider_file.capacity {
+            config
+                .capacity
+                .insert(resource.clone(), Quantity(value.clone()));
+        }
+        config
+    }
+
+    /// Where the kubelet API listens.
+    pub fn listen_address(&self) -> anyhow::Result<SocketAddr> {
+        let ip: std::net::IpAddr = self
+            .node_ip
+            .parse()
+            .with_context(|| format!("--node-ip {:?} is not an IP address", self.node_ip))?;
+        Ok(SocketAddr::new(ip, self.kubelet_port))
+    }
+}
+
+/// Sets up logging per `--log-level` and `--log-format`.
+pub fn init_logging(args: &RunArgs) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
+        .with_context(|| format!("--log-level {:?} is not a valid filter", args.log_level))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match args.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_file_errors_name_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("provider.yaml");
+        std::fs::write(&path, "capacity:\n  cpu: lots\n").unwrap();
+        let err = read_mock_config(Some(&path)).unwrap_err().to_string();
+        assert!(
+            err.contains("capacity.cpu") && err.contains("lots"),
+            "{err}"
+        );
+        std::fs::write(&path, "capcity: {}\n").unwrap();
+        let err = read_mock_config(Some(&path)).unwrap_err().to_string();
+        assert!(err.contains("capcity"), "{err}");
+    }
+}
