@@ -38,6 +38,9 @@ pub struct NodeConfig {
     pub status_interval: Duration,
     /// Concurrent pod reconciliations.
     pub pod_workers: u16,
+    /// How often provider pods without an API pod (force-deleted while Updraft was down)
+    /// are looked for and deleted.
+    pub orphan_sweep_interval: Duration,
 }
 
 impl NodeConfig {
@@ -73,6 +76,7 @@ impl NodeConfig {
             lease_renew_interval: Duration::from_secs(10),
             status_interval: Duration::from_secs(60),
             pod_workers: 10,
+            orphan_sweep_interval: Duration::from_secs(60),
         }
     }
 

@@ -65,6 +65,7 @@ impl<P: Provider> VirtualNode<P> {
             self.provider.clone(),
         );
         node.register().await?;
+        tracing::debug!(node = %self.config.name, "registered; starting the controllers");
         let node_task = tokio::spawn(node.run(stop_rx.clone()));
         let pods = pods::PodController::new(
             self.client.clone(),

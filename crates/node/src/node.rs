@@ -1,22 +1,20 @@
 //! The Node object and its heartbeat.
 //!
-//! Three loops, one concern each: the Lease is renewed every 10 s (the heartbeat the node
-//! lifecycle controller reads); the status (capacity, addresses, conditions) is applied when
-//! the provider's health changes and at least every minute; and a watch on the Node
-//! re-registers it if someone deletes it. Everything is written with server-side apply under
+//! Two beats: every 10 s the Node is read and the Lease renewed (the heartbeat the node
+//! lifecycle controller reads) — a Node found deleted is registered again; the status
+//! (capacity, addresses, conditions) is applied when the provider's health changes and at
+//! least every minute. Everything is written with server-side apply under
 //! the field manager `updraft`, so fields other components own — conditions they set, taints
 //! the node lifecycle controller adds — are never overwritten.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use futures::StreamExt as _;
 use k8s_openapi::api::authentication::v1::SelfSubjectReview;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Taint};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::api::{Api, Patch, PatchParams, PostParams};
-use kube::runtime::watcher::{self, Event};
 use serde_json::json;
 use tokio::sync::watch;
 use updraft_provider::Provider;
@@ -270,14 +268,16 @@ impl<P: Provider> NodeController<P> {
         }
     }
 
+    /// The Node as the API has it now (`None` if it was deleted), read at heartbeat pace:
+    /// the lease needs the Node's current UID for its owner reference anyway.
+    async fn current_node(&self) -> Result<Option<Node>, Error> {
+        Ok(self.nodes.get_opt(&self.config.name).await?)
+    }
+
     /// Heartbeats, status and re-registration until `stop` turns true.
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
-        let config =
-            watcher::Config::default().fields(&format!("metadata.name={}", self.config.name));
-        let mut node_events = watcher::watcher(self.nodes.clone(), config).boxed();
         let mut lease_tick = tokio::time::interval(self.config.lease_renew_interval);
         let mut status_tick = tokio::time::interval(self.config.status_interval);
-        let mut node: Option<Node> = None;
         let mut health: Result<(), String> = Ok(());
         loop {
             tokio::select! {
@@ -290,29 +290,32 @@ impl<P: Provider> NodeController<P> {
                         health = now_health;
                         status_tick.reset_immediately();
                     }
-                    if let Some(node) = &node
-                        && let Err(err) = self.renew_lease(node).await
-                    {
+                    let node = match self.current_node().await {
+                        Ok(Some(node)) => node,
+                        Ok(None) => {
+                            tracing::warn!(node = %self.config.name, "the Node was deleted; registering it again");
+                            match self.register().await {
+                                Ok(node) => node,
+                                Err(err) => {
+                                    tracing::warn!("re-registering the node: {err}");
+                                    continue;
+                                }
+                            }
+                        }
+                        Err(err) => {
+                            tracing::warn!("reading the Node: {err}");
+                            continue;
+                        }
+                    };
+                    if let Err(err) = self.renew_lease(&node).await {
                         tracing::warn!("renewing the node lease: {err}");
                     }
                 }
-                _ = status_tick.tick() => match self.write_status(&health).await {
-                    Ok(written) => node = Some(written),
-                    Err(err) => tracing::warn!("writing node status: {err}"),
-                },
-                event = node_events.next() => match event {
-                    Some(Ok(Event::Delete(_))) => {
-                        tracing::warn!(node = %self.config.name, "the Node was deleted; registering it again");
-                        match self.register().await {
-                            Ok(registered) => node = Some(registered),
-                            Err(err) => tracing::warn!("re-registering the node: {err}"),
-                        }
+                _ = status_tick.tick() => {
+                    if let Err(err) = self.write_status(&health).await {
+                        tracing::warn!("writing node status: {err}");
                     }
-                    Some(Ok(Event::Apply(seen) | Event::InitApply(seen))) => node = Some(seen),
-                    Some(Ok(_)) => {}
-                    Some(Err(err)) => tracing::debug!("watching the Node: {err}"),
-                    None => break,
-                },
+                }
             }
         }
     }

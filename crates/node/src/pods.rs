@@ -5,7 +5,7 @@
 //! update it when its spec changed, delete it (honouring the grace period) when the pod is
 //! being deleted, and leave terminal pods alone. Status flows the other way through the
 //! provider's status stream, and is written only when it differs from what the API has.
-//! A sweep at start-up and every minute deletes provider pods that no longer exist in the
+//! A sweep at start-up and every `orphan_sweep_interval` (a minute) deletes provider pods that no longer exist in the
 //! API (force-deleted while Updraft was down, for instance).
 
 use std::collections::hash_map::DefaultHasher;
@@ -18,7 +18,7 @@ use futures::StreamExt as _;
 use futures::stream::BoxStream;
 use k8s_openapi::api::core::v1::{HostIP, Pod, PodIP, PodStatus};
 use kube::Resource as _;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, Preconditions};
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -108,7 +108,7 @@ impl<P: Provider> PodController<P> {
                 context.clone(),
             ));
         }
-        background.spawn(sweep_orphans(store, context.clone()));
+        background.spawn(sweep_orphans(context.clone()));
         let mut stop_signal = stop.clone();
         controller
             .graceful_shutdown_on(async move {
@@ -442,24 +442,33 @@ async fn write_status_updates<P: Provider>(
     }
 }
 
-/// Deletes provider pods that have no pod in the API (by UID), once the watch has listed
-/// everything, and then every minute.
-async fn sweep_orphans<P: Provider>(store: Store<Pod>, context: Arc<Context<P>>) {
-    if store.wait_until_ready().await.is_err() {
-        return;
-    }
-    let mut tick = tokio::time::interval(Duration::from_secs(60));
+/// Deletes provider pods that have no pod in the API (by UID), at start-up and then every
+/// `orphan_sweep_interval`. The provider is listed *before* the API, so a pod created in
+/// between is in the API list and never mistaken for an orphan.
+async fn sweep_orphans<P: Provider>(context: Arc<Context<P>>) {
+    let pods = Api::<Pod>::all(context.client.clone());
+    let selector = ListParams::default().fields(&format!("spec.nodeName={}", context.config.name));
+    let mut tick = tokio::time::interval(context.config.orphan_sweep_interval);
     loop {
         tick.tick().await;
-        let known: HashSet<String> = store
-            .state()
-            .iter()
-            .filter_map(|p| p.metadata.uid.clone())
-            .collect();
         let running = match context.provider.list_pods().await {
             Ok(running) => running,
             Err(err) => {
                 tracing::warn!("listing provider pods: {err}");
+                continue;
+            }
+        };
+        if running.is_empty() {
+            continue;
+        }
+        let known: HashSet<String> = match pods.list_metadata(&selector).await {
+            Ok(list) => list
+                .items
+                .into_iter()
+                .filter_map(|p| p.metadata.uid)
+                .collect(),
+            Err(err) => {
+                tracing::warn!("listing the node's pods: {err}");
                 continue;
             }
         };

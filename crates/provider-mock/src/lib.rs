@@ -117,6 +117,8 @@ impl Behaviour {
 #[derive(Debug)]
 struct MockPod {
     pod: PodRef,
+    /// What the node gave the provider last (create or update).
+    resolved: ResolvedPod,
     spec_pod: Pod,
     status: PodStatus,
     /// The pod's timer (start delay or exit), aborted when the pod is deleted.
@@ -155,6 +157,14 @@ impl MockProvider {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// What the node last gave the provider for `pod` (env, volume files), if it runs.
+    pub fn resolved(&self, namespace: &str, name: &str) -> Option<ResolvedPod> {
+        self.lock()
+            .pods
+            .get(&(namespace.to_owned(), name.to_owned()))
+            .map(|p| p.resolved.clone())
     }
 
     /// How many pods the provider runs (for tests and benchmarks).
@@ -369,6 +379,7 @@ impl Provider for MockProvider {
                 key.clone(),
                 MockPod {
                     pod: pod_ref,
+                    resolved: resolved.clone(),
                     spec_pod: resolved.pod.clone(),
                     status,
                     timer: None,
@@ -405,6 +416,7 @@ impl Provider for MockProvider {
         {
             Some(entry) if entry.pod.uid == pod_ref.uid => {
                 entry.spec_pod = resolved.pod.clone();
+                entry.resolved = resolved.clone();
                 Ok(())
             }
             _ => Err(ProviderError::NotFound(format!("pod {pod_ref}"))),
