@@ -1,0 +1,198 @@
+//! What the provider receives: env and volume references resolved against the real API
+//! server, with the kubelet's Events for missing references.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: a panic is a failure report
+
+mod support;
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
+use kube::api::{Api, PostParams};
+use support::*;
+use updraft_testing::{TestCluster, eventually, wait_for};
+
+fn env_of(
+    provider: &updraft_provider_mock::MockProvider,
+    ns: &str,
+    pod: &str,
+) -> BTreeMap<String, String> {
+    let resolved = provider
+        .resolved(ns, pod)
+        .expect("the provider runs the pod");
+    resolved.env["main"]
+        .iter()
+        .map(|v| (v.name.clone(), v.value.clone()))
+        .collect()
+}
+
+#[tokio::test]
+async fn env_and_volumes_are_resolved_for_the_provider() {
+    let cluster = TestCluster::connect().await;
+    let ns = cluster.namespace("resolve").await;
+    let name = node_name();
+    let vnode = start_node(&cluster, config(&name.0), mock()).await;
+    wait_ready(&cluster, &name.0).await;
+
+    let config_map: ConfigMap = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "settings"}, "data": {"mode": "fast", "level": "3"}
+    }))
+    .unwrap();
+    Api::<ConfigMap>::namespaced(cluster.client(), ns.name())
+        .create(&PostParams::default(), &config_map)
+        .await
+        .unwrap();
+    let secret: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "creds"}, "stringData": {"password": "s3cret"}
+    }))
+    .unwrap();
+    Api::<Secret>::namespaced(cluster.client(), ns.name())
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+
+    let spec = serde_json::json!({
+        "containers": [{
+            "name": "main", "image": "busybox",
+            "resources": {"limits": {"memory": "64Mi"}},
+            "envFrom": [{"configMapRef": {"name": "settings"}, "prefix": "CFG_"}],
+            "env": [
+                {"name": "GREETING", "value": "hello"},
+                {"name": "MESSAGE", "value": "$(GREETING) world, $(CFG_mode), $$(GREETING), $(UNDEFINED)"},
+                {"name": "PASSWORD", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "password"}}},
+                {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                {"name": "NODE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+                {"name": "MEMORY_MI", "valueFrom": {"resourceFieldRef": {"resource": "limits.memory", "divisor": "1Mi"}}},
+                {"name": "OPTIONAL", "valueFrom": {"configMapKeyRef": {"name": "absent", "key": "x", "optional": true}}}
+            ]
+        }],
+        "volumes": [
+            {"name": "config", "configMap": {"name": "settings", "items": [{"key": "mode", "path": "mode.txt"}]}},
+            {"name": "secret", "secret": {"secretName": "creds", "defaultMode": 256}},
+            {"name": "info", "downwardAPI": {"items": [{"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}}]}}
+        ]
+    });
+    let mut pod = pod(&name.0, "resolved", serde_json::json!({}), spec);
+    pod.metadata.labels = Some(
+        [("app".to_owned(), "demo".to_owned())]
+            .into_iter()
+            .collect(),
+    );
+    let pods = Api::<Pod>::namespaced(cluster.client(), ns.name());
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    wait_for(
+        &pods,
+        "resolved",
+        "the pod to run",
+        TIMEOUT,
+        running_and_ready,
+    )
+    .await;
+
+    let env = env_of(&vnode.provider, ns.name(), "resolved");
+    assert_eq!(env["CFG_mode"], "fast");
+    assert_eq!(env["CFG_level"], "3");
+    assert_eq!(
+        env["MESSAGE"],
+        "hello world, fast, $(GREETING), $(UNDEFINED)"
+    );
+    assert_eq!(env["PASSWORD"], "s3cret");
+    assert_eq!(env["POD_NAME"], "resolved");
+    assert_eq!(env["NODE"], name.0);
+    assert_eq!(env["MEMORY_MI"], "64");
+    assert!(
+        !env.contains_key("OPTIONAL"),
+        "an absent optional key defines no variable"
+    );
+
+    let resolved = vnode.provider.resolved(ns.name(), "resolved").unwrap();
+    let config = &resolved.volumes["config"];
+    assert_eq!(config["mode.txt"].data, b"fast");
+    assert_eq!(resolved.volumes["secret"]["password"].data, b"s3cret");
+    assert_eq!(resolved.volumes["secret"]["password"].mode, 0o400);
+    assert_eq!(resolved.volumes["info"]["labels"].data, b"app=\"demo\"");
+    // The API server adds a projected service-account volume; its token came from the
+    // TokenRequest API, bound to this pod.
+    let token_volume = resolved
+        .volumes
+        .iter()
+        .find(|(name, _)| name.starts_with("kube-api-access"))
+        .expect("the projected token volume");
+    let token = String::from_utf8(token_volume.1["token"].data.clone()).unwrap();
+    assert_eq!(token.split('.').count(), 3, "a JWT");
+    assert!(token_volume.1.contains_key("ca.crt") && token_volume.1.contains_key("namespace"));
+
+    let ns_name = ns.name().to_owned();
+    eventually(TIMEOUT, || {
+        let (cluster, ns_name) = (&cluster, ns_name.clone());
+        async move {
+            let reasons = event_reasons(cluster, &ns_name, "resolved").await;
+            if reasons.iter().any(|r| r == "OptionalConfigMapNotFound") {
+                Ok(())
+            } else {
+                Err(format!("events: {reasons:?}"))
+            }
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_missing_mandatory_secret_holds_the_pod_until_it_exists() {
+    let cluster = TestCluster::connect().await;
+    let ns = cluster.namespace("resolve-missing").await;
+    let name = node_name();
+    let vnode = start_node(&cluster, config(&name.0), mock()).await;
+    wait_ready(&cluster, &name.0).await;
+
+    let spec = serde_json::json!({
+        "containers": [{
+            "name": "main", "image": "busybox",
+            "env": [{"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "later", "key": "token"}}}]
+        }]
+    });
+    let pods = Api::<Pod>::namespaced(cluster.client(), ns.name());
+    pods.create(
+        &PostParams::default(),
+        &pod(&name.0, "waiting", serde_json::json!({}), spec),
+    )
+    .await
+    .unwrap();
+    let ns_name = ns.name().to_owned();
+    eventually(TIMEOUT, || {
+        let (cluster, ns_name) = (&cluster, ns_name.clone());
+        async move {
+            let reasons = event_reasons(cluster, &ns_name, "waiting").await;
+            if reasons.iter().any(|r| r == "MandatorySecretNotFound") {
+                Ok(())
+            } else {
+                Err(format!("events: {reasons:?}"))
+            }
+        }
+    })
+    .await;
+    assert!(
+        vnode.provider.resolved(ns.name(), "waiting").is_none(),
+        "not started without its secret"
+    );
+
+    let secret: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "later"}, "stringData": {"token": "abc"}
+    }))
+    .unwrap();
+    Api::<Secret>::namespaced(cluster.client(), ns.name())
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+    wait_for(
+        &pods,
+        "waiting",
+        "the pod to start once its secret exists",
+        TIMEOUT,
+        running_and_ready,
+    )
+    .await;
+    assert_eq!(
+        env_of(&vnode.provider, ns.name(), "waiting")["TOKEN"],
+        "abc"
+    );
+}
