@@ -94,8 +94,17 @@ pub async fn start_node(
             .with_test_writer()
             .try_init();
     }
+    let client = cluster.node_client(&config.name).await;
+    start_node_as(client, config, provider)
+}
+
+/// Starts a node on `provider` that talks to the API server through `client`.
+pub fn start_node_as(
+    client: kube::Client,
+    config: NodeConfig,
+    provider: MockProvider,
+) -> RunningNode {
     let name = config.name.clone();
-    let client = cluster.node_client(&name).await;
     let node = VirtualNode::new(client, config, Arc::new(provider.clone()));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(async move {
