@@ -2,6 +2,7 @@
 //! a small Go program of ours (tests/go-peer) is built with `go build` and talks to this crate
 //! over TCP on 127.0.0.1, in both roles, with header checks and SHA-256-checked transfers.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: a panic is a failure report
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
