@@ -1164,11 +1164,12 @@ impl AsyncRead for RecvStream {
             return Poll::Ready(Err(StreamError::ConnectionClosed(CloseReason::Local).into()));
         };
         if s.recv_buf.is_empty() {
-            if let Some(ended) = s.ended {
-                return Poll::Ready(Err(ended_error(ended).into()));
-            }
+            // A FIN that arrived before a reset still completes this direction cleanly.
             if s.recv_fin {
                 return Poll::Ready(Ok(()));
+            }
+            if let Some(ended) = s.ended {
+                return Poll::Ready(Err(ended_error(ended).into()));
             }
             if let Some(reason) = &shared.closed {
                 return Poll::Ready(Err(StreamError::ConnectionClosed(reason.clone()).into()));
