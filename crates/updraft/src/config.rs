@@ -84,6 +84,9 @@ pub struct RunArgs {
     /// Extra node labels, KEY=VALUE, repeatable.
     #[arg(long = "node-label", value_parser = parse_label)]
     pub node_labels: Vec<(String, String)>,
+    /// Limit requests to the API server to this many per second (unlimited when unset).
+    #[arg(long, env = "UPDRAFT_KUBE_API_QPS")]
+    pub qps: Option<u32>,
     /// Pods reconciled concurrently.
     #[arg(long, env = "UPDRAFT_POD_WORKERS", default_value_t = 10)]
     pub pod_workers: u16,

@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 mod config;
+mod metrics;
 mod serve;
 
 use std::process::ExitCode;

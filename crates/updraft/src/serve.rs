@@ -24,8 +24,9 @@ use updraft_provider::{LogOptions, PodRef, Provider, ProviderError};
 use updraft_provider_mock::{MockConfig, MockProvider};
 
 use crate::config::{RunArgs, ServingCertificateSource, read_mock_config};
+use crate::metrics::Metrics;
 
-async fn kube_client(args: &RunArgs) -> anyhow::Result<kube::Client> {
+async fn kube_client(args: &RunArgs, metrics: &Metrics) -> anyhow::Result<kube::Client> {
     let config = match &args.kubeconfig {
         Some(path) => {
             let kubeconfig = kube::config::Kubeconfig::read_from(path)
@@ -38,7 +39,20 @@ async fn kube_client(args: &RunArgs) -> anyhow::Result<kube::Client> {
             .await
             .context("no --kubeconfig and no in-cluster config")?,
     };
-    kube::Client::try_from(config).context("building the Kubernetes client")
+    let builder =
+        kube::client::ClientBuilder::try_from(config).context("building the Kubernetes client")?;
+    let counted = builder.with_layer(&tower::util::MapRequestLayer::new(metrics.count_requests()));
+    Ok(match args.qps {
+        // A fixed window of `qps` requests per second (so bursts up to `qps`), as a guard for
+        // shared API servers; unlimited by default like the Go virtual-kubelet.
+        Some(qps) if qps > 0 => counted
+            .with_layer(&tower::limit::RateLimitLayer::new(
+                u64::from(qps),
+                Duration::from_secs(1),
+            ))
+            .build(),
+        _ => counted.build(),
+    })
 }
 
 async fn serving_certificate(
@@ -108,7 +122,8 @@ async fn shutdown_signal() {
 /// Runs the node until SIGTERM or SIGINT.
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let provider_file = read_mock_config(args.provider_config.as_ref())?;
-    let client = kube_client(&args).await?;
+    let metrics = Metrics::new();
+    let client = kube_client(&args, &metrics).await?;
     let listen = args.listen_address()?;
     let provider = Arc::new(MockProvider::new(MockConfig {
         host_ip: args.node_ip.clone(),
@@ -133,6 +148,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             provider: provider.clone(),
             client: client.clone(),
             node_name: args.node_name.clone(),
+            metrics,
         }),
         auth,
     );
@@ -161,11 +177,16 @@ struct KubeletState {
     provider: Arc<MockProvider>,
     client: kube::Client,
     node_name: String,
+    metrics: Metrics,
 }
 
 fn routes(state: KubeletState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/metrics",
+            get(|State(state): State<KubeletState>| async move { state.metrics.encode() }),
+        )
         .route("/pods", get(pods))
         .route("/runningpods/", get(running_pods))
         .route(
