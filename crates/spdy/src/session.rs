@@ -125,6 +125,9 @@ pub enum SessionError {
     /// All 2^31 stream ids of our parity are used.
     #[error("stream ids exhausted")]
     StreamIdsExhausted,
+    /// The [`Config`] is out of range.
+    #[error("invalid SPDY config: {0}")]
+    InvalidConfig(&'static str),
     /// Setting up the codec failed.
     #[error("codec: {0}")]
     Codec(#[from] FrameError),
@@ -379,6 +382,18 @@ impl Connection {
     where
         T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        if i64::from(config.initial_window) > MAX_WINDOW
+            || i64::from(config.session_window) > MAX_WINDOW
+        {
+            return Err(SessionError::InvalidConfig(
+                "windows must be at most 2^31-1 bytes",
+            ));
+        }
+        if config.initial_window == 0 || config.max_concurrent_streams == 0 {
+            return Err(SessionError::InvalidConfig(
+                "initial_window and max_concurrent_streams must be positive",
+            ));
+        }
         let read_codec = FrameCodec::new(config.limits)?;
         let write_codec = FrameCodec::new(config.limits)?;
         let mut shared = Shared {
@@ -601,12 +616,17 @@ async fn handle_frame(
                 )));
             }
             shared.last_remote_id = stream_id;
-            let active = shared
+            let max = shared.config.max_concurrent_streams as usize;
+            let (held, active) = shared
                 .streams
                 .iter()
-                .filter(|(id, s)| shared.is_remote_id(**id) && s.is_active())
-                .count();
-            if active >= shared.config.max_concurrent_streams as usize {
+                .filter(|(id, _)| shared.is_remote_id(**id))
+                .fold((0, 0), |(held, active), (_, s)| {
+                    (held + 1, active + usize::from(s.is_active()))
+                });
+            // Streams that ended but are still held (e.g. never accepted) count too, up to a
+            // second allowance, so a peer opening and resetting streams cannot grow the queue.
+            if active >= max || held >= 2 * max {
                 shared.queue(Frame::RstStream {
                     stream_id,
                     status: RstStatus::REFUSED_STREAM,

@@ -529,3 +529,40 @@ async fn initial_window_setting_applies_to_open_streams() {
     );
     drop(writer);
 }
+
+#[tokio::test]
+async fn open_and_reset_streams_that_nobody_accepts_are_bounded() {
+    let config = Config {
+        max_concurrent_streams: 2,
+        ..Config::default()
+    };
+    let (_handle, _incoming, mut raw) = raw_server(config).await;
+    for id in [1, 3, 5, 7, 9] {
+        raw.send(syn(id)).await.unwrap();
+        raw.send(Frame::RstStream {
+            stream_id: id,
+            status: RstStatus::CANCEL,
+        })
+        .await
+        .unwrap();
+    }
+    // None of them is active, but four unaccepted ones are held: the fifth is refused.
+    assert_eq!(
+        next_non_window(&mut raw).await,
+        Frame::RstStream {
+            stream_id: 9,
+            status: RstStatus::REFUSED_STREAM
+        }
+    );
+}
+
+#[tokio::test]
+async fn out_of_range_config_is_rejected() {
+    let (a, _b) = tokio::io::duplex(1024);
+    let config = Config {
+        initial_window: u32::MAX,
+        ..Config::default()
+    };
+    let err = Connection::new(a, Role::Server, config).unwrap_err();
+    assert!(err.to_string().contains("windows must be at most"), "{err}");
+}
