@@ -153,6 +153,9 @@ pub enum StreamError {
     /// SYN_REPLY was already sent, or the stream was opened by us.
     #[error("stream cannot be replied to (already replied or locally opened)")]
     CannotReply,
+    /// Only streams we opened receive a SYN_REPLY.
+    #[error("the peer opened this stream; there is no reply to wait for")]
+    NotOpenedByUs,
     /// We already finished sending on this stream.
     #[error("stream is closed for sending")]
     SendClosed,
@@ -165,6 +168,7 @@ impl From<StreamError> for io::Error {
             StreamError::ConnectionClosed(_) => io::ErrorKind::ConnectionAborted,
             StreamError::CannotReply => io::ErrorKind::InvalidInput,
             StreamError::SendClosed => io::ErrorKind::BrokenPipe,
+            StreamError::NotOpenedByUs => io::ErrorKind::InvalidInput,
         };
         io::Error::new(kind, e)
     }
@@ -1112,6 +1116,9 @@ impl Stream {
                 let Some(s) = shared.streams.get(&self.id) else {
                     return Err(StreamError::ConnectionClosed(CloseReason::Local));
                 };
+                if !s.local {
+                    return Err(StreamError::NotOpenedByUs);
+                }
                 if let Some(h) = &s.reply {
                     return Ok(h.clone());
                 }

@@ -360,6 +360,24 @@ async fn excess_streams_are_refused() {
     let first = incoming.accept().await.unwrap();
     let second = incoming.accept().await.unwrap();
     assert_eq!((first.id(), second.id()), (1, 3));
+    assert_eq!(
+        first.reply_headers().await.unwrap_err(),
+        StreamError::NotOpenedByUs
+    );
+    first.reply(h(&[("ok", "1")]), false).unwrap();
+    assert_eq!(
+        first.reply(Headers::new(), false),
+        Err(StreamError::CannotReply)
+    );
+    let reply = next_non_window(&mut raw).await;
+    assert_eq!(
+        reply,
+        Frame::SynReply {
+            stream_id: 1,
+            fin: false,
+            headers: h(&[("ok", "1")])
+        }
+    );
 }
 
 #[tokio::test]
