@@ -7,6 +7,7 @@
 //! - `cargo xtask demo`: a local control plane with Updraft and a pod running.
 #![forbid(unsafe_code)]
 
+mod bench;
 mod demo;
 mod deps;
 
@@ -41,6 +42,24 @@ enum Task {
     },
     /// Run the demo: a local control plane, Updraft as a virtual node, a pod running.
     Demo,
+    /// Benchmarks (results go to BENCHMARKS.md).
+    Bench {
+        #[command(subcommand)]
+        bench: Bench,
+    },
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// Pods on a mock-provider node: time to Ready, latency, memory, CPU, API writes per pod.
+    Pods {
+        /// How many pods.
+        #[arg(long, default_value_t = 100)]
+        count: usize,
+        /// Pods created per second; 0 creates them as a burst.
+        #[arg(long, default_value_t = 0)]
+        rate: u32,
+    },
 }
 
 #[derive(Subcommand)]
@@ -94,6 +113,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Task::Cluster { action } => runtime.block_on(cluster_task(&layout, action))?,
         Task::Test { cargo_args } => return test(&runtime, &layout, &cargo_args),
+        Task::Bench {
+            bench: Bench::Pods { count, rate },
+        } => runtime.block_on(bench::run(&layout, bench::PodBench { count, rate }))?,
         Task::Demo => {
             deps::install_packages()?;
             runtime.block_on(demo::run(&layout))?

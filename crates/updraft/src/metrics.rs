@@ -20,6 +20,8 @@ pub struct Metrics {
     registry: Arc<Registry>,
     /// Requests Updraft made to the API server, by method.
     pub api_requests: Family<RequestLabels, Counter>,
+    /// The pod controller's metrics (pods by phase, reconcile latency, provider errors).
+    pub pods: updraft_node::PodMetrics,
 }
 
 impl Metrics {
@@ -32,9 +34,12 @@ impl Metrics {
             "Requests made to the Kubernetes API server, by HTTP method",
             api_requests.clone(),
         );
+        let pods = updraft_node::PodMetrics::default();
+        pods.register(&mut registry);
         Self {
             registry: Arc::new(registry),
             api_requests,
+            pods,
         }
     }
 

@@ -124,6 +124,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let provider_file = read_mock_config(args.provider_config.as_ref())?;
     let metrics = Metrics::new();
     let client = kube_client(&args, &metrics).await?;
+    let pod_metrics = metrics.pods.clone();
     let listen = args.listen_address()?;
     let provider = Arc::new(MockProvider::new(MockConfig {
         host_ip: args.node_ip.clone(),
@@ -162,7 +163,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         let _ = rx.wait_for(|stop| *stop).await;
     };
     let server = tokio::spawn(serve(listener, tls, app, stopped(stop_rx.clone())));
-    let node = VirtualNode::new(client, node_config, provider);
+    let node = VirtualNode::new(client, node_config, provider).with_metrics(pod_metrics);
     let node_task = tokio::spawn(node.run(stopped(stop_rx)));
     shutdown_signal().await;
     tracing::info!("signal received: shutting down");

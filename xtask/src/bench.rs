@@ -1,0 +1,296 @@
+//! `cargo xtask bench pods`: Updraft with the mock provider against the real control plane.
+//!
+//! Pods are created already bound to the node (`spec.nodeName`), at a fixed rate or as a
+//! burst; a watch records when each becomes Running and Ready. Reported: time to all Ready,
+//! per-pod latency from creation to Ready (p50/p99), Updraft's peak RSS and CPU seconds (from
+//! /proc), and the API writes Updraft made per pod (from its own /metrics).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use futures::StreamExt as _;
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use kube::api::{Api, DeleteParams, PostParams};
+use kube::runtime::wait::await_condition;
+use kube::runtime::watcher::{self, Event};
+use updraft_devcluster::pki::{CertificateAuthority, Identity};
+use updraft_devcluster::{Layout, cluster};
+
+const NODE: &str = "updraft-bench";
+const PORT: u16 = 10251;
+
+/// What to measure.
+pub struct PodBench {
+    /// How many pods.
+    pub count: usize,
+    /// Pods created per second; 0 for a burst.
+    pub rate: u32,
+}
+
+fn build_release() -> anyhow::Result<PathBuf> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let status = Command::new(cargo)
+        .args(["build", "--quiet", "--release", "--package", "updraft"])
+        .status()
+        .context("running cargo build --release")?;
+    if !status.success() {
+        bail!("cargo build --release --package updraft failed");
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_default();
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    Ok(target.join("release").join("updraft"))
+}
+
+/// Peak RSS (KiB) and CPU seconds of a process, from /proc.
+fn process_usage(pid: u32) -> anyhow::Result<(u64, f64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let peak_kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+        + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100);
+    Ok((peak_kib, ticks as f64 / per_second as f64))
+}
+
+async fn api_writes(client: &reqwest::Client) -> anyhow::Result<u64> {
+    let text = client
+        .get(format!("https://127.0.0.1:{PORT}/metrics"))
+        .send()
+        .await?
+        .error_for_status()?
+        .text()
+        .await?;
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with("updraft_api_requests_total{") && !l.contains("method=\"GET\""))
+        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .sum::<f64>() as u64)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index.min(sorted.len() - 1)]
+}
+
+/// Runs the benchmark and prints its results.
+pub async fn run(layout: &Layout, bench: PodBench) -> anyhow::Result<()> {
+    cluster::up(layout).await?;
+    let updraft = build_release()?;
+    let dir = layout.root().join("bench");
+    std::fs::create_dir_all(&dir)?;
+    let kubeconfig = dir.join("node.kubeconfig");
+    std::fs::write(&kubeconfig, cluster::node_kubeconfig(layout, NODE)?)?;
+    let ca = CertificateAuthority::load(&layout.pki())?;
+    let serving = ca.issue(&Identity::loopback_server(NODE, &[NODE]))?;
+    let (cert, key) = (dir.join("serving.crt"), dir.join("serving.key"));
+    std::fs::write(&cert, &serving.cert_pem)?;
+    std::fs::write(&key, &serving.key_pem)?;
+    let reader = ca.issue(&Identity::client(
+        "updraft-bench-reader",
+        &["system:masters"],
+    ))?;
+    let metrics_client = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(ca.cert_pem().as_bytes())?)
+        .identity(reqwest::Identity::from_pem(
+            format!("{}{}", reader.cert_pem, reader.key_pem).as_bytes(),
+        )?)
+        .build()?;
+
+    cluster::down_extra(layout, NODE)?;
+    let args: Vec<String> = [
+        "run",
+        "--nodename",
+        NODE,
+        "--provider",
+        "mock",
+        "--kubelet-port",
+        &PORT.to_string(),
+        "--kubeconfig",
+        &kubeconfig.display().to_string(),
+        "--tls-cert-file",
+        &cert.display().to_string(),
+        "--tls-key-file",
+        &key.display().to_string(),
+        "--client-ca-file",
+        &CertificateAuthority::cert_path(&layout.pki())
+            .display()
+            .to_string(),
+        "--pod-workers",
+        "32",
+        "--log-level",
+        "warn",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    let capacity = dir.join("provider.yaml");
+    std::fs::write(
+        &capacity,
+        format!("capacity:\n  pods: \"{}\"\n", bench.count + 10),
+    )?;
+    let mut args = args;
+    args.extend([
+        "--provider-config".to_owned(),
+        capacity.display().to_string(),
+    ]);
+    let pid = cluster::start_extra(layout, NODE, &updraft, &args)?;
+
+    let client = cluster::admin_client(layout).await?;
+    let ready = await_condition(
+        Api::<Node>::all(client.clone()),
+        NODE,
+        |n: Option<&Node>| {
+            n.and_then(|n| {
+                n.status
+                    .as_ref()?
+                    .conditions
+                    .as_ref()?
+                    .iter()
+                    .find(|c| c.type_ == "Ready")
+                    .map(|c| c.status == "True")
+            })
+            .unwrap_or(false)
+        },
+    );
+    tokio::time::timeout(Duration::from_secs(60), ready)
+        .await
+        .context("the bench node did not become Ready")??;
+
+    let namespace = format!("bench-{}", std::process::id());
+    let ns: Namespace =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": namespace}}))?;
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await?;
+    let pods = Api::<Pod>::namespaced(client.clone(), &namespace);
+
+    let writes_before = api_writes(&metrics_client).await?;
+    let (_, cpu_before) = process_usage(pid)?;
+    let created: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let mut ready_at: HashMap<String, Instant> = HashMap::new();
+    let mut events = watcher::watcher(pods.clone(), watcher::Config::default()).boxed();
+
+    let started = Instant::now();
+    let creator = {
+        let (pods, created, count, rate) = (pods.clone(), created.clone(), bench.count, bench.rate);
+        tokio::spawn(async move {
+            let semaphore = Arc::new(tokio::sync::Semaphore::new(16));
+            let interval = (rate > 0).then(|| Duration::from_secs_f64(1.0 / f64::from(rate)));
+            let mut tasks = tokio::task::JoinSet::new();
+            for i in 0..count {
+                if let Some(interval) = interval {
+                    let due = started + interval.mul_f64(i as f64);
+                    tokio::time::sleep_until(due.into()).await;
+                }
+                let Ok(permit) = semaphore.clone().acquire_owned().await else {
+                    break;
+                };
+                let (pods, created) = (pods.clone(), created.clone());
+                tasks.spawn(async move {
+                    let name = format!("p{i}");
+                    let pod: Pod = serde_json::from_value(serde_json::json!({
+                        "metadata": {"name": name},
+                        "spec": {"nodeName": NODE, "containers": [{"name": "c", "image": "busybox"}]}
+                    }))
+                    .unwrap_or_default();
+                    let sent = Instant::now();
+                    if pods.create(&PostParams::default(), &pod).await.is_ok() {
+                        created.lock().unwrap_or_else(|e| e.into_inner()).insert(name, sent);
+                    }
+                    drop(permit);
+                });
+            }
+            while tasks.join_next().await.is_some() {}
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while ready_at.len() < bench.count && Instant::now() < deadline {
+        let Ok(Some(event)) = tokio::time::timeout(Duration::from_secs(30), events.next()).await
+        else {
+            break;
+        };
+        if let Ok(Event::Apply(pod) | Event::InitApply(pod)) = event {
+            let is_ready = pod
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+            if let (true, Some(name)) = (is_ready, pod.metadata.name) {
+                ready_at.entry(name).or_insert_with(Instant::now);
+            }
+        }
+    }
+    let _ = creator.await;
+    let total = started.elapsed();
+    let writes_after = api_writes(&metrics_client).await?;
+    let (peak_kib, cpu_after) = process_usage(pid)?;
+    let created = created.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let mut latencies: Vec<Duration> = ready_at
+        .iter()
+        .filter_map(|(name, at)| {
+            created
+                .get(name)
+                .map(|sent| at.saturating_duration_since(*sent))
+        })
+        .collect();
+    latencies.sort();
+
+    println!(
+        "\n| pods | rate | all Ready | p50 created→Ready | p99 | peak RSS | CPU s | API writes/pod |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    println!(
+        "| {} | {} | {:.1} s | {} ms | {} ms | {:.1} MiB | {:.1} | {:.2} |",
+        ready_at.len(),
+        if bench.rate == 0 {
+            "burst".to_owned()
+        } else {
+            format!("{}/s", bench.rate)
+        },
+        total.as_secs_f64(),
+        percentile(&latencies, 0.5).as_millis(),
+        percentile(&latencies, 0.99).as_millis(),
+        peak_kib as f64 / 1024.0,
+        cpu_after - cpu_before,
+        (writes_after.saturating_sub(writes_before)) as f64 / bench.count.max(1) as f64,
+    );
+    if ready_at.len() < bench.count {
+        println!(
+            "only {} of {} pods became Ready",
+            ready_at.len(),
+            bench.count
+        );
+    }
+
+    Api::<Namespace>::all(client)
+        .delete(&namespace, &DeleteParams::background())
+        .await?;
+    cluster::down_extra(layout, NODE)?;
+    Ok(())
+}
