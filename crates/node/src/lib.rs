@@ -11,11 +11,13 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod metrics;
 pub mod node;
 pub mod pods;
 pub mod resolve;
 
 pub use config::NodeConfig;
+pub use metrics::PodMetrics;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -38,6 +40,7 @@ pub struct VirtualNode<P> {
     client: kube::Client,
     config: NodeConfig,
     provider: Arc<P>,
+    metrics: PodMetrics,
 }
 
 impl<P: Provider> VirtualNode<P> {
@@ -48,7 +51,15 @@ impl<P: Provider> VirtualNode<P> {
             client,
             config,
             provider,
+            metrics: PodMetrics::default(),
         }
+    }
+
+    /// Reports the pod controller's metrics into `metrics` (which the caller registers and
+    /// serves).
+    pub fn with_metrics(mut self, metrics: PodMetrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Registers the node, then runs the node and pod controllers until `shutdown`
@@ -71,7 +82,8 @@ impl<P: Provider> VirtualNode<P> {
             self.client.clone(),
             self.config.clone(),
             self.provider.clone(),
-        );
+        )
+        .with_metrics(self.metrics.clone());
         let pods_task = tokio::spawn(pods.run(stop_rx));
         shutdown.await;
         tracing::info!(

@@ -27,6 +27,7 @@ use tokio::sync::watch;
 use updraft_provider::{PodRef, PodStatusUpdate, Provider, ProviderError};
 
 use crate::NodeConfig;
+use crate::metrics::PodMetrics;
 use crate::resolve::{ResolveError, Resolver};
 
 /// Why one reconciliation of a pod failed; it is retried with backoff.
@@ -48,6 +49,7 @@ pub struct PodController<P> {
     client: kube::Client,
     config: NodeConfig,
     provider: Arc<P>,
+    metrics: PodMetrics,
 }
 
 struct Context<P> {
@@ -55,6 +57,7 @@ struct Context<P> {
     provider: Arc<P>,
     config: NodeConfig,
     recorder: Recorder,
+    metrics: PodMetrics,
     /// Whether the provider pushes status; if not, status is read after each call and
     /// reconciliation repeats every minute.
     streams_status: bool,
@@ -72,7 +75,14 @@ impl<P: Provider> PodController<P> {
             client,
             config,
             provider,
+            metrics: PodMetrics::default(),
         }
+    }
+
+    /// Reports into `metrics` (registered by the caller) instead of unregistered ones.
+    pub fn with_metrics(mut self, metrics: PodMetrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Runs until `stop` turns true; in-flight reconciliations finish first.
@@ -93,6 +103,7 @@ impl<P: Provider> PodController<P> {
             provider: self.provider.clone(),
             config: self.config.clone(),
             recorder,
+            metrics: self.metrics.clone(),
             streams_status: status_updates.is_some(),
             applied_specs: Mutex::new(HashMap::new()),
             failures: Mutex::new(HashMap::new()),
@@ -100,6 +111,7 @@ impl<P: Provider> PodController<P> {
         let controller = Controller::new(pods, selector)
             .with_config(controller::Config::default().concurrency(self.config.pod_workers));
         let store = controller.store();
+        self.metrics.observe_pods(store.clone());
         let mut background = tokio::task::JoinSet::new();
         if let Some(updates) = status_updates {
             background.spawn(write_status_updates(
@@ -114,7 +126,7 @@ impl<P: Provider> PodController<P> {
             .graceful_shutdown_on(async move {
                 let _ = stop_signal.wait_for(|stopped| *stopped).await;
             })
-            .run(reconcile, error_policy, context)
+            .run(timed_reconcile, error_policy, context)
             .for_each(|result| async move {
                 if let Err(err) = result {
                     tracing::debug!("pod reconciliation: {err}");
@@ -144,6 +156,18 @@ fn is_terminal(pod: &Pod) -> bool {
     )
 }
 
+async fn timed_reconcile<P: Provider>(
+    pod: Arc<Pod>,
+    context: Arc<Context<P>>,
+) -> Result<Action, ReconcileError> {
+    let started = std::time::Instant::now();
+    let result = reconcile(pod, context.clone()).await;
+    context
+        .metrics
+        .observe_reconcile(started.elapsed(), result.is_ok());
+    result
+}
+
 async fn reconcile<P: Provider>(
     pod: Arc<Pod>,
     context: Arc<Context<P>>,
@@ -156,6 +180,7 @@ async fn reconcile<P: Provider>(
         if let Err(err) = provider.delete_pod(&pod_ref, grace).await
             && !matches!(err, ProviderError::NotFound(_))
         {
+            context.metrics.provider_error("delete", &err);
             publish(
                 &context,
                 &pod,
@@ -196,7 +221,11 @@ async fn reconcile<P: Provider>(
     let applied = lock(&context.applied_specs).get(&pod_ref).copied();
     let running = match applied {
         Some(_) => true,
-        None => provider.pod_status(&pod_ref).await?.is_some(),
+        None => provider
+            .pod_status(&pod_ref)
+            .await
+            .inspect_err(|err| context.metrics.provider_error("status", err))?
+            .is_some(),
     };
     if running && applied == Some(spec) {
         return Ok(resync(&context));
@@ -231,17 +260,22 @@ async fn reconcile<P: Provider>(
         )
         .await;
     }
-    let (call, failed_reason) = if running {
+    let (call, operation, failed_reason) = if running {
         (
             provider.update_pod(&resolution.pod).await,
+            "update",
             "ProviderUpdateFailed",
         )
     } else {
         (
             provider.create_pod(&resolution.pod).await,
+            "create",
             "ProviderCreateFailed",
         )
     };
+    if let Err(err) = &call {
+        context.metrics.provider_error(operation, err);
+    }
     match call {
         Ok(()) => {
             lock(&context.applied_specs).insert(pod_ref.clone(), spec);
@@ -273,7 +307,10 @@ async fn reconcile<P: Provider>(
         }
     }
     if !context.streams_status
-        && let Some(status) = provider.pod_status(&pod_ref).await?
+        && let Some(status) = provider
+            .pod_status(&pod_ref)
+            .await
+            .inspect_err(|err| context.metrics.provider_error("status", err))?
     {
         write_status(&context, &pod, status).await?;
     }
@@ -454,6 +491,7 @@ async fn sweep_orphans<P: Provider>(context: Arc<Context<P>>) {
         let running = match context.provider.list_pods().await {
             Ok(running) => running,
             Err(err) => {
+                context.metrics.provider_error("list", &err);
                 tracing::warn!("listing provider pods: {err}");
                 continue;
             }
@@ -475,6 +513,7 @@ async fn sweep_orphans<P: Provider>(context: Arc<Context<P>>) {
         for orphan in running.into_iter().filter(|p| !known.contains(&p.pod.uid)) {
             tracing::info!(pod = %orphan.pod, "deleting a provider pod that no longer exists in the API");
             if let Err(err) = context.provider.delete_pod(&orphan.pod, 0).await {
+                context.metrics.provider_error("delete", &err);
                 tracing::warn!(pod = %orphan.pod, "deleting an orphaned pod: {err}");
             }
             lock(&context.applied_specs).remove(&orphan.pod);
