@@ -30,8 +30,14 @@ fn sha_hex(data: &[u8]) -> String {
     hex::encode(Sha256::digest(data))
 }
 
-/// Builds the Go peer into the cargo target dir (go's own cache makes rebuilds cheap).
+/// Builds the Go peer into the cargo target dir once per test run (go's own cache makes
+/// rebuilds cheap); concurrent tests share the one build instead of overwriting a running binary.
 fn build_go_peer() -> PathBuf {
+    static PEER: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    PEER.get_or_init(go_build).clone()
+}
+
+fn go_build() -> PathBuf {
     let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/go-peer");
     let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("spdy-go-peer");
     let status = std::process::Command::new("go")
