@@ -375,3 +375,59 @@ async fn a_pod_the_provider_refuses_fails_with_provider_failed_and_an_event() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn an_unhealthy_provider_makes_the_node_not_ready_without_touching_others_conditions() {
+    let cluster = TestCluster::connect().await;
+    let name = node_name();
+    let mut node_config = config(&name.0);
+    // Health is checked at heartbeat pace; a quick heartbeat keeps the test short.
+    node_config.lease_renew_interval = Duration::from_secs(1);
+    let provider = mock();
+    let _vnode = start_node(&cluster, node_config, provider.clone()).await;
+    wait_ready(&cluster, &name.0).await;
+
+    // Another component (an admin here) reports a condition of its own on the node.
+    let nodes = Api::<Node>::all(cluster.client());
+    let theirs = serde_json::json!({"status": {"conditions": [{
+        "type": "ExampleVendorCheck", "status": "True",
+        "reason": "CheckedByVendor", "message": "set by someone else"
+    }]}});
+    nodes
+        .patch_status(&name.0, &PatchParams::default(), &Patch::Strategic(&theirs))
+        .await
+        .unwrap();
+
+    provider.set_unhealthy(Some("the cloud API is unreachable".into()));
+    let not_ready = wait_for(&nodes, &name.0, "Ready=False", TIMEOUT, |n| {
+        node_condition(n, "Ready").as_deref() == Some("False")
+    })
+    .await;
+    let conditions = not_ready.status.unwrap().conditions.unwrap();
+    let ready = conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+    assert_eq!(ready.reason.as_deref(), Some("ProviderUnhealthy"));
+    assert!(
+        ready
+            .message
+            .as_deref()
+            .unwrap_or_default()
+            .contains("the cloud API is unreachable"),
+        "{ready:?}"
+    );
+    assert!(
+        conditions.iter().any(|c| c.type_ == "ExampleVendorCheck"),
+        "another component's condition was overwritten: {conditions:?}"
+    );
+
+    provider.set_unhealthy(None);
+    let ready_again = wait_ready(&cluster, &name.0).await;
+    assert!(
+        ready_again
+            .status
+            .unwrap()
+            .conditions
+            .unwrap()
+            .iter()
+            .any(|c| c.type_ == "ExampleVendorCheck")
+    );
+}

@@ -27,7 +27,7 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use tokio::sync::mpsc;
 use updraft_provider::{
-    PodRef, PodStatusUpdate, Provider, ProviderError, ProviderPod, ResolvedPod, Result,
+    NodeHealth, PodRef, PodStatusUpdate, Provider, ProviderError, ProviderPod, ResolvedPod, Result,
 };
 
 const ANNOTATION_PREFIX: &str = "mock.updraft.dev/";
@@ -141,6 +141,8 @@ pub struct MockProvider {
     state: Arc<Mutex<State>>,
     updates_tx: mpsc::UnboundedSender<PodStatusUpdate>,
     updates_rx: Arc<Mutex<Option<mpsc::UnboundedReceiver<PodStatusUpdate>>>>,
+    /// Why the backend is unhealthy, if it is (see [`MockProvider::set_unhealthy`]).
+    unhealthy: Arc<Mutex<Option<String>>>,
 }
 
 impl MockProvider {
@@ -152,6 +154,7 @@ impl MockProvider {
             state: Arc::new(Mutex::new(State::default())),
             updates_tx,
             updates_rx: Arc::new(Mutex::new(Some(updates_rx))),
+            unhealthy: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -165,6 +168,12 @@ impl MockProvider {
             .pods
             .get(&(namespace.to_owned(), name.to_owned()))
             .map(|p| p.resolved.clone())
+    }
+
+    /// Makes the backend report itself unhealthy with `problem` (`None`: healthy again), as
+    /// a cloud whose API went away would; the node turns `Ready=False` with that message.
+    pub fn set_unhealthy(&self, problem: Option<String>) {
+        *self.unhealthy.lock().unwrap_or_else(|e| e.into_inner()) = problem;
     }
 
     /// How many pods the provider runs (for tests and benchmarks).
@@ -457,6 +466,10 @@ impl Provider for MockProvider {
             .collect())
     }
 
+    fn node_health(&self) -> Option<&dyn NodeHealth> {
+        Some(self)
+    }
+
     fn status_updates(&self) -> Option<BoxStream<'static, PodStatusUpdate>> {
         let receiver = self
             .updates_rx
@@ -464,6 +477,21 @@ impl Provider for MockProvider {
             .unwrap_or_else(|e| e.into_inner())
             .take()?;
         Some(tokio_stream::wrappers::UnboundedReceiverStream::new(receiver).boxed())
+    }
+}
+
+#[async_trait::async_trait]
+impl NodeHealth for MockProvider {
+    async fn check(&self) -> Result<()> {
+        match self
+            .unhealthy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        {
+            Some(problem) => Err(ProviderError::Transient(problem)),
+            None => Ok(()),
+        }
     }
 }
 
