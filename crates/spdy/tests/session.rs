@@ -584,3 +584,95 @@ async fn out_of_range_config_is_rejected() {
     let err = Connection::new(a, Role::Server, config).unwrap_err();
     assert!(err.to_string().contains("windows must be at most"), "{err}");
 }
+
+/// Seeded random frame sequences (valid encodings, arbitrary ids, windows and settings) must
+/// never wedge or crash a session: after the peer hangs up it always finishes closing.
+#[tokio::test]
+async fn random_frame_sequences_never_wedge_the_session() {
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut survived = 0;
+    for _ in 0..40 {
+        let (handle, mut incoming, mut raw) = raw_server(Config::default()).await;
+        let acceptor = tokio::spawn(async move {
+            while let Some(mut stream) = incoming.accept().await {
+                let _ = stream.reply(Headers::new(), false);
+                let _ = stream.write_all(b"hi").await;
+                let mut buf = [0u8; 512];
+                let _ = tokio::time::timeout(Duration::from_millis(5), stream.read(&mut buf)).await;
+            }
+        });
+        // Streams are opened with increasing ids so most rounds get deep into stream handling.
+        let mut last_syn = 0u32;
+        for _ in 0..100 {
+            let stream_id = (next() % (u64::from(last_syn) + 1)) as u32 + 1;
+            let frame = match next() % 9 {
+                0 => {
+                    last_syn += if last_syn == 0 { 1 } else { 2 };
+                    syn(last_syn)
+                }
+                1 => Frame::SynReply {
+                    stream_id,
+                    fin: next() % 2 == 0,
+                    headers: Headers::new(),
+                },
+                2 => Frame::RstStream {
+                    stream_id,
+                    status: RstStatus((next() % 12) as u32 + 1),
+                },
+                3 => Frame::Settings {
+                    clear: false,
+                    entries: vec![Setting {
+                        flags: 0,
+                        id: SettingId((next() % 9) as u32),
+                        value: next() as u32 & 0x7fff_ffff,
+                    }],
+                },
+                4 => Frame::Ping { id: next() as u32 },
+                5 => Frame::WindowUpdate {
+                    stream_id: stream_id % 3,
+                    delta: (next() % 65536) as u32 + 1,
+                },
+                6 => Frame::Headers {
+                    stream_id,
+                    fin: next() % 2 == 0,
+                    headers: Headers::new(),
+                },
+                7 => Frame::GoAway {
+                    last_good_stream_id: stream_id,
+                    status: GoAwayStatus::OK,
+                },
+                _ => Frame::Data {
+                    stream_id,
+                    fin: next() % 4 == 0,
+                    data: Bytes::from(vec![0u8; (next() % 2048) as usize]),
+                },
+            };
+            if raw.send(frame).await.is_err() {
+                break;
+            }
+        }
+        drop(raw);
+        let reason = tokio::time::timeout(WAIT, handle.closed())
+            .await
+            .expect("session wedged");
+        survived += usize::from(reason == CloseReason::PeerClosed);
+        assert!(
+            matches!(
+                reason,
+                CloseReason::PeerClosed | CloseReason::Protocol(_) | CloseReason::Io(_)
+            ),
+            "{reason:?}"
+        );
+        tokio::time::timeout(WAIT, acceptor).await.unwrap().unwrap();
+    }
+    assert!(
+        survived >= 10,
+        "only {survived} of 40 random sessions got through without a protocol error"
+    );
+}
