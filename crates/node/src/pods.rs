@@ -19,10 +19,10 @@ use futures::stream::BoxStream;
 use k8s_openapi::api::core::v1::{HostIP, Pod, PodIP, PodStatus};
 use kube::Resource as _;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, Preconditions};
+use kube::runtime::WatchStreamExt as _;
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store, reflector};
-use kube::runtime::WatchStreamExt as _;
 use kube::runtime::watcher;
 use tokio::sync::watch;
 use updraft_provider::{PodRef, PodStatusUpdate, Provider, ProviderError};
@@ -112,14 +112,17 @@ impl<P: Provider> PodController<P> {
         // The cache keeps what reconciling needs, not what only API clients care about:
         // managedFields and kubectl's last-applied copy are most of a pod's size.
         let (store, writer) = reflector::store();
-        let watch = watcher::watcher(pods, selector).default_backoff().modify(|pod: &mut Pod| {
-            pod.metadata.managed_fields = None;
-            if let Some(annotations) = pod.metadata.annotations.as_mut() {
-                annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
-            }
-        });
-        let controller = Controller::for_stream(reflector(writer, watch).applied_objects(), store.clone())
-            .with_config(controller::Config::default().concurrency(self.config.pod_workers));
+        let watch = watcher::watcher(pods, selector)
+            .default_backoff()
+            .modify(|pod: &mut Pod| {
+                pod.metadata.managed_fields = None;
+                if let Some(annotations) = pod.metadata.annotations.as_mut() {
+                    annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
+                }
+            });
+        let controller =
+            Controller::for_stream(reflector(writer, watch).applied_objects(), store.clone())
+                .with_config(controller::Config::default().concurrency(self.config.pod_workers));
         self.metrics.observe_pods(store.clone());
         let mut background = tokio::task::JoinSet::new();
         if let Some(updates) = status_updates {
