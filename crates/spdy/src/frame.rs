@@ -247,14 +247,15 @@ impl Default for CodecLimits {
     }
 }
 
-/// Frame codec for one direction pair of a connection: decoding uses the peer's header
-/// compression context, encoding our own. Use one codec per connection (or one for reading
-/// and one for writing; each only uses its half).
+/// Frame codec for one connection: decoding uses the peer's header compression context,
+/// encoding our own. Use one codec per connection, or one for reading and one for writing.
+/// Each zlib context is created on first use, so a read-only codec never pays for a deflate
+/// state (a few hundred KiB).
 #[derive(Debug)]
 pub struct FrameCodec {
     limits: CodecLimits,
-    decompressor: HeaderDecompressor,
-    compressor: HeaderCompressor,
+    decompressor: Option<HeaderDecompressor>,
+    compressor: Option<HeaderCompressor>,
 }
 
 impl FrameCodec {
@@ -262,11 +263,8 @@ impl FrameCodec {
     pub fn new(limits: CodecLimits) -> Result<Self, FrameError> {
         Ok(Self {
             limits,
-            decompressor: HeaderDecompressor::new(limits.max_header_block_len),
-            compressor: HeaderCompressor::new().map_err(|source| FrameError::Headers {
-                frame: "any",
-                source,
-            })?,
+            decompressor: None,
+            compressor: None,
         })
     }
 }
@@ -333,7 +331,9 @@ impl Decoder for FrameCodec {
 
 impl FrameCodec {
     fn headers(&mut self, frame: &'static str, block: &[u8]) -> Result<Headers, FrameError> {
+        let max_block_len = self.limits.max_header_block_len;
         self.decompressor
+            .get_or_insert_with(|| HeaderDecompressor::new(max_block_len))
             .decompress(block)
             .map_err(|source| FrameError::Headers { frame, source })
     }
@@ -601,7 +601,13 @@ impl Encoder<Frame> for FrameCodec {
 
 impl FrameCodec {
     fn compress(&mut self, frame: &'static str, headers: &Headers) -> Result<Vec<u8>, FrameError> {
-        self.compressor
+        let compressor = match &mut self.compressor {
+            Some(c) => c,
+            None => self.compressor.insert(
+                HeaderCompressor::new().map_err(|source| FrameError::Headers { frame, source })?,
+            ),
+        };
+        compressor
             .compress(headers)
             .map_err(|source| FrameError::Headers { frame, source })
     }
