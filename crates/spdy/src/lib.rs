@@ -6,6 +6,14 @@
 //! - [`session`]: [`Connection`] multiplexes [`Stream`]s over any async transport in client or
 //!   server role, with per-stream and session flow control, PING and GOAWAY.
 //!
+//! Against the Go spdystream library (every Kubernetes API server and kubectl) use
+//! [`Config::spdystream_compatible`]: spdystream implements no flow control, so strict
+//! SPDY/3.1 windows would stall after 64 KiB.
+//!
+//! Errors: a malformed frame or header block is a session error (GOAWAY PROTOCOL_ERROR, then the
+//! transport is closed); misuse of a single stream (data after FIN, window overflow, too many
+//! streams) resets only that stream.
+//!
 //! ```no_run
 //! # async fn serve(io: tokio::net::TcpStream) -> Result<(), Box<dyn std::error::Error>> {
 //! use updraft_spdy::{Config, Connection, Headers, Role};

@@ -61,7 +61,9 @@ pub struct Config {
     pub send_flow_control: bool,
     /// Whether a peer overrunning our receive window gets RST_STREAM FLOW_CONTROL_ERROR. When
     /// off (spdystream peers), the reader instead stops reading the transport until the
-    /// application drains the stream, so memory stays bounded either way.
+    /// application drains the stream, so memory stays bounded either way (at the cost of
+    /// head-of-line blocking: one unread stream stalls the others). Only per-stream windows are
+    /// policed; the session window is credited back as data is consumed.
     pub strict_receive_window: bool,
     /// How long closing waits to flush queued frames to a peer that does not read.
     pub close_timeout: Duration,
