@@ -829,8 +829,14 @@ async fn on_data(
                 return Ok(());
             };
             if s.ended.is_some() || !s.recv_open {
-                // Nobody will read it: drop it and give the credit straight back.
+                // Nobody will read it: drop it and give the credit straight back, so a peer
+                // still sending to a stream whose reader we dropped is not stalled forever.
                 s.recv_fin |= fin;
+                let stream_credit = s.ended.is_none() && !s.recv_fin && len > 0;
+                if stream_credit {
+                    let delta = u32::try_from(len).unwrap_or(u32::MAX);
+                    shared.queue(Frame::WindowUpdate { stream_id, delta });
+                }
                 credit_session(&mut shared, len);
                 inner.writer_wake.notify_one();
                 return Ok(());

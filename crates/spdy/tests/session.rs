@@ -676,3 +676,29 @@ async fn random_frame_sequences_never_wedge_the_session() {
         "only {survived} of 40 random sessions got through without a protocol error"
     );
 }
+
+#[tokio::test]
+async fn dropping_the_read_half_discards_data_without_stalling_the_sender() {
+    let ((_server, mut incoming), (client, _)) = pair(Config::default());
+    let mut stream = client
+        .open_stream(h(&[("streamtype", "stdin")]), false)
+        .unwrap();
+    let server_stream = tokio::time::timeout(WAIT, incoming.accept())
+        .await
+        .unwrap()
+        .unwrap();
+    let (server_rx, mut server_tx) = server_stream.split();
+    drop(server_rx);
+    // Far more than one window: it must all be accepted and thrown away.
+    tokio::time::timeout(WAIT, stream.write_all(&vec![3u8; 1 << 20]))
+        .await
+        .unwrap()
+        .unwrap();
+    stream.shutdown().await.unwrap();
+    // The other direction still works.
+    server_tx.write_all(b"done").await.unwrap();
+    server_tx.shutdown().await.unwrap();
+    let mut got = String::new();
+    stream.read_to_string(&mut got).await.unwrap();
+    assert_eq!(got, "done");
+}
