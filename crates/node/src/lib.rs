@@ -14,6 +14,7 @@ pub mod config;
 pub mod metrics;
 pub mod node;
 pub mod pods;
+pub mod references;
 pub mod resolve;
 
 pub use config::NodeConfig;

@@ -29,6 +29,7 @@ use updraft_provider::{PodRef, PodStatusUpdate, Provider, ProviderError};
 
 use crate::NodeConfig;
 use crate::metrics::PodMetrics;
+use crate::references::ReferenceWatches;
 use crate::resolve::{ResolveError, Resolver};
 
 /// Why one reconciliation of a pod failed; it is retried with backoff.
@@ -59,6 +60,11 @@ struct Context<P> {
     config: NodeConfig,
     recorder: Recorder,
     metrics: PodMetrics,
+    /// Watches of the ConfigMaps and Secrets the pods reference.
+    references: ReferenceWatches,
+    /// Hash of what the provider last received per pod (env and files), so a referenced
+    /// object's change causes an update only when the pod's inputs really changed.
+    applied_inputs: Mutex<HashMap<PodRef, u64>>,
     /// Whether the provider pushes status; if not, status is read after each call and
     /// reconciliation repeats every minute.
     streams_status: bool,
@@ -99,7 +105,10 @@ impl<P: Provider> PodController<P> {
                 instance: Some(self.config.name.clone()),
             },
         );
+        let (trigger, triggered) = tokio::sync::mpsc::unbounded_channel();
         let context = Arc::new(Context {
+            references: ReferenceWatches::new(self.client.clone(), trigger),
+            applied_inputs: Mutex::new(HashMap::new()),
             client: self.client.clone(),
             provider: self.provider.clone(),
             config: self.config.clone(),
@@ -122,7 +131,10 @@ impl<P: Provider> PodController<P> {
             });
         let controller =
             Controller::for_stream(reflector(writer, watch).applied_objects(), store.clone())
-                .with_config(controller::Config::default().concurrency(self.config.pod_workers));
+                .with_config(controller::Config::default().concurrency(self.config.pod_workers))
+                .reconcile_on(tokio_stream::wrappers::UnboundedReceiverStream::new(
+                    triggered,
+                ));
         self.metrics.observe_pods(store.clone());
         let mut background = tokio::task::JoinSet::new();
         if let Some(updates) = status_updates {
@@ -203,8 +215,7 @@ async fn reconcile<P: Provider>(
             .await;
             return Err(err.into());
         }
-        lock(&context.applied_specs).remove(&pod_ref);
-        lock(&context.failures).remove(&pod_ref);
+        forget(&context, &pod_ref);
         // The provider has stopped the pod: now the API object may go, but only this
         // incarnation of it (a pod re-created under the same name keeps running).
         let params = DeleteParams {
@@ -226,6 +237,7 @@ async fn reconcile<P: Provider>(
         return Ok(Action::await_change());
     }
     if is_terminal(&pod) {
+        forget(&context, &pod_ref);
         return Ok(Action::await_change());
     }
 
@@ -239,12 +251,21 @@ async fn reconcile<P: Provider>(
             .inspect_err(|err| context.metrics.provider_error("status", err))?
             .is_some(),
     };
-    if running && applied == Some(spec) {
+    let inputs_changed = context
+        .references
+        .take_changed(&pod_ref.namespace, &pod_ref.name);
+    if running && applied == Some(spec) && !inputs_changed {
         return Ok(resync(&context));
     }
-    if running && applied.is_none() {
-        // Running from before a restart: adopt it without touching it.
+    if running && applied.is_none() && !inputs_changed {
+        // Running from before a restart: adopt it without touching it, but watch what it
+        // references from now on.
         lock(&context.applied_specs).insert(pod_ref.clone(), spec);
+        if let Ok(resolution) = Resolver::resolve(context.client.clone(), &pod).await {
+            context
+                .references
+                .track(&pod_ref.namespace, &pod_ref.name, resolution.references);
+        }
         return Ok(resync(&context));
     }
 
@@ -262,6 +283,19 @@ async fn reconcile<P: Provider>(
             return Err(err.into());
         }
     };
+    context.references.track(
+        &pod_ref.namespace,
+        &pod_ref.name,
+        resolution.references.clone(),
+    );
+    let inputs = inputs_hash(&resolution.pod);
+    if running
+        && applied == Some(spec)
+        && lock(&context.applied_inputs).get(&pod_ref) == Some(&inputs)
+    {
+        // A referenced object changed, but nothing the provider receives did.
+        return Ok(resync(&context));
+    }
     for missing in &resolution.missing_optional {
         publish(
             &context,
@@ -291,9 +325,16 @@ async fn reconcile<P: Provider>(
     match call {
         Ok(()) => {
             lock(&context.applied_specs).insert(pod_ref.clone(), spec);
+            lock(&context.applied_inputs).insert(pod_ref.clone(), inputs);
             lock(&context.failures).remove(&pod_ref);
         }
         Err(err) if err.is_transient() => {
+            if running {
+                // Make the retry resolve and update again rather than take the pod as done.
+                context
+                    .references
+                    .mark_changed(&pod_ref.namespace, &pod_ref.name);
+            }
             publish(
                 &context,
                 &pod,
@@ -327,6 +368,20 @@ async fn reconcile<P: Provider>(
         write_status(&context, &pod, status).await?;
     }
     Ok(resync(&context))
+}
+
+fn forget<P>(context: &Context<P>, pod_ref: &PodRef) {
+    lock(&context.applied_specs).remove(pod_ref);
+    lock(&context.applied_inputs).remove(pod_ref);
+    lock(&context.failures).remove(pod_ref);
+    context.references.forget(&pod_ref.namespace, &pod_ref.name);
+}
+
+fn inputs_hash(resolved: &updraft_provider::ResolvedPod) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    resolved.env.hash(&mut hasher);
+    resolved.volumes.hash(&mut hasher);
+    hasher.finish()
 }
 
 fn resync<P>(context: &Context<P>) -> Action {
@@ -528,7 +583,7 @@ async fn sweep_orphans<P: Provider>(context: Arc<Context<P>>) {
                 context.metrics.provider_error("delete", &err);
                 tracing::warn!(pod = %orphan.pod, "deleting an orphaned pod: {err}");
             }
-            lock(&context.applied_specs).remove(&orphan.pod);
+            forget(&context, &orphan.pod);
         }
     }
 }

@@ -69,6 +69,9 @@ pub struct Resolution {
     pub pod: ResolvedPod,
     /// Optional references that were absent.
     pub missing_optional: Vec<OptionalMissing>,
+    /// Every ConfigMap and Secret the pod references (present or not), in its namespace:
+    /// what must be watched for the provider to see updates.
+    pub references: Vec<crate::references::Referenced>,
 }
 
 /// Reads ConfigMaps and Secrets by name, once per object per resolution.
@@ -118,6 +121,16 @@ impl Resolver {
                 env,
                 volumes,
             },
+            references: resolver
+                .config_maps
+                .keys()
+                .map(|name| crate::references::Referenced::config_map(&resolver.namespace, name))
+                .chain(
+                    resolver.secrets.keys().map(|name| {
+                        crate::references::Referenced::secret(&resolver.namespace, name)
+                    }),
+                )
+                .collect(),
             missing_optional: resolver.missing_optional,
         })
     }

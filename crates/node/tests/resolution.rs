@@ -196,3 +196,99 @@ async fn a_missing_mandatory_secret_holds_the_pod_until_it_exists() {
         "abc"
     );
 }
+
+#[tokio::test]
+async fn updates_to_referenced_config_maps_and_secrets_reach_the_provider() {
+    let cluster = TestCluster::connect().await;
+    let ns = cluster.namespace("refupdate").await;
+    let name = node_name();
+    let vnode = start_node(&cluster, config(&name.0), mock()).await;
+    wait_ready(&cluster, &name.0).await;
+
+    let config_maps = Api::<ConfigMap>::namespaced(cluster.client(), ns.name());
+    let secrets = Api::<Secret>::namespaced(cluster.client(), ns.name());
+    config_maps
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "settings"}, "data": {"mode": "fast"}
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    secrets
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "creds"}, "stringData": {"password": "first"}
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let spec = serde_json::json!({
+        "containers": [{
+            "name": "main", "image": "busybox",
+            "env": [
+                {"name": "MODE", "valueFrom": {"configMapKeyRef": {"name": "settings", "key": "mode"}}},
+                {"name": "PASSWORD", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "password"}}}
+            ]
+        }],
+        "volumes": [{"name": "config", "configMap": {"name": "settings"}}]
+    });
+    let pods = Api::<Pod>::namespaced(cluster.client(), ns.name());
+    pods.create(
+        &PostParams::default(),
+        &pod(&name.0, "watcher", serde_json::json!({}), spec),
+    )
+    .await
+    .unwrap();
+    wait_for(&pods, "watcher", "Running", TIMEOUT, running_and_ready).await;
+    let provider = vnode.provider.clone();
+    let env = env_of(&provider, ns.name(), "watcher");
+    assert_eq!(env["MODE"], "fast");
+    assert_eq!(env["PASSWORD"], "first");
+
+    let patch = |data: serde_json::Value| serde_json::json!({ "data": data });
+    config_maps
+        .patch(
+            "settings",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(patch(serde_json::json!({"mode": "slow"}))),
+        )
+        .await
+        .unwrap();
+    secrets
+        .patch(
+            "creds",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(serde_json::json!({"stringData": {"password": "second"}})),
+        )
+        .await
+        .unwrap();
+    let ns_name = ns.name().to_owned();
+    eventually(TIMEOUT, || {
+        let (provider, ns_name) = (provider.clone(), ns_name.clone());
+        async move {
+            let resolved = provider
+                .resolved(&ns_name, "watcher")
+                .ok_or("the provider lost the pod")?;
+            let env = env_of(&provider, &ns_name, "watcher");
+            let file = resolved.volumes["config"]
+                .get("mode")
+                .map(|f| String::from_utf8_lossy(&f.data).into_owned());
+            if env["MODE"] == "slow"
+                && env["PASSWORD"] == "second"
+                && file.as_deref() == Some("slow")
+            {
+                Ok(())
+            } else {
+                Err(format!("MODE={} file={file:?}", env["MODE"]))
+            }
+        }
+    })
+    .await;
+    // The pod kept running: updated in place, not re-created.
+    assert_eq!(provider.pod_count(), 1);
+}

@@ -1,0 +1,244 @@
+//! Watches the ConfigMaps and Secrets that the node's pods reference, one object at a time,
+//! so that updates reach the provider (the Go virtual-kubelet never propagates them).
+//!
+//! Each referenced object gets a watch with `fieldSelector=metadata.name=<name>` in its
+//! namespace, as the kubelet does; the Node authorizer allows exactly these. Nothing is
+//! cached but the object's `resourceVersion`. When an object changes, appears or goes away,
+//! the pods that reference it are marked and handed to the pod controller, which resolves
+//! them again and updates the provider if what it would receive changed.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+
+use futures::StreamExt as _;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
+use kube::Resource;
+use kube::api::Api;
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::{WatchStreamExt as _, watcher};
+use serde::de::DeserializeOwned;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+/// Which kind of object a pod references.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ReferencedKind {
+    /// A `ConfigMap`.
+    ConfigMap,
+    /// A `Secret`.
+    Secret,
+}
+
+/// One ConfigMap or Secret a pod references.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Referenced {
+    /// ConfigMap or Secret.
+    pub kind: ReferencedKind,
+    /// Its namespace (the pod's).
+    pub namespace: String,
+    /// Its name.
+    pub name: String,
+}
+
+impl Referenced {
+    /// The ConfigMap `name` in `namespace`.
+    pub fn config_map(namespace: &str, name: &str) -> Self {
+        Self {
+            kind: ReferencedKind::ConfigMap,
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        }
+    }
+
+    /// The Secret `name` in `namespace`.
+    pub fn secret(namespace: &str, name: &str) -> Self {
+        Self {
+            kind: ReferencedKind::Secret,
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        }
+    }
+}
+
+type PodKey = (String, String);
+
+#[derive(Default)]
+struct State {
+    /// Who references what, and the watch of each referenced object.
+    watched: HashMap<Referenced, (HashSet<PodKey>, JoinHandle<()>)>,
+    /// What each pod references.
+    by_pod: HashMap<PodKey, Vec<Referenced>>,
+    /// Pods whose references changed since they were last resolved.
+    changed: HashSet<PodKey>,
+}
+
+/// The watches of referenced objects, shared by the pod controller's reconciliations.
+pub struct ReferenceWatches {
+    client: kube::Client,
+    state: std::sync::Arc<Mutex<State>>,
+    trigger: mpsc::UnboundedSender<ObjectRef<Pod>>,
+}
+
+fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
+    state.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl ReferenceWatches {
+    /// Watches that hand pods to reconcile again to `trigger`.
+    pub fn new(client: kube::Client, trigger: mpsc::UnboundedSender<ObjectRef<Pod>>) -> Self {
+        Self {
+            client,
+            state: std::sync::Arc::new(Mutex::new(State::default())),
+            trigger,
+        }
+    }
+
+    /// Records that pod `namespace/name` references exactly `references`: watches start for
+    /// new objects and stop for objects no pod references any more.
+    pub fn track(&self, namespace: &str, name: &str, references: Vec<Referenced>) {
+        let key = (namespace.to_owned(), name.to_owned());
+        let mut state = lock(&self.state);
+        let previous = state.by_pod.remove(&key).unwrap_or_default();
+        for old in previous.iter().filter(|r| !references.contains(r)) {
+            release(&mut state, old, &key);
+        }
+        for new in &references {
+            if let Some((pods, _)) = state.watched.get_mut(new) {
+                pods.insert(key.clone());
+            } else {
+                let task = self.spawn_watch(new.clone());
+                state
+                    .watched
+                    .insert(new.clone(), (HashSet::from([key.clone()]), task));
+            }
+        }
+        if !references.is_empty() {
+            state.by_pod.insert(key, references);
+        }
+    }
+
+    /// The pod is gone (or terminal): its references no longer matter.
+    pub fn forget(&self, namespace: &str, name: &str) {
+        self.track(namespace, name, Vec::new());
+        lock(&self.state)
+            .changed
+            .remove(&(namespace.to_owned(), name.to_owned()));
+    }
+
+    /// Whether an object the pod references changed since the last call (clears the mark).
+    pub fn take_changed(&self, namespace: &str, name: &str) -> bool {
+        lock(&self.state)
+            .changed
+            .remove(&(namespace.to_owned(), name.to_owned()))
+    }
+
+    /// Marks the pod as having inputs to resolve again at its next reconciliation.
+    pub fn mark_changed(&self, namespace: &str, name: &str) {
+        lock(&self.state)
+            .changed
+            .insert((namespace.to_owned(), name.to_owned()));
+    }
+
+    /// How many objects are watched.
+    pub fn watched(&self) -> usize {
+        lock(&self.state).watched.len()
+    }
+
+    fn spawn_watch(&self, object: Referenced) -> JoinHandle<()> {
+        let state = self.state.clone();
+        let trigger = self.trigger.clone();
+        let client = self.client.clone();
+        match object.kind {
+            ReferencedKind::ConfigMap => tokio::spawn(watch_object::<ConfigMap>(
+                Api::namespaced(client, &object.namespace),
+                object,
+                state,
+                trigger,
+            )),
+            ReferencedKind::Secret => tokio::spawn(watch_object::<Secret>(
+                Api::namespaced(client, &object.namespace),
+                object,
+                state,
+                trigger,
+            )),
+        }
+    }
+}
+
+impl Drop for ReferenceWatches {
+    fn drop(&mut self) {
+        for (_, (_, task)) in lock(&self.state).watched.drain() {
+            task.abort();
+        }
+    }
+}
+
+fn release(state: &mut State, object: &Referenced, pod: &PodKey) {
+    let unused = match state.watched.get_mut(object) {
+        Some((pods, _)) => {
+            pods.remove(pod);
+            pods.is_empty()
+        }
+        None => false,
+    };
+    if unused && let Some((_, task)) = state.watched.remove(object) {
+        task.abort();
+    }
+}
+
+/// Watches one object; marks and triggers its pods whenever its `resourceVersion` (or its
+/// existence) changes after the first listing, including across watch restarts.
+async fn watch_object<K>(
+    api: Api<K>,
+    object: Referenced,
+    state: std::sync::Arc<Mutex<State>>,
+    trigger: mpsc::UnboundedSender<ObjectRef<Pod>>,
+) where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    let config = watcher::Config::default().fields(&format!("metadata.name={}", object.name));
+    // Backoff: a forbidden or failing watch must not spin against the API server.
+    let mut events = watcher(api, config).default_backoff().boxed();
+    // None: not listed yet; Some(None): absent; Some(Some(rv)): present at that version.
+    let mut known: Option<Option<String>> = None;
+    let mut listing: Option<String> = None;
+    while let Some(event) = events.next().await {
+        let now = match event {
+            Ok(watcher::Event::Init) => {
+                listing = None;
+                continue;
+            }
+            Ok(watcher::Event::InitApply(found)) => {
+                listing = found.meta().resource_version.clone();
+                continue;
+            }
+            Ok(watcher::Event::InitDone) => listing.take(),
+            Ok(watcher::Event::Apply(found)) => found.meta().resource_version.clone(),
+            Ok(watcher::Event::Delete(_)) => None,
+            Err(err) => {
+                tracing::debug!(?object, "watching a referenced object: {err}");
+                continue;
+            }
+        };
+        let first = known.is_none();
+        let changed = known.as_ref() != Some(&now);
+        known = Some(now);
+        if first || !changed {
+            continue;
+        }
+        let pods: Vec<PodKey> = {
+            let mut state = lock(&state);
+            let pods: Vec<PodKey> = state
+                .watched
+                .get(&object)
+                .map(|(pods, _)| pods.iter().cloned().collect())
+                .unwrap_or_default();
+            state.changed.extend(pods.iter().cloned());
+            pods
+        };
+        tracing::debug!(?object, pods = pods.len(), "a referenced object changed");
+        for (namespace, name) in pods {
+            let _ = trigger.send(ObjectRef::new(&name).within(&namespace));
+        }
+    }
+}
