@@ -41,6 +41,9 @@ pub struct NodeConfig {
     /// How often provider pods without an API pod (force-deleted while Updraft was down)
     /// are looked for and deleted.
     pub orphan_sweep_interval: Duration,
+    /// The fraction of a projected service-account token's lifetime after which it is
+    /// requested again and the pod updated (0.8, like the kubelet).
+    pub token_refresh_fraction: f64,
 }
 
 impl NodeConfig {
@@ -77,6 +80,7 @@ impl NodeConfig {
             status_interval: Duration::from_secs(60),
             pod_workers: 10,
             orphan_sweep_interval: Duration::from_secs(60),
+            token_refresh_fraction: 0.8,
         }
     }
 

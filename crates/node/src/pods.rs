@@ -65,6 +65,8 @@ struct Context<P> {
     /// Hash of what the provider last received per pod (env and files), so a referenced
     /// object's change causes an update only when the pod's inputs really changed.
     applied_inputs: Mutex<HashMap<PodRef, u64>>,
+    /// When each pod's projected service-account tokens must be requested again.
+    token_refresh: Mutex<HashMap<PodRef, std::time::Instant>>,
     /// Whether the provider pushes status; if not, status is read after each call and
     /// reconciliation repeats every minute.
     streams_status: bool,
@@ -109,6 +111,7 @@ impl<P: Provider> PodController<P> {
         let context = Arc::new(Context {
             references: ReferenceWatches::new(self.client.clone(), trigger),
             applied_inputs: Mutex::new(HashMap::new()),
+            token_refresh: Mutex::new(HashMap::new()),
             client: self.client.clone(),
             provider: self.provider.clone(),
             config: self.config.clone(),
@@ -251,11 +254,15 @@ async fn reconcile<P: Provider>(
             .inspect_err(|err| context.metrics.provider_error("status", err))?
             .is_some(),
     };
+    let tokens_due = lock(&context.token_refresh)
+        .get(&pod_ref)
+        .is_some_and(|due| *due <= std::time::Instant::now());
     let inputs_changed = context
         .references
-        .take_changed(&pod_ref.namespace, &pod_ref.name);
+        .take_changed(&pod_ref.namespace, &pod_ref.name)
+        || tokens_due;
     if running && applied == Some(spec) && !inputs_changed {
-        return Ok(resync(&context));
+        return Ok(next_action(&context, &pod_ref));
     }
     if running && applied.is_none() && !inputs_changed {
         // Running from before a restart: adopt it without touching it, but watch what it
@@ -265,8 +272,12 @@ async fn reconcile<P: Provider>(
             context
                 .references
                 .track(&pod_ref.namespace, &pod_ref.name, resolution.references);
+            if resolution.token_lifetime.is_some() {
+                // How old its tokens are is unknown: give it fresh ones at once.
+                lock(&context.token_refresh).insert(pod_ref.clone(), std::time::Instant::now());
+            }
         }
-        return Ok(resync(&context));
+        return Ok(next_action(&context, &pod_ref));
     }
 
     let resolution = match Resolver::resolve(context.client.clone(), &pod).await {
@@ -294,7 +305,7 @@ async fn reconcile<P: Provider>(
         && lock(&context.applied_inputs).get(&pod_ref) == Some(&inputs)
     {
         // A referenced object changed, but nothing the provider receives did.
-        return Ok(resync(&context));
+        return Ok(next_action(&context, &pod_ref));
     }
     for missing in &resolution.missing_optional {
         publish(
@@ -326,6 +337,17 @@ async fn reconcile<P: Provider>(
         Ok(()) => {
             lock(&context.applied_specs).insert(pod_ref.clone(), spec);
             lock(&context.applied_inputs).insert(pod_ref.clone(), inputs);
+            match resolution.token_lifetime {
+                Some(lifetime) => {
+                    let after =
+                        lifetime.mul_f64(context.config.token_refresh_fraction.clamp(0.0, 1.0));
+                    lock(&context.token_refresh)
+                        .insert(pod_ref.clone(), std::time::Instant::now() + after);
+                }
+                None => {
+                    lock(&context.token_refresh).remove(&pod_ref);
+                }
+            }
             lock(&context.failures).remove(&pod_ref);
         }
         Err(err) if err.is_transient() => {
@@ -367,12 +389,13 @@ async fn reconcile<P: Provider>(
     {
         write_status(&context, &pod, status).await?;
     }
-    Ok(resync(&context))
+    Ok(next_action(&context, &pod_ref))
 }
 
 fn forget<P>(context: &Context<P>, pod_ref: &PodRef) {
     lock(&context.applied_specs).remove(pod_ref);
     lock(&context.applied_inputs).remove(pod_ref);
+    lock(&context.token_refresh).remove(pod_ref);
     lock(&context.failures).remove(pod_ref);
     context.references.forget(&pod_ref.namespace, &pod_ref.name);
 }
@@ -382,6 +405,26 @@ fn inputs_hash(resolved: &updraft_provider::ResolvedPod) -> u64 {
     resolved.env.hash(&mut hasher);
     resolved.volumes.hash(&mut hasher);
     hasher.finish()
+}
+
+/// What to do after a pod is in the wanted state: wait for a change, but come back when its
+/// tokens are due for refresh.
+fn next_action<P>(context: &Context<P>, pod_ref: &PodRef) -> Action {
+    let due = lock(&context.token_refresh).get(pod_ref).copied();
+    match due {
+        Some(due) => {
+            let wait = due
+                .saturating_duration_since(std::time::Instant::now())
+                .max(Duration::from_secs(1));
+            if context.streams_status {
+                Action::requeue(wait)
+            } else {
+                // Without a status stream the minute's resync still applies.
+                Action::requeue(wait.min(Duration::from_secs(60)))
+            }
+        }
+        None => resync(context),
+    }
 }
 
 fn resync<P>(context: &Context<P>) -> Action {

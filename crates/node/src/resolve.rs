@@ -72,6 +72,9 @@ pub struct Resolution {
     /// Every ConfigMap and Secret the pod references (present or not), in its namespace:
     /// what must be watched for the provider to see updates.
     pub references: Vec<crate::references::Referenced>,
+    /// The shortest lifetime of the projected service-account tokens in the pod's volumes,
+    /// if it has any: they must be requested again before they expire.
+    pub token_lifetime: Option<std::time::Duration>,
 }
 
 /// Reads ConfigMaps and Secrets by name, once per object per resolution.
@@ -81,6 +84,8 @@ pub struct Resolver {
     secrets: HashMap<String, Option<Secret>>,
     missing_optional: Vec<OptionalMissing>,
     namespace: String,
+    /// The shortest lifetime of the service-account tokens issued for the pod.
+    token_lifetime: Option<std::time::Duration>,
 }
 
 impl Resolver {
@@ -92,6 +97,7 @@ impl Resolver {
             secrets: HashMap::new(),
             missing_optional: Vec::new(),
             namespace: pod.metadata.namespace.clone().unwrap_or_default(),
+            token_lifetime: None,
         };
         let mut env = BTreeMap::new();
         let spec = pod
@@ -132,6 +138,7 @@ impl Resolver {
                 )
                 .collect(),
             missing_optional: resolver.missing_optional,
+            token_lifetime: resolver.token_lifetime,
         })
     }
 
@@ -520,7 +527,7 @@ impl Resolver {
 
     /// A token for the pod's service account, bound to the pod (it dies with the pod).
     async fn service_account_token(
-        &self,
+        &mut self,
         pod: &Pod,
         audience: Option<String>,
         expiration_seconds: Option<i64>,
@@ -548,6 +555,12 @@ impl Resolver {
         let issued = Api::<ServiceAccount>::namespaced(self.client.clone(), &self.namespace)
             .create_token_request(&account, &PostParams::default(), &request)
             .await?;
+        // The lifetime asked for; the API server may only shorten it through its own maximum,
+        // which still leaves the refresh (well) before expiry for the usual settings.
+        let lifetime = std::time::Duration::from_secs(
+            u64::try_from(expiration_seconds.unwrap_or(3600)).unwrap_or(3600),
+        );
+        self.token_lifetime = Some(self.token_lifetime.map_or(lifetime, |l| l.min(lifetime)));
         Ok(issued
             .status
             .and_then(|s| s.token)

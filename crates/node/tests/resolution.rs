@@ -292,3 +292,47 @@ async fn updates_to_referenced_config_maps_and_secrets_reach_the_provider() {
     // The pod kept running: updated in place, not re-created.
     assert_eq!(provider.pod_count(), 1);
 }
+
+#[tokio::test]
+async fn projected_service_account_tokens_are_refreshed_before_they_expire() {
+    let cluster = TestCluster::connect().await;
+    let ns = cluster.namespace("tokens").await;
+    let name = node_name();
+    let mut node_config = config(&name.0);
+    // The API server's default token lives 3607 s; refresh after ~2 s instead of 80 %.
+    node_config.token_refresh_fraction = 0.0005;
+    let vnode = start_node(&cluster, node_config, mock()).await;
+    wait_ready(&cluster, &name.0).await;
+
+    let pods = Api::<Pod>::namespaced(cluster.client(), ns.name());
+    let spec = serde_json::json!({"containers": [{"name": "main", "image": "busybox"}]});
+    pods.create(
+        &PostParams::default(),
+        &pod(&name.0, "tokened", serde_json::json!({}), spec),
+    )
+    .await
+    .unwrap();
+    wait_for(&pods, "tokened", "Running", TIMEOUT, running_and_ready).await;
+    let provider = vnode.provider.clone();
+    let ns_name = ns.name().to_owned();
+    let token_of = move |provider: &updraft_provider_mock::MockProvider| -> Option<Vec<u8>> {
+        provider
+            .resolved(&ns_name, "tokened")?
+            .volumes
+            .iter()
+            .find(|(name, _)| name.starts_with("kube-api-access"))
+            .map(|(_, files)| files["token"].data.clone())
+    };
+    let first = token_of(&provider).expect("a projected token");
+    eventually(TIMEOUT, || {
+        let (provider, first, token_of) = (provider.clone(), first.clone(), token_of.clone());
+        async move {
+            match token_of(&provider) {
+                Some(now) if now != first && now.split(|b| *b == b'.').count() == 3 => Ok(()),
+                _ => Err("the token was not renewed".to_owned()),
+            }
+        }
+    })
+    .await;
+    assert_eq!(provider.pod_count(), 1, "updated in place, not re-created");
+}
