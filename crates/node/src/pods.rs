@@ -132,14 +132,40 @@ impl<P: Provider> PodController<P> {
                     annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
                 }
             });
-        let controller =
-            Controller::for_stream(reflector(writer, watch).applied_objects(), store.clone())
-                .with_config(controller::Config::default().concurrency(self.config.pod_workers))
-                .reconcile_on(tokio_stream::wrappers::UnboundedReceiverStream::new(
-                    triggered,
-                ));
-        self.metrics.observe_pods(store.clone());
+        // Both inputs end when shutdown is requested: the controller then finishes the
+        // reconciliations in flight and returns (it waits for its inputs to end).
+        let stopped = || {
+            let mut stop = stop.clone();
+            async move {
+                let _ = stop.wait_for(|stopped| *stopped).await;
+            }
+        };
+        // The reflector runs in a task of its own, so the cache fills (and becomes ready)
+        // whether or not the controller is currently asking for work.
+        let (pod_tx, pod_rx) = tokio::sync::mpsc::unbounded_channel::<Pod>();
         let mut background = tokio::task::JoinSet::new();
+        background.spawn(async move {
+            let mut changes = reflector(writer, watch).applied_objects().boxed();
+            while let Some(change) = changes.next().await {
+                match change {
+                    Ok(pod) => {
+                        if pod_tx.send(pod).is_err() {
+                            break;
+                        }
+                    }
+                    Err(err) => tracing::debug!("watching the node's pods: {err}"),
+                }
+            }
+        });
+        let pod_changes = tokio_stream::wrappers::UnboundedReceiverStream::new(pod_rx)
+            .map(Ok::<Pod, watcher::Error>)
+            .take_until(stopped());
+        let reference_changes =
+            tokio_stream::wrappers::UnboundedReceiverStream::new(triggered).take_until(stopped());
+        let controller = Controller::for_stream(pod_changes, store.clone())
+            .with_config(controller::Config::default().concurrency(self.config.pod_workers))
+            .reconcile_on(reference_changes);
+        self.metrics.observe_pods(store.clone());
         if let Some(updates) = status_updates {
             background.spawn(write_status_updates(
                 updates,
