@@ -1,0 +1,102 @@
+//! Pod networks: veth pairs from a bridge in a test-created "cell" netns into pod netns.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use updraft_cell_runtime::{Container, ExitStatus, PodNetwork, PodSandbox};
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The "cell" netns with a bridge; deleted on drop even when the test fails.
+struct CellNetns(String);
+
+impl CellNetns {
+    fn create() -> Self {
+        let name = unique("updraft-cell");
+        ip(&["netns", "add", &name]);
+        let cell = Self(name);
+        ip(&["-n", &cell.0, "link", "add", "br0", "type", "bridge"]);
+        ip(&["-n", &cell.0, "addr", "add", "10.244.0.1/16", "dev", "br0"]);
+        ip(&["-n", &cell.0, "link", "set", "br0", "up"]);
+        cell
+    }
+}
+
+impl Drop for CellNetns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+#[tokio::test]
+#[ignore = "not yet verified at the deadline; run with --ignored"]
+async fn two_sandboxes_talk_over_veth_pairs_on_a_bridge() {
+    let env = env();
+    let rootfs = busybox_rootfs();
+    let cell = CellNetns::create();
+    let (id_a, id_b) = (unique("pa"), unique("pb"));
+    {
+        let net = |veth: &str, last: u8| PodNetwork {
+            host_netns: Some(cell.0.clone()),
+            bridge: "br0".into(),
+            host_veth: veth.into(),
+            address: std::net::Ipv4Addr::new(10, 244, 1, last),
+            prefix_len: 16,
+            gateway: Some(std::net::Ipv4Addr::new(10, 244, 0, 1)),
+        };
+        let mut spec_a = sandbox_spec(&env, &id_a);
+        spec_a.network = Some(net("vetha", 2));
+        let mut spec_b = sandbox_spec(&env, &id_b);
+        spec_b.network = Some(net("vethb", 3));
+        let a = PodSandbox::create(&env.driver, spec_a).expect("sandbox a");
+        let b = PodSandbox::create(&env.driver, spec_b).expect("sandbox b");
+
+        let (mut server, server_io) = Container::start(
+            &a,
+            container_spec("server", rootfs.path(), &["nc", "-l", "-p", "8080"]),
+        )
+        .unwrap();
+        let client = "ip addr show eth0 | grep -q 10.244.1.3/16 || exit 7; \
+                      for i in $(seq 100); do echo hello-pod | nc 10.244.1.2 8080 && exit 0; sleep 0.1; done; exit 1";
+        let (exit, _, err) = run(
+            &b,
+            container_spec("client", rootfs.path(), &["sh", "-c", client]),
+        )
+        .await;
+        assert_eq!(exit.status, ExitStatus::Exited(0), "client: {err}");
+        let (out, _) = tokio::time::timeout(Duration::from_secs(10), collect(server_io))
+            .await
+            .unwrap();
+        assert_eq!(out, "hello-pod\n");
+        server.wait().await.unwrap();
+        server.stop(Duration::from_secs(1)).await.unwrap();
+        let hosts = std::fs::read_to_string(a.etc_file("hosts")).unwrap();
+        assert!(hosts.contains("10.244.1.2\tpod-a"), "{hosts}");
+        a.teardown().unwrap();
+        b.teardown().unwrap();
+        // The host ends of the veth pairs went with the pod namespaces.
+        let links = Command::new("ip")
+            .args(["-n", &cell.0, "link"])
+            .output()
+            .unwrap();
+        let links = String::from_utf8_lossy(&links.stdout);
+        assert!(
+            !links.contains("vetha") && !links.contains("vethb"),
+            "{links}"
+        );
+    }
+    assert_sandbox_gone(&id_a);
+    assert_sandbox_gone(&id_b);
+}
