@@ -1,0 +1,11 @@
+//! OCI images for the cell agent.
+//!
+//! This first piece holds image reference parsing with Docker Hub
+//! normalization (`busybox` → `docker.io/library/busybox:latest`), the way the
+//! kubelet and the container runtimes resolve names. Pulling, the layer cache
+//! and root filesystems are not written yet.
+#![forbid(unsafe_code)]
+
+mod reference;
+
+pub use reference::{ImageReference, ReferenceError};
