@@ -6,6 +6,9 @@
 //! and root filesystems are not written yet.
 #![forbid(unsafe_code)]
 
+mod error;
 mod reference;
+
+pub use error::{ImageError, PullPolicy};
 
 pub use reference::{ImageReference, ReferenceError};
