@@ -2,13 +2,16 @@
 //!
 //! This first piece holds image reference parsing with Docker Hub
 //! normalization (`busybox` → `docker.io/library/busybox:latest`), the way the
-//! kubelet and the container runtimes resolve names. Pulling, the layer cache
+//! kubelet and the container runtimes resolve names; registry credentials from
+//! `imagePullSecrets`; and the pull errors with the kubelet's reasons. Pulling, the layer cache
 //! and root filesystems are not written yet.
 #![forbid(unsafe_code)]
 
+mod auth;
 mod error;
 mod reference;
 
+pub use auth::{Keyring, PullAuth, SecretError};
 pub use error::{ImageError, PullPolicy};
 
 pub use reference::{ImageReference, ReferenceError};
