@@ -8,10 +8,12 @@
 #![forbid(unsafe_code)]
 
 mod auth;
+mod digest;
 mod error;
 mod reference;
 
 pub use auth::{Keyring, PullAuth, SecretError};
+pub use digest::{DigestError, DigestVerifier};
 pub use error::{ImageError, PullPolicy};
 
 pub use reference::{ImageReference, ReferenceError};
