@@ -641,10 +641,12 @@ impl Container {
         drop(plan);
         // The intermediate exits right after cloning; reaping it is immediate.
         let _ = nix::sys::wait::waitpid(mid, None);
-        let mut buf = Vec::new();
-        std::io::Read::read_to_end(&mut File::from(pid_read), &mut buf)
-            .map_err(io("read", "pid pipe"))?;
-        let Some(exec_pid) = child::pid_from_bytes(&buf) else {
+        // Read exactly the PID: the exec'd process still holds the write end until it execs,
+        // which it only does after we release it, so waiting for EOF here would deadlock.
+        let mut buf = [0u8; 4];
+        let got = std::io::Read::read_exact(&mut File::from(pid_read), &mut buf).is_ok();
+        let buf: &[u8] = if got { &buf } else { &[] };
+        let Some(exec_pid) = child::pid_from_bytes(buf) else {
             drop(sync_write);
             read_report(err_read)?;
             return Err(Error::Setup {
