@@ -10,10 +10,12 @@
 mod auth;
 mod digest;
 mod error;
+mod layer_path;
 mod reference;
 
 pub use auth::{Keyring, PullAuth, SecretError};
 pub use digest::{DigestError, DigestVerifier};
 pub use error::{ImageError, PullPolicy};
+pub use layer_path::{LayerEntry, LayerPathError, classify_entry};
 
 pub use reference::{ImageReference, ReferenceError};
