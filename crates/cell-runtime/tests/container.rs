@@ -372,7 +372,7 @@ async fn exec_reports_exit_codes_and_a_pty_exec_resizes() {
 }
 
 #[tokio::test]
-#[ignore = "flaky under parallel load: sometimes the forking shell stays at 1 task for 10 s; cause not yet found"]
+#[ignore = "fails: pids.current stays 1 while the shell should fork up to the limit; cause not yet found"]
 async fn pids_limit_holds() {
     let env = env();
     let rootfs = busybox_rootfs();
