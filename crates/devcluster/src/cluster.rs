@@ -208,10 +208,20 @@ pub struct ComponentStatus {
 fn running_pid(layout: &Layout, toolchain: &Toolchain, component: Component) -> Option<u32> {
     let text = std::fs::read_to_string(component.pid_file(layout)).ok()?;
     let pid: u32 = text.trim().parse().ok()?;
-    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
     let expected = component.binary(toolchain);
     let expected = std::fs::canonicalize(&expected).unwrap_or(expected);
-    (exe == expected).then_some(pid)
+    runs_program(pid, &expected).then_some(pid)
+}
+
+/// Whether process `pid` runs `program` — also when the file has been replaced since it
+/// started (a rebuilt binary: the kernel then reports the old path with " (deleted)").
+fn runs_program(pid: u32, program: &Path) -> bool {
+    let Ok(exe) = std::fs::read_link(format!("/proc/{pid}/exe")) else {
+        return false;
+    };
+    let exe = exe.to_string_lossy();
+    let exe = exe.strip_suffix(" (deleted)").unwrap_or(&exe);
+    Path::new(exe) == program
 }
 
 /// What runs now.
@@ -551,7 +561,7 @@ fn stop_extras_matching(layout: &Layout, only: Option<&str>) -> Result<Vec<Strin
         let pid = lines.next().and_then(|p| p.trim().parse::<u32>().ok());
         let program = lines.next().map(PathBuf::from);
         if let (Some(pid), Some(program)) = (pid, program)
-            && std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|exe| exe == program)
+            && runs_program(pid, &program)
         {
             terminate(pid, Duration::from_secs(20));
             stopped.push(name);
