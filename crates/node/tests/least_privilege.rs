@@ -14,32 +14,25 @@ use updraft_testing::{TestCluster, unique_name, wait_for};
 const RBAC: &str = include_str!("../../../deploy/rbac.yaml");
 
 /// Deletes the test's cluster-scoped RBAC objects at the end.
-struct ClusterRbac(kube::Client, String);
+struct ClusterRbac(String);
 
 impl Drop for ClusterRbac {
     fn drop(&mut self) {
-        let name = self.1.clone();
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .ok()?;
-            runtime.block_on(async move {
-                let layout = updraft_devcluster::Layout::for_workspace();
-                let client = updraft_devcluster::cluster::admin_client(&layout)
-                    .await
-                    .ok()?;
-                let _ = Api::<ClusterRoleBinding>::all(client.clone())
-                    .delete(&name, &DeleteParams::default())
-                    .await;
-                let _ = Api::<ClusterRole>::all(client)
-                    .delete(&name, &DeleteParams::default())
-                    .await;
-                Some(())
-            })
-        })
-        .join();
-        let _ = &self.0;
+        let name = self.0.clone();
+        updraft_testing::cleanup_as_admin(move |client| async move {
+            let _ = Api::<ClusterRoleBinding>::all(client.clone())
+                .delete(&name, &DeleteParams::default())
+                .await;
+            let _ = Api::<ClusterRole>::all(client.clone())
+                .delete(&name, &DeleteParams::default())
+                .await;
+            let _ = Api::<RoleBinding>::namespaced(client.clone(), "kube-node-lease")
+                .delete(&name, &DeleteParams::default())
+                .await;
+            let _ = Api::<Role>::namespaced(client, "kube-node-lease")
+                .delete(&name, &DeleteParams::default())
+                .await;
+        });
     }
 }
 
@@ -50,7 +43,7 @@ async fn updraft_runs_under_the_least_privilege_cluster_role() {
     let admin = cluster.client();
     // The manifests as shipped, in this test's namespace and under unique cluster-wide names.
     let cluster_name = unique_name("updraft-test-rbac");
-    let rbac_guard = ClusterRbac(admin.clone(), cluster_name.clone());
+    let rbac_guard = ClusterRbac(cluster_name.clone());
     let text = RBAC.replace("updraft-system", ns.name());
     for document in serde_yaml::Deserializer::from_str(&text) {
         let value = serde_json::Value::deserialize(document).unwrap();
@@ -130,11 +123,5 @@ async fn updraft_runs_under_the_least_privilege_cluster_role() {
         .unwrap();
     updraft_testing::wait_for_deletion(&pods, "least", TIMEOUT).await;
     assert_eq!(vnode.provider.pod_count(), 0);
-    let _ = Api::<Role>::namespaced(admin.clone(), "kube-node-lease")
-        .delete(&cluster_name, &DeleteParams::default())
-        .await;
-    let _ = Api::<RoleBinding>::namespaced(admin, "kube-node-lease")
-        .delete(&cluster_name, &DeleteParams::default())
-        .await;
     drop(rbac_guard);
 }

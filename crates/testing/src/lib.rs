@@ -74,10 +74,7 @@ impl TestCluster {
             .create(&PostParams::default(), &namespace)
             .await
             .unwrap_or_else(|err| panic!("creating namespace {name}: {err}"));
-        TestNamespace {
-            name,
-            layout: self.layout.clone(),
-        }
+        TestNamespace { name }
     }
 
     /// Writes a kubeconfig for the node identity `system:node:<node>` and returns its path.
@@ -128,7 +125,6 @@ pub fn unique_name(prefix: &str) -> String {
 /// A namespace that is deleted when the test ends, pass or fail.
 pub struct TestNamespace {
     name: String,
-    layout: Layout,
 }
 
 impl TestNamespace {
@@ -140,25 +136,39 @@ impl TestNamespace {
 
 impl Drop for TestNamespace {
     fn drop(&mut self) {
-        // Drop cannot be async and may run inside the test's runtime, so the deletion gets a
-        // thread and a runtime of its own. It does not wait for the namespace to be finalized.
+        // It does not wait for the namespace to be finalized.
         let name = self.name.clone();
-        let layout = self.layout.clone();
-        let deletion = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .ok()?;
-            runtime.block_on(async {
-                let client = cluster::admin_client(&layout).await.ok()?;
-                Api::<Namespace>::all(client)
-                    .delete(&name, &DeleteParams::background())
-                    .await
-                    .ok()
-            })
+        cleanup_as_admin(move |client| async move {
+            let _ = Api::<Namespace>::all(client)
+                .delete(&name, &DeleteParams::background())
+                .await;
         });
-        let _ = deletion.join();
     }
+}
+
+/// Runs `cleanup` with a fresh cluster-admin client and waits for it, from code that cannot
+/// be async (a `Drop`, possibly inside a test's runtime): it gets a thread and a runtime of
+/// its own. Failures are ignored; cleanup is best effort.
+pub fn cleanup_as_admin<F, Fut>(cleanup: F)
+where
+    F: FnOnce(kube::Client) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
+    let layout = Layout::for_workspace();
+    let worker = std::thread::spawn(move || {
+        let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        runtime.block_on(async {
+            if let Ok(client) = cluster::admin_client(&layout).await {
+                cleanup(client).await;
+            }
+        });
+    });
+    let _ = worker.join();
 }
 
 /// Where test binaries and fixtures may keep scratch files: `<cluster dir>/scratch`.

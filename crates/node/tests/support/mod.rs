@@ -49,23 +49,11 @@ pub struct NodeName(pub String);
 impl Drop for NodeName {
     fn drop(&mut self) {
         let name = self.0.clone();
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .ok()?;
-            runtime.block_on(async move {
-                let layout = updraft_devcluster::Layout::for_workspace();
-                let client = updraft_devcluster::cluster::admin_client(&layout)
-                    .await
-                    .ok()?;
-                Api::<Node>::all(client)
-                    .delete(&name, &DeleteParams::default())
-                    .await
-                    .ok()
-            })
-        })
-        .join();
+        updraft_testing::cleanup_as_admin(move |client| async move {
+            let _ = Api::<Node>::all(client)
+                .delete(&name, &DeleteParams::default())
+                .await;
+        });
     }
 }
 
