@@ -6,19 +6,17 @@
 //! /proc), and the API writes Updraft made per pod (from its own /metrics).
 
 use std::collections::HashMap;
-use std::path::PathBuf;
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail};
 use futures::StreamExt as _;
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::api::{Api, DeleteParams, PostParams};
-use kube::runtime::wait::await_condition;
 use kube::runtime::watcher::{self, Event};
 use updraft_devcluster::pki::{CertificateAuthority, Identity};
 use updraft_devcluster::{Layout, cluster};
+
+use crate::node_process::{build_updraft, node_files, start_node, wait_node_ready};
 
 const NODE: &str = "updraft-bench";
 const PORT: u16 = 10251;
@@ -29,25 +27,6 @@ pub struct PodBench {
     pub count: usize,
     /// Pods created per second; 0 for a burst.
     pub rate: u32,
-}
-
-fn build_release() -> anyhow::Result<PathBuf> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-    let status = Command::new(cargo)
-        .args(["build", "--quiet", "--release", "--package", "updraft"])
-        .status()
-        .context("running cargo build --release")?;
-    if !status.success() {
-        bail!("cargo build --release --package updraft failed");
-    }
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(PathBuf::from)
-        .unwrap_or_default();
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
-    Ok(target.join("release").join("updraft"))
 }
 
 /// Peak RSS (KiB) and CPU seconds of a process, from /proc.
@@ -101,16 +80,9 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 /// Runs the benchmark and prints its results.
 pub async fn run(layout: &Layout, bench: PodBench) -> anyhow::Result<()> {
     cluster::up(layout).await?;
-    let updraft = build_release()?;
-    let dir = layout.root().join("bench");
-    std::fs::create_dir_all(&dir)?;
-    let kubeconfig = dir.join("node.kubeconfig");
-    std::fs::write(&kubeconfig, cluster::node_kubeconfig(layout, NODE)?)?;
+    let updraft = build_updraft(true)?;
+    let files = node_files(layout, NODE)?;
     let ca = CertificateAuthority::load(&layout.pki())?;
-    let serving = ca.issue(&Identity::loopback_server(NODE, &[NODE]))?;
-    let (cert, key) = (dir.join("serving.crt"), dir.join("serving.key"));
-    std::fs::write(&cert, &serving.cert_pem)?;
-    std::fs::write(&key, &serving.key_pem)?;
     let reader = ca.issue(&Identity::client(
         "updraft-bench-reader",
         &["system:masters"],
@@ -121,66 +93,27 @@ pub async fn run(layout: &Layout, bench: PodBench) -> anyhow::Result<()> {
             format!("{}{}", reader.cert_pem, reader.key_pem).as_bytes(),
         )?)
         .build()?;
-
-    cluster::down_extra(layout, NODE)?;
-    let args: Vec<String> = [
-        "run",
-        "--nodename",
-        NODE,
-        "--provider",
-        "mock",
-        "--kubelet-port",
-        &PORT.to_string(),
-        "--kubeconfig",
-        &kubeconfig.display().to_string(),
-        "--tls-cert-file",
-        &cert.display().to_string(),
-        "--tls-key-file",
-        &key.display().to_string(),
-        "--client-ca-file",
-        &CertificateAuthority::cert_path(&layout.pki())
-            .display()
-            .to_string(),
-        "--pod-workers",
-        "32",
-        "--log-level",
-        "warn",
-    ]
-    .iter()
-    .map(|s| (*s).to_owned())
-    .collect();
-    let capacity = dir.join("provider.yaml");
+    let capacity = files.dir.join("provider.yaml");
     std::fs::write(
         &capacity,
         format!("capacity:\n  pods: \"{}\"\n", bench.count + 10),
     )?;
-    let mut args = args;
-    args.extend([
-        "--provider-config".to_owned(),
-        capacity.display().to_string(),
-    ]);
-    let pid = cluster::start_extra(layout, NODE, &updraft, &args)?;
-
+    let extra: Vec<String> = [
+        "--kubelet-port",
+        &PORT.to_string(),
+        "--pod-workers",
+        "32",
+        "--log-level",
+        "warn",
+        "--provider-config",
+        &capacity.display().to_string(),
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    let pid = start_node(layout, &updraft, NODE, &files, &extra)?;
     let client = cluster::admin_client(layout).await?;
-    let ready = await_condition(
-        Api::<Node>::all(client.clone()),
-        NODE,
-        |n: Option<&Node>| {
-            n.and_then(|n| {
-                n.status
-                    .as_ref()?
-                    .conditions
-                    .as_ref()?
-                    .iter()
-                    .find(|c| c.type_ == "Ready")
-                    .map(|c| c.status == "True")
-            })
-            .unwrap_or(false)
-        },
-    );
-    tokio::time::timeout(Duration::from_secs(60), ready)
-        .await
-        .context("the bench node did not become Ready")??;
+    wait_node_ready(client.clone(), NODE).await?;
 
     let namespace = format!("bench-{}", std::process::id());
     let ns: Namespace =

@@ -10,6 +10,7 @@
 mod bench;
 mod demo;
 mod deps;
+mod node_process;
 
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};

@@ -1,0 +1,133 @@
+//! An Updraft node run as its own process against the dev cluster, the way a kubelet runs:
+//! the node identity `system:node:<name>`, a serving certificate from the cluster CA, client
+//! certificates verified against it. Used by the demo and the benchmarks.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use k8s_openapi::api::core::v1::Node;
+use kube::api::Api;
+use kube::runtime::wait::await_condition;
+use updraft_devcluster::pki::{CertificateAuthority, Identity};
+use updraft_devcluster::{Layout, cluster};
+
+/// Builds the `updraft` binary (`release` for benchmarks) and returns its path.
+pub fn build_updraft(release: bool) -> anyhow::Result<PathBuf> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let mut build = Command::new(cargo);
+    build.args(["build", "--quiet", "--package", "updraft"]);
+    if release {
+        build.arg("--release");
+    }
+    if !build.status().context("running cargo build")?.success() {
+        bail!("cargo build --package updraft failed");
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_default();
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    Ok(target
+        .join(if release { "release" } else { "debug" })
+        .join("updraft"))
+}
+
+/// Credentials of a node process, kept in `<cluster dir>/<node>/`.
+pub struct NodeFiles {
+    /// The node identity's kubeconfig.
+    pub kubeconfig: PathBuf,
+    /// The serving certificate and key, from the cluster CA.
+    pub serving: (PathBuf, PathBuf),
+    /// The directory, for further files (a provider config).
+    pub dir: PathBuf,
+}
+
+/// Writes the node's kubeconfig and serving certificate.
+pub fn node_files(layout: &Layout, node: &str) -> anyhow::Result<NodeFiles> {
+    let dir = layout.root().join(node);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let kubeconfig = dir.join("node.kubeconfig");
+    std::fs::write(&kubeconfig, cluster::node_kubeconfig(layout, node)?)?;
+    let ca = CertificateAuthority::load(&layout.pki())?;
+    let serving = ca.issue(&Identity::loopback_server(node, &[node, "localhost"]))?;
+    let (cert, key) = (dir.join("serving.crt"), dir.join("serving.key"));
+    std::fs::write(&cert, serving.cert_pem)?;
+    std::fs::write(&key, serving.key_pem)?;
+    Ok(NodeFiles {
+        kubeconfig,
+        serving: (cert, key),
+        dir,
+    })
+}
+
+/// (Re)starts `binary` as node `node` with the mock provider and `extra_args`, detached; its
+/// log is `logs/<node>.log` and `cargo xtask cluster down` stops it. Returns its PID.
+pub fn start_node(
+    layout: &Layout,
+    binary: &Path,
+    node: &str,
+    files: &NodeFiles,
+    extra_args: &[String],
+) -> anyhow::Result<u32> {
+    cluster::down_extra(layout, node)?;
+    let path = |p: &Path| p.display().to_string();
+    let mut args: Vec<String> = vec![
+        "run".into(),
+        "--nodename".into(),
+        node.into(),
+        "--provider".into(),
+        "mock".into(),
+        "--kubeconfig".into(),
+        path(&files.kubeconfig),
+        "--tls-cert-file".into(),
+        path(&files.serving.0),
+        "--tls-key-file".into(),
+        path(&files.serving.1),
+        "--client-ca-file".into(),
+        path(&CertificateAuthority::cert_path(&layout.pki())),
+    ];
+    args.extend_from_slice(extra_args);
+    Ok(cluster::start_extra(layout, node, binary, &args)?)
+}
+
+/// Waits (watching, up to `timeout`) until `check` holds for object `name`.
+pub async fn wait<K>(
+    api: &Api<K>,
+    name: &str,
+    what: &str,
+    timeout: Duration,
+    check: impl Fn(&K) -> bool,
+) -> anyhow::Result<()>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    let condition = move |object: Option<&K>| object.is_some_and(&check);
+    match tokio::time::timeout(timeout, await_condition(api.clone(), name, condition)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(err)) => bail!("waiting for {what}: {err}"),
+        Err(_) => bail!(
+            "{what} did not happen within {timeout:?}; see the logs in target/updraft-cluster/logs/"
+        ),
+    }
+}
+
+/// Waits until node `node` is Ready.
+pub async fn wait_node_ready(client: kube::Client, node: &str) -> anyhow::Result<()> {
+    wait(
+        &Api::<Node>::all(client),
+        node,
+        "the node becoming Ready",
+        Duration::from_secs(120),
+        |node: &Node| {
+            node.status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        },
+    )
+    .await
+}
