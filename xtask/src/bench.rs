@@ -77,6 +77,20 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[index.min(sorted.len() - 1)]
 }
 
+/// Waits until no pod is bound to the bench node (checked once a second, for 10 minutes).
+async fn wait_node_empty(client: &kube::Client) -> anyhow::Result<()> {
+    let pods = Api::<Pod>::all(client.clone());
+    let on_node = kube::api::ListParams::default().fields(&format!("spec.nodeName={NODE}"));
+    for _ in 0..600 {
+        let left = pods.list_metadata(&on_node).await?.items.len();
+        if left == 0 {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    anyhow::bail!("pods bound to {NODE} were not deleted within 10 minutes")
+}
+
 /// Runs the benchmark and prints its results.
 pub async fn run(layout: &Layout, bench: PodBench) -> anyhow::Result<()> {
     cluster::up(layout).await?;
@@ -114,6 +128,8 @@ pub async fn run(layout: &Layout, bench: PodBench) -> anyhow::Result<()> {
     let pid = start_node(layout, &updraft, NODE, &files, &extra)?;
     let client = cluster::admin_client(layout).await?;
     wait_node_ready(client.clone(), NODE).await?;
+    // Pods of an earlier run that were still being deleted would be counted in this one.
+    wait_node_empty(&client).await?;
 
     let namespace = format!("bench-{}", std::process::id());
     let ns: Namespace =
@@ -221,9 +237,12 @@ pub async fn run(layout: &Layout, bench: PodBench) -> anyhow::Result<()> {
         );
     }
 
-    Api::<Namespace>::all(client)
+    Api::<Namespace>::all(client.clone())
         .delete(&namespace, &DeleteParams::background())
         .await?;
+    // The node deletes the pods from its provider and then from the API: keep it running
+    // until it has, so no run leaves work behind for the next.
+    wait_node_empty(&client).await?;
     cluster::down_extra(layout, NODE)?;
     Ok(())
 }
