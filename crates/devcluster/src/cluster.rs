@@ -145,47 +145,42 @@ impl Component {
                 "--endpoint-reconciler-type=none".into(),
                 "--profiling=false".into(),
             ],
-            Self::ControllerManager => {
-                let kubeconfig = layout
-                    .component_kubeconfig(self.name())
-                    .display()
-                    .to_string();
-                vec![
-                    format!("--kubeconfig={kubeconfig}"),
-                    format!("--authentication-kubeconfig={kubeconfig}"),
-                    format!("--authorization-kubeconfig={kubeconfig}"),
-                    "--bind-address=127.0.0.1".into(),
-                    format!("--secure-port={CONTROLLER_MANAGER_PORT}"),
-                    "--leader-elect=false".into(),
-                    "--use-service-account-credentials=true".into(),
-                    format!("--service-account-private-key-file={}", p("sa.key")),
-                    format!("--root-ca-file={ca}"),
-                    format!("--cluster-signing-cert-file={ca}"),
-                    format!("--cluster-signing-key-file={}", p("ca.key")),
-                    format!("--service-cluster-ip-range={SERVICE_CIDR}"),
-                    "--profiling=false".into(),
-                ]
-            }
-            Self::Scheduler => {
-                let kubeconfig = layout
-                    .component_kubeconfig(self.name())
-                    .display()
-                    .to_string();
-                vec![
-                    format!("--kubeconfig={kubeconfig}"),
-                    format!("--authentication-kubeconfig={kubeconfig}"),
-                    format!("--authorization-kubeconfig={kubeconfig}"),
-                    "--bind-address=127.0.0.1".into(),
-                    format!("--secure-port={SCHEDULER_PORT}"),
-                    "--leader-elect=false".into(),
-                    "--profiling=false".into(),
-                ]
-            }
+            Self::ControllerManager => [
+                "--use-service-account-credentials=true".into(),
+                format!("--service-account-private-key-file={}", p("sa.key")),
+                format!("--root-ca-file={ca}"),
+                format!("--cluster-signing-cert-file={ca}"),
+                format!("--cluster-signing-key-file={}", p("ca.key")),
+                format!("--service-cluster-ip-range={SERVICE_CIDR}"),
+            ]
+            .into_iter()
+            .chain(self.client_component_args(layout))
+            .collect(),
+            Self::Scheduler => self.client_component_args(layout).collect(),
         };
         if self != Self::Etcd {
             args.push("--v=1".into());
         }
         args
+    }
+
+    /// What the controller manager and the scheduler share: their kubeconfig for the API and
+    /// for delegated authentication/authorization, loopback serving, a single instance.
+    fn client_component_args(self, layout: &Layout) -> impl Iterator<Item = String> {
+        let kubeconfig = layout
+            .component_kubeconfig(self.name())
+            .display()
+            .to_string();
+        [
+            format!("--kubeconfig={kubeconfig}"),
+            format!("--authentication-kubeconfig={kubeconfig}"),
+            format!("--authorization-kubeconfig={kubeconfig}"),
+            "--bind-address=127.0.0.1".into(),
+            format!("--secure-port={}", self.port()),
+            "--leader-elect=false".into(),
+            "--profiling=false".into(),
+        ]
+        .into_iter()
     }
 
     fn pid_file(self, layout: &Layout) -> PathBuf {

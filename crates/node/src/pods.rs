@@ -376,25 +376,7 @@ async fn reconcile<P: Provider>(
             }
             lock(&context.failures).remove(&pod_ref);
         }
-        Err(err) if err.is_transient() => {
-            if running {
-                // Make the retry resolve and update again rather than take the pod as done.
-                context
-                    .references
-                    .mark_changed(&pod_ref.namespace, &pod_ref.name);
-            }
-            publish(
-                &context,
-                &pod,
-                EventType::Warning,
-                failed_reason,
-                err.to_string(),
-            )
-            .await;
-            return Err(err.into());
-        }
         Err(err) => {
-            // Retrying will not help: say why on the pod, as the Go virtual-kubelet does.
             publish(
                 &context,
                 &pod,
@@ -403,6 +385,16 @@ async fn reconcile<P: Provider>(
                 err.to_string(),
             )
             .await;
+            if err.is_transient() {
+                if running {
+                    // Make the retry resolve and update again rather than take the pod as done.
+                    context
+                        .references
+                        .mark_changed(&pod_ref.namespace, &pod_ref.name);
+                }
+                return Err(err.into());
+            }
+            // Retrying will not help: say why on the pod, as the Go virtual-kubelet does.
             write_provider_failure(&context, &pod, &err).await?;
             return Ok(Action::await_change());
         }
