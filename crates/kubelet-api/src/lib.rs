@@ -9,11 +9,13 @@
 //!   anonymous only if allowed) and whether they may (SubjectAccessReview on `nodes/<sub>`),
 //!   both cached;
 //! - [`server`]: the accept loop that ties TLS, authentication and authorization to an axum
-//!   router, with HTTP upgrades for the streaming protocols.
+//!   router, with HTTP upgrades for the streaming protocols;
+//! - [`routes`]: the endpoints (pods, logs, exec, attach, port-forward, metrics).
 #![forbid(unsafe_code)]
 
 pub mod auth;
 mod cache;
 pub mod csr;
+pub mod routes;
 pub mod server;
 pub mod tls;

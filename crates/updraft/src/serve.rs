@@ -1,26 +1,16 @@
 //! `updraft run`: the virtual node and its kubelet API, until SIGTERM/SIGINT.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use axum::Router;
-use axum::body::Body;
-use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
-use axum::routing::{any, get};
-use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, ListParams, ObjectList};
-use serde::Deserialize;
-use tokio::io::AsyncReadExt as _;
 use tokio::sync::watch;
 use updraft_kubelet_api::auth::{Auth, AuthConfig};
 use updraft_kubelet_api::csr::{ServingRequest, keep_renewed, request_serving_certificate};
+use updraft_kubelet_api::routes::{KubeletState, routes};
 use updraft_kubelet_api::server::{protect, serve};
 use updraft_kubelet_api::tls::{ServingCertificate, server_config};
 use updraft_node::VirtualNode;
-use updraft_provider::{LogOptions, PodRef, Provider, ProviderError};
 use updraft_provider_mock::{MockConfig, MockProvider};
 
 use crate::config::{RunArgs, ServingCertificateSource, read_mock_config};
@@ -149,7 +139,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             provider: provider.clone(),
             client: client.clone(),
             node_name: args.node_name.clone(),
-            metrics,
+            metrics: Arc::new(move || metrics.encode()),
         }),
         auth,
     );
@@ -171,184 +161,4 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     node_task.await.context("the node task panicked")??;
     let _ = server.await;
     Ok(())
-}
-
-#[derive(Clone)]
-struct KubeletState {
-    provider: Arc<MockProvider>,
-    client: kube::Client,
-    node_name: String,
-    metrics: Metrics,
-}
-
-fn routes(state: KubeletState) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .route(
-            "/metrics",
-            get(|State(state): State<KubeletState>| async move { state.metrics.encode() }),
-        )
-        .route("/pods", get(pods))
-        .route("/runningpods/", get(running_pods))
-        .route(
-            "/containerLogs/{namespace}/{pod}/{container}",
-            get(container_logs),
-        )
-        .route("/exec/{namespace}/{pod}/{container}", any(not_yet))
-        .route("/attach/{namespace}/{pod}/{container}", any(not_yet))
-        .route("/portForward/{namespace}/{pod}", any(not_yet))
-        .with_state(state)
-}
-
-async fn not_yet() -> Response {
-    (
-        StatusCode::NOT_IMPLEMENTED,
-        "not implemented by this Updraft build yet\n",
-    )
-        .into_response()
-}
-
-fn provider_error(err: &ProviderError) -> Response {
-    let status = match err {
-        ProviderError::NotFound(_) => StatusCode::NOT_FOUND,
-        ProviderError::InvalidInput(_) => StatusCode::BAD_REQUEST,
-        ProviderError::Unsupported(_) => StatusCode::NOT_IMPLEMENTED,
-        ProviderError::Transient(_) => StatusCode::SERVICE_UNAVAILABLE,
-        ProviderError::Permanent(_) => StatusCode::INTERNAL_SERVER_ERROR,
-    };
-    (status, format!("{err}\n")).into_response()
-}
-
-/// The pods bound to this node, as the API server has them.
-async fn pods(State(state): State<KubeletState>) -> Response {
-    let params = ListParams::default().fields(&format!("spec.nodeName={}", state.node_name));
-    match Api::<Pod>::all(state.client.clone()).list(&params).await {
-        Ok(list) => axum::Json(list).into_response(),
-        Err(err) => (StatusCode::BAD_GATEWAY, format!("listing pods: {err}\n")).into_response(),
-    }
-}
-
-/// The pods the provider runs.
-async fn running_pods(State(state): State<KubeletState>) -> Response {
-    match state.provider.list_pods().await {
-        Ok(running) => {
-            let items: Vec<Pod> = running
-                .into_iter()
-                .filter_map(|p| {
-                    serde_json::from_value(serde_json::json!({
-                        "metadata": {"namespace": p.pod.namespace, "name": p.pod.name, "uid": p.pod.uid},
-                        "status": p.status
-                    }))
-                    .ok()
-                })
-                .collect();
-            let list = ObjectList::<Pod> {
-                types: Default::default(),
-                metadata: Default::default(),
-                items,
-            };
-            axum::Json(list).into_response()
-        }
-        Err(err) => provider_error(&err),
-    }
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct LogQuery {
-    #[serde(default)]
-    follow: Option<String>,
-    tail_lines: Option<u64>,
-    limit_bytes: Option<u64>,
-    #[serde(default)]
-    timestamps: Option<String>,
-    since_seconds: Option<u64>,
-    since_time: Option<String>,
-    #[serde(default)]
-    previous: Option<String>,
-}
-
-fn flag(value: &Option<String>) -> bool {
-    value.as_deref().is_some_and(|v| v == "true" || v == "1")
-}
-
-/// Finds a pod bound to this node; anything else is 404, so a node never serves another
-/// node's pods.
-async fn bound_pod(state: &KubeletState, namespace: &str, name: &str) -> Result<PodRef, Response> {
-    let not_found = || {
-        (
-            StatusCode::NOT_FOUND,
-            format!(
-                "pod {namespace}/{name} is not on node {}\n",
-                state.node_name
-            ),
-        )
-            .into_response()
-    };
-    match Api::<Pod>::namespaced(state.client.clone(), namespace)
-        .get_opt(name)
-        .await
-    {
-        Ok(Some(pod))
-            if pod.spec.as_ref().and_then(|s| s.node_name.as_deref())
-                == Some(state.node_name.as_str()) =>
-        {
-            Ok(PodRef::of(&pod))
-        }
-        Ok(_) | Err(kube::Error::Api(_)) => Err(not_found()),
-        Err(err) => Err((
-            StatusCode::BAD_GATEWAY,
-            format!("reading pod {namespace}/{name}: {err}\n"),
-        )
-            .into_response()),
-    }
-}
-
-async fn container_logs(
-    State(state): State<KubeletState>,
-    Path((namespace, pod, container)): Path<(String, String, String)>,
-    Query(query): Query<LogQuery>,
-) -> Response {
-    let Some(logs) = state.provider.logs() else {
-        return provider_error(&ProviderError::Unsupported("container logs"));
-    };
-    let pod_ref = match bound_pod(&state, &namespace, &pod).await {
-        Ok(pod_ref) => pod_ref,
-        Err(response) => return response,
-    };
-    let since = match (query.since_seconds, &query.since_time) {
-        (Some(seconds), _) => Some(SystemTime::now() - Duration::from_secs(seconds)),
-        (None, Some(time)) => match time.parse::<k8s_openapi::jiff::Timestamp>() {
-            Ok(t) => Some(
-                SystemTime::UNIX_EPOCH
-                    + Duration::from_secs(u64::try_from(t.as_second()).unwrap_or(0)),
-            ),
-            Err(_) => {
-                return (
-                    StatusCode::BAD_REQUEST,
-                    format!("sinceTime {time:?} is not RFC 3339\n"),
-                )
-                    .into_response();
-            }
-        },
-        (None, None) => None,
-    };
-    let options = LogOptions {
-        follow: flag(&query.follow),
-        tail_lines: query.tail_lines,
-        limit_bytes: query.limit_bytes,
-        timestamps: flag(&query.timestamps),
-        since,
-        previous: flag(&query.previous),
-    };
-    match logs.logs(&pod_ref, &container, options).await {
-        Ok(stream) => {
-            let stream: Box<dyn tokio::io::AsyncRead + Send + Unpin> = match query.limit_bytes {
-                Some(limit) => Box::new(stream.take(limit)),
-                None => stream,
-            };
-            Body::from_stream(tokio_util::io::ReaderStream::new(stream)).into_response()
-        }
-        Err(err) => provider_error(&err),
-    }
 }
