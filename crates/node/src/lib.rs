@@ -5,7 +5,8 @@
 //! - [`pods`]: watches the pods bound to the node and reconciles each through the
 //!   [`Provider`](updraft_provider::Provider), writing status back;
 //! - [`resolve`]: turns a pod's env and volume references into values and files, so that
-//!   providers never read Secrets or ConfigMaps.
+//!   providers never read Secrets or ConfigMaps;
+//! - [`services`]: the service variables (`enableServiceLinks`) containers get.
 //!
 //! [`VirtualNode`] runs all of it until shutdown.
 #![forbid(unsafe_code)]
@@ -16,6 +17,7 @@ pub mod node;
 pub mod pods;
 pub mod references;
 pub mod resolve;
+pub mod services;
 
 pub use config::NodeConfig;
 pub use metrics::PodMetrics;

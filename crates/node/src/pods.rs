@@ -31,6 +31,7 @@ use crate::NodeConfig;
 use crate::metrics::PodMetrics;
 use crate::references::ReferenceWatches;
 use crate::resolve::{ResolveError, Resolver};
+use crate::services::Services;
 
 /// Why one reconciliation of a pod failed; it is retried with backoff.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +63,8 @@ struct Context<P> {
     metrics: PodMetrics,
     /// Watches of the ConfigMaps and Secrets the pods reference.
     references: ReferenceWatches,
+    /// The cluster's Services, for the containers' service variables.
+    services: Services,
     /// Hash of what the provider last received per pod (env and files), so a referenced
     /// object's change causes an update only when the pod's inputs really changed.
     applied_inputs: Mutex<HashMap<PodRef, u64>>,
@@ -108,7 +111,9 @@ impl<P: Provider> PodController<P> {
             },
         );
         let (trigger, triggered) = tokio::sync::mpsc::unbounded_channel();
+        let (services, watch_services) = Services::watch(self.client.clone());
         let context = Arc::new(Context {
+            services,
             references: ReferenceWatches::new(self.client.clone(), trigger),
             applied_inputs: Mutex::new(HashMap::new()),
             token_refresh: Mutex::new(HashMap::new()),
@@ -144,6 +149,7 @@ impl<P: Provider> PodController<P> {
         // whether or not the controller is currently asking for work.
         let (pod_tx, pod_rx) = tokio::sync::mpsc::unbounded_channel::<Pod>();
         let mut background = tokio::task::JoinSet::new();
+        background.spawn(watch_services);
         background.spawn(async move {
             let mut changes = reflector(writer, watch).applied_objects().boxed();
             while let Some(change) = changes.next().await {
@@ -294,7 +300,13 @@ async fn reconcile<P: Provider>(
         // Running from before a restart: adopt it without touching it, but watch what it
         // references from now on.
         lock(&context.applied_specs).insert(pod_ref.clone(), spec);
-        if let Ok(resolution) = Resolver::resolve(context.client.clone(), &pod).await {
+        if let Ok(resolution) = Resolver::resolve(
+            context.client.clone(),
+            &pod,
+            &service_env(&context, &pod).await,
+        )
+        .await
+        {
             context
                 .references
                 .track(&pod_ref.namespace, &pod_ref.name, resolution.references);
@@ -306,7 +318,13 @@ async fn reconcile<P: Provider>(
         return Ok(next_action(&context, &pod_ref));
     }
 
-    let resolution = match Resolver::resolve(context.client.clone(), &pod).await {
+    let resolution = match Resolver::resolve(
+        context.client.clone(),
+        &pod,
+        &service_env(&context, &pod).await,
+    )
+    .await
+    {
         Ok(resolution) => resolution,
         Err(err) => {
             publish(
@@ -408,6 +426,19 @@ async fn reconcile<P: Provider>(
         write_status(&context, &pod, status).await?;
     }
     Ok(next_action(&context, &pod_ref))
+}
+
+/// The service variables `pod`'s containers get, once the Services have been listed.
+async fn service_env<P>(context: &Context<P>, pod: &Pod) -> Vec<updraft_provider::EnvVar> {
+    context.services.ready().await;
+    let links = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.enable_service_links)
+        .unwrap_or(true);
+    context
+        .services
+        .env(pod.metadata.namespace.as_deref().unwrap_or_default(), links)
 }
 
 fn forget<P>(context: &Context<P>, pod_ref: &PodRef) {

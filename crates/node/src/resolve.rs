@@ -90,7 +90,14 @@ pub struct Resolver {
 
 impl Resolver {
     /// Resolves `pod`'s env and volumes through `client` (the node's identity).
-    pub async fn resolve(client: kube::Client, pod: &Pod) -> Result<Resolution, ResolveError> {
+    /// `service_env` holds the service variables of the pod's namespace (see
+    /// [`crate::services`]): containers get those their own env does not set, and `$(VAR)`
+    /// may refer to them.
+    pub async fn resolve(
+        client: kube::Client,
+        pod: &Pod,
+        service_env: &[EnvVar],
+    ) -> Result<Resolution, ResolveError> {
         let mut resolver = Self {
             client,
             config_maps: HashMap::new(),
@@ -112,7 +119,7 @@ impl Resolver {
         {
             env.insert(
                 container.name.clone(),
-                resolver.container_env(pod, container).await?,
+                resolver.container_env(pod, container, service_env).await?,
             );
         }
         let mut volumes = BTreeMap::new();
@@ -248,6 +255,7 @@ impl Resolver {
         &mut self,
         pod: &Pod,
         container: &Container,
+        service_env: &[EnvVar],
     ) -> Result<Vec<EnvVar>, ResolveError> {
         // Order as the kubelet builds it: envFrom sources in order, then env entries in order,
         // each `env` value expanded against what is defined before it.
@@ -302,8 +310,10 @@ impl Resolver {
             let context = format!("env {} of container {}", var.name, container.name);
             let value = match (&var.value, &var.value_from) {
                 (Some(value), _) => {
-                    let defined: HashMap<&str, &str> = vars
+                    // The container's own variables win over service variables.
+                    let defined: HashMap<&str, &str> = service_env
                         .iter()
+                        .chain(vars.iter())
                         .map(|v| (v.name.as_str(), v.value.as_str()))
                         .collect();
                     expand(value, &defined)
@@ -348,6 +358,11 @@ impl Resolver {
                 (None, None) => String::new(),
             };
             set(&mut vars, var.name.clone(), value);
+        }
+        for service_var in service_env {
+            if !vars.iter().any(|v| v.name == service_var.name) {
+                vars.push(service_var.clone());
+            }
         }
         Ok(vars)
     }

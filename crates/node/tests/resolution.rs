@@ -6,7 +6,7 @@ mod support;
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
 use kube::api::{Api, PostParams};
 use support::*;
 use updraft_testing::{TestCluster, eventually, wait_for};
@@ -335,4 +335,63 @@ async fn projected_service_account_tokens_are_refreshed_before_they_expire() {
     })
     .await;
     assert_eq!(provider.pod_count(), 1, "updated in place, not re-created");
+}
+
+#[tokio::test]
+async fn containers_get_the_service_variables_of_their_namespace() {
+    let cluster = TestCluster::connect().await;
+    let ns = cluster.namespace("links").await;
+    let name = node_name();
+    let vnode = start_node(&cluster, config(&name.0), mock()).await;
+    wait_ready(&cluster, &name.0).await;
+
+    let service: Service = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "my-db"},
+        "spec": {"ports": [{"name": "sql", "port": 5432}]}
+    }))
+    .unwrap();
+    let service = Api::<Service>::namespaced(cluster.client(), ns.name())
+        .create(&PostParams::default(), &service)
+        .await
+        .unwrap();
+    let cluster_ip = service.spec.unwrap().cluster_ip.unwrap();
+
+    let container = serde_json::json!({
+        "name": "main", "image": "busybox",
+        "env": [{"name": "DSN", "value": "postgres://$(MY_DB_SERVICE_HOST):$(MY_DB_SERVICE_PORT_SQL)"}]
+    });
+    let pods = Api::<Pod>::namespaced(cluster.client(), ns.name());
+    for (pod_name, links) in [("linked", true), ("unlinked", false)] {
+        let spec =
+            serde_json::json!({"enableServiceLinks": links, "containers": [container.clone()]});
+        pods.create(
+            &PostParams::default(),
+            &pod(&name.0, pod_name, serde_json::json!({}), spec),
+        )
+        .await
+        .unwrap();
+        wait_for(
+            &pods,
+            pod_name,
+            "the pod to run",
+            TIMEOUT,
+            running_and_ready,
+        )
+        .await;
+    }
+
+    let linked = env_of(&vnode.provider, ns.name(), "linked");
+    assert_eq!(linked["MY_DB_SERVICE_HOST"], cluster_ip);
+    assert_eq!(linked["MY_DB_PORT"], format!("tcp://{cluster_ip}:5432"));
+    assert_eq!(linked["DSN"], format!("postgres://{cluster_ip}:5432"));
+    assert!(linked.contains_key("KUBERNETES_SERVICE_HOST"));
+
+    let unlinked = env_of(&vnode.provider, ns.name(), "unlinked");
+    assert!(!unlinked.contains_key("MY_DB_SERVICE_HOST"), "{unlinked:?}");
+    assert_eq!(
+        unlinked["DSN"],
+        "postgres://$(MY_DB_SERVICE_HOST):$(MY_DB_SERVICE_PORT_SQL)"
+    );
+    // The API server's own Service is always there, links or not.
+    assert!(unlinked.contains_key("KUBERNETES_SERVICE_HOST"));
 }
