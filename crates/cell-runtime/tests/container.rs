@@ -372,37 +372,45 @@ async fn exec_reports_exit_codes_and_a_pty_exec_resizes() {
 }
 
 #[tokio::test]
-#[ignore = "fails: pids.current stays 1 while the shell should fork up to the limit; cause not yet found"]
 async fn pids_limit_holds() {
     let env = env();
     let rootfs = busybox_rootfs();
     let id = unique("pids");
     {
         let sandbox = PodSandbox::create(&env.driver, sandbox_spec(&env, &id)).expect("sandbox");
-        let script = "for i in $(seq 20); do sleep 1000 & done 2>/dev/null; wait";
+        // A shell whose fork fails exits ("can't fork"), and when the PID namespace's init
+        // exits the kernel kills the whole namespace: so the forking happens in an inner
+        // shell, and init reports how it ended and stays alive.
+        let script = "sh -c 'for i in $(seq 20); do sleep 1000 & done; wait'; \
+                      echo inner-exit=$?; exec sleep 1000";
         let mut spec = container_spec("forks", rootfs.path(), &["sh", "-c", script]);
         spec.resources = Resources {
             pids_max: Some(5),
             ..Resources::default()
         };
         let (c, stdio) = Container::start(&sandbox, spec).unwrap();
-        // Wait until the container hits the limit, then check it never exceeded it.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let pids = c.stats().unwrap().pids;
-            assert!(pids <= 5, "pids limit exceeded: {pids}");
-            if pids == 5 || Instant::now() > deadline {
-                break;
-            }
-            tokio::task::yield_now().await;
-        }
-        assert_eq!(
-            c.stats().unwrap().pids,
-            5,
-            "the container reaches its pids limit"
+        let Stdio::Pipes { stdout, stderr, .. } = stdio else {
+            panic!("pipes expected")
+        };
+        let first_line = tokio::task::spawn_blocking(move || {
+            let mut line = String::new();
+            let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line);
+            line
+        });
+        let line = tokio::time::timeout(Duration::from_secs(30), first_line)
+            .await
+            .expect("the inner shell ends within 30 s")
+            .unwrap();
+        assert!(
+            line.starts_with("inner-exit=") && line.trim() != "inner-exit=0",
+            "the inner shell must fail to fork: {line:?}"
         );
+        let pids = c.stats().unwrap().pids;
+        assert!(pids <= 5, "pids limit exceeded: {pids}");
         c.stop(Duration::from_millis(100)).await.unwrap();
-        drop(stdio);
+        let mut err = String::new();
+        let _ = std::io::Read::read_to_string(&mut { stderr }, &mut err);
+        assert!(err.contains("can't fork"), "stderr names the refused fork: {err:?}");
     }
     assert_sandbox_gone(&id);
 }
