@@ -10,7 +10,8 @@ use anyhow::{Context as _, bail};
 use k8s_openapi::api::core::v1::Node;
 use kube::api::Api;
 use kube::runtime::wait::await_condition;
-use updraft_devcluster::pki::{CertificateAuthority, Identity};
+use updraft_devcluster::cluster::NodeFiles;
+pub use updraft_devcluster::cluster::node_files;
 use updraft_devcluster::{Layout, cluster};
 
 /// Builds the `updraft` binary (`release` for benchmarks) and returns its path.
@@ -34,34 +35,6 @@ pub fn build_updraft(release: bool) -> anyhow::Result<PathBuf> {
     Ok(target
         .join(if release { "release" } else { "debug" })
         .join("updraft"))
-}
-
-/// Credentials of a node process, kept in `<cluster dir>/<node>/`.
-pub struct NodeFiles {
-    /// The node identity's kubeconfig.
-    pub kubeconfig: PathBuf,
-    /// The serving certificate and key, from the cluster CA.
-    pub serving: (PathBuf, PathBuf),
-    /// The directory, for further files (a provider config).
-    pub dir: PathBuf,
-}
-
-/// Writes the node's kubeconfig and serving certificate.
-pub fn node_files(layout: &Layout, node: &str) -> anyhow::Result<NodeFiles> {
-    let dir = layout.root().join(node);
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let kubeconfig = dir.join("node.kubeconfig");
-    std::fs::write(&kubeconfig, cluster::node_kubeconfig(layout, node)?)?;
-    let ca = CertificateAuthority::load(&layout.pki())?;
-    let serving = ca.issue(&Identity::loopback_server(node, &[node, "localhost"]))?;
-    let (cert, key) = (dir.join("serving.crt"), dir.join("serving.key"));
-    std::fs::write(&cert, serving.cert_pem)?;
-    std::fs::write(&key, serving.key_pem)?;
-    Ok(NodeFiles {
-        kubeconfig,
-        serving: (cert, key),
-        dir,
-    })
 }
 
 /// (Re)starts `binary` as node `node` with the mock provider and `extra_args`, detached; its
@@ -88,7 +61,7 @@ pub fn start_node(
         "--tls-key-file".into(),
         path(&files.serving.1),
         "--client-ca-file".into(),
-        path(&CertificateAuthority::cert_path(&layout.pki())),
+        path(&files.client_ca),
     ];
     args.extend_from_slice(extra_args);
     Ok(cluster::start_extra(layout, node, binary, &args)?)

@@ -397,7 +397,10 @@ async fn wait_ready(layout: &Layout, component: Component, pid: u32) -> Result<(
 
 /// Asks the API server's `/readyz` with the admin identity.
 pub async fn readyz(layout: &Layout) -> Result<()> {
-    let client = admin_client(layout).await?;
+    ask_readyz(&admin_client(layout).await?).await
+}
+
+async fn ask_readyz(client: &kube::Client) -> Result<()> {
     let request = http::Request::get("/readyz")
         .body(Vec::new())
         .map_err(|e| Error::NotRunning {
@@ -499,6 +502,80 @@ pub async fn up(layout: &Layout) -> Result<()> {
     }
     // Whatever was already running, the API server must answer now.
     readyz(layout).await
+}
+
+/// A second kube-apiserver on `port`, serving the same etcd with the same PKI, started like
+/// an extra process under the name `kube-apiserver-<port>` (stop it with [`down_extra`]).
+/// Tests point a node at it and restart it, to see a real API server go away and come back
+/// without disturbing the shared one. Returns when it answers `/readyz`.
+pub async fn start_apiserver_replica(layout: &Layout, port: u16) -> Result<u32> {
+    let toolchain = Toolchain::in_cache();
+    let binary = Component::ApiServer.binary(&toolchain);
+    let args: Vec<String> = Component::ApiServer
+        .args(layout)
+        .into_iter()
+        .map(|arg| {
+            if arg.starts_with("--secure-port=") {
+                format!("--secure-port={port}")
+            } else {
+                arg
+            }
+        })
+        .collect();
+    let name = apiserver_replica_name(port);
+    let pid = start_extra(layout, &name, &binary, &args)?;
+    let kubeconfig = std::fs::read_to_string(layout.admin_kubeconfig())
+        .map_err(io_err("reading", layout.admin_kubeconfig()))?;
+    let kubeconfig = with_server_port(&kubeconfig, port);
+    let started = Instant::now();
+    let timeout = Component::ApiServer.startup_timeout();
+    let mut last_seen = String::from("not checked yet");
+    while started.elapsed() < timeout {
+        if !alive(pid) {
+            return Err(Error::Exited {
+                component: "kube-apiserver replica",
+                status: "exited".into(),
+                log: layout.log(&name),
+            });
+        }
+        match replica_ready(&kubeconfig).await {
+            Ok(()) => return Ok(pid),
+            Err(e) => last_seen = e.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    Err(Error::NotReady {
+        what: name.clone(),
+        seconds: timeout.as_secs(),
+        last_seen,
+        log: layout.log(&name),
+    })
+}
+
+/// The extra-process name of the API server replica on `port`.
+pub fn apiserver_replica_name(port: u16) -> String {
+    format!("kube-apiserver-{port}")
+}
+
+/// `kubeconfig` (as rendered by this crate) pointed at the API server listening on `port`.
+pub fn with_server_port(kubeconfig: &str, port: u16) -> String {
+    kubeconfig.replace(
+        &kubeconfig::server_url(APISERVER_PORT),
+        &kubeconfig::server_url(port),
+    )
+}
+
+async fn replica_ready(kubeconfig: &str) -> Result<()> {
+    let parsed =
+        kube::config::Kubeconfig::from_yaml(kubeconfig).map_err(|e| Error::NotRunning {
+            reason: format!("replica kubeconfig: {e}"),
+        })?;
+    let config = kube::Config::from_custom_kubeconfig(parsed, &Default::default())
+        .await
+        .map_err(|e| Error::NotRunning {
+            reason: format!("replica kubeconfig: {e}"),
+        })?;
+    ask_readyz(&kube::Client::try_from(config)?).await
 }
 
 /// Starts `program` detached, like a component, under `name` (its log is
@@ -615,6 +692,39 @@ pub fn node_kubeconfig(layout: &Layout, node: &str) -> Result<String> {
         &user,
         &Credentials::ClientCertificate(cert),
     ))
+}
+
+/// The credentials a node process runs with, kept in `<cluster dir>/<node>/`.
+#[derive(Debug, Clone)]
+pub struct NodeFiles {
+    /// The node identity's kubeconfig (`system:node:<node>`).
+    pub kubeconfig: PathBuf,
+    /// The kubelet API's serving certificate and key, issued by the cluster CA.
+    pub serving: (PathBuf, PathBuf),
+    /// The CA that signs the clients the kubelet API accepts (the API server's).
+    pub client_ca: PathBuf,
+    /// The directory, for further files (a provider config).
+    pub dir: PathBuf,
+}
+
+/// Writes node `node`'s kubeconfig and serving certificate (for 127.0.0.1, `localhost` and
+/// the node name).
+pub fn node_files(layout: &Layout, node: &str) -> Result<NodeFiles> {
+    let dir = layout.root().join(node);
+    create_dir(&dir)?;
+    let kubeconfig = dir.join("node.kubeconfig");
+    kubeconfig::write(&kubeconfig, &node_kubeconfig(layout, node)?)?;
+    let ca = CertificateAuthority::load(&layout.pki())?;
+    let serving = ca.issue(&Identity::loopback_server(node, &[node, "localhost"]))?;
+    let (cert, key) = (dir.join("serving.crt"), dir.join("serving.key"));
+    std::fs::write(&cert, serving.cert_pem).map_err(io_err("writing", &cert))?;
+    std::fs::write(&key, serving.key_pem).map_err(io_err("writing", &key))?;
+    Ok(NodeFiles {
+        kubeconfig,
+        serving: (cert, key),
+        client_ca: CertificateAuthority::cert_path(&layout.pki()),
+        dir,
+    })
 }
 
 /// A kubeconfig for the client certificate the API server uses towards kubelets.
