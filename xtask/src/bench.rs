@@ -3,7 +3,8 @@
 //! Pods are created already bound to the node (`spec.nodeName`), at a fixed rate or as a
 //! burst; a watch records when each becomes Running and Ready. Reported: time to all Ready,
 //! per-pod latency from creation to Ready (p50/p99), Updraft's peak RSS and CPU seconds (from
-//! /proc), and the API writes Updraft made per pod (from its own /metrics).
+//! /proc), and the API writes Updraft made per pod (from its own /metrics: accepted writes,
+//! and refused ones such as a 403 while the Node authorizer catches up).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -54,7 +55,8 @@ fn process_usage(pid: u32) -> anyhow::Result<(u64, f64)> {
     Ok((peak_kib, ticks as f64 / per_second as f64))
 }
 
-async fn api_writes(client: &reqwest::Client) -> anyhow::Result<u64> {
+/// Updraft's API requests so far by (method, response code), from its own /metrics.
+async fn api_requests(client: &reqwest::Client) -> anyhow::Result<HashMap<(String, String), u64>> {
     let text = client
         .get(format!("https://127.0.0.1:{PORT}/metrics"))
         .send()
@@ -62,11 +64,40 @@ async fn api_writes(client: &reqwest::Client) -> anyhow::Result<u64> {
         .error_for_status()?
         .text()
         .await?;
+    let label = |line: &str, name: &str| {
+        line.split(&format!("{name}=\""))
+            .nth(1)?
+            .split('"')
+            .next()
+            .map(str::to_owned)
+    };
     Ok(text
         .lines()
-        .filter(|l| l.starts_with("updraft_api_requests_total{") && !l.contains("method=\"GET\""))
-        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
-        .sum::<f64>() as u64)
+        .filter(|l| l.starts_with("updraft_api_requests_total{"))
+        .filter_map(|l| {
+            let count = l.split_whitespace().last()?.parse::<f64>().ok()? as u64;
+            Some(((label(l, "method")?, label(l, "code")?), count))
+        })
+        .collect())
+}
+
+/// The requests made between two readings of [`api_requests`].
+fn requests_between(
+    before: &HashMap<(String, String), u64>,
+    after: &HashMap<(String, String), u64>,
+) -> Vec<((String, String), u64)> {
+    let mut made: Vec<_> = after
+        .iter()
+        .map(|(key, n)| {
+            (
+                key.clone(),
+                n.saturating_sub(before.get(key).copied().unwrap_or(0)),
+            )
+        })
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    made.sort();
+    made
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -139,7 +170,7 @@ pub async fn run(layout: &Layout, bench: PodBench) -> anyhow::Result<()> {
         .await?;
     let pods = Api::<Pod>::namespaced(client.clone(), &namespace);
 
-    let writes_before = api_writes(&metrics_client).await?;
+    let requests_before = api_requests(&metrics_client).await?;
     let (_, cpu_before) = process_usage(pid)?;
     let created: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let mut ready_at: HashMap<String, Instant> = HashMap::new();
@@ -197,7 +228,21 @@ pub async fn run(layout: &Layout, bench: PodBench) -> anyhow::Result<()> {
     }
     let _ = creator.await;
     let total = started.elapsed();
-    let writes_after = api_writes(&metrics_client).await?;
+    let requests = requests_between(&requests_before, &api_requests(&metrics_client).await?);
+    let is_write = |((method, _), _): &&((String, String), u64)| method != "GET";
+    let accepted = |((_, code), _): &&((String, String), u64)| code.starts_with('2');
+    let writes: u64 = requests
+        .iter()
+        .filter(is_write)
+        .filter(accepted)
+        .map(|(_, n)| n)
+        .sum();
+    let refused: u64 = requests
+        .iter()
+        .filter(is_write)
+        .filter(|r| !accepted(r))
+        .map(|(_, n)| n)
+        .sum();
     let (peak_kib, cpu_after) = process_usage(pid)?;
     let created = created.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let mut latencies: Vec<Duration> = ready_at
@@ -211,11 +256,11 @@ pub async fn run(layout: &Layout, bench: PodBench) -> anyhow::Result<()> {
     latencies.sort();
 
     println!(
-        "\n| pods | rate | all Ready | p50 created→Ready | p99 | peak RSS | CPU s | API writes/pod |"
+        "\n| pods | rate | all Ready | p50 created→Ready | p99 | peak RSS | CPU s | API writes/pod (refused) |"
     );
     println!("|---|---|---|---|---|---|---|---|");
     println!(
-        "| {} | {} | {:.1} s | {} ms | {} ms | {:.1} MiB | {:.1} | {:.2} |",
+        "| {} | {} | {:.1} s | {} ms | {} ms | {:.1} MiB | {:.1} | {:.2} ({:.2}) |",
         ready_at.len(),
         if bench.rate == 0 {
             "burst".to_owned()
@@ -227,8 +272,14 @@ pub async fn run(layout: &Layout, bench: PodBench) -> anyhow::Result<()> {
         percentile(&latencies, 0.99).as_millis(),
         peak_kib as f64 / 1024.0,
         cpu_after - cpu_before,
-        (writes_after.saturating_sub(writes_before)) as f64 / bench.count.max(1) as f64,
+        writes as f64 / bench.count.max(1) as f64,
+        refused as f64 / bench.count.max(1) as f64,
     );
+    let breakdown: Vec<String> = requests
+        .iter()
+        .map(|((method, code), n)| format!("{method} {code}: {n}"))
+        .collect();
+    println!("API requests by method and code: {}", breakdown.join(", "));
     if ready_at.len() < bench.count {
         println!(
             "only {} of {} pods became Ready",

@@ -77,6 +77,11 @@ pub struct Resolution {
     pub token_lifetime: Option<std::time::Duration>,
 }
 
+/// The first and the last pause before asking for a token again after a 403 that the Node
+/// authorizer's lag may explain (50, 100, 200, 400 ms: under a second in all).
+const AUTHORIZER_LAG_FIRST_RETRY: std::time::Duration = std::time::Duration::from_millis(50);
+const AUTHORIZER_LAG_LAST_RETRY: std::time::Duration = std::time::Duration::from_millis(400);
+
 /// Reads ConfigMaps and Secrets by name, once per object per resolution.
 pub struct Resolver {
     client: kube::Client,
@@ -567,9 +572,25 @@ impl Resolver {
             }),
             ..Default::default()
         };
-        let issued = Api::<ServiceAccount>::namespaced(self.client.clone(), &self.namespace)
-            .create_token_request(&account, &PostParams::default(), &request)
-            .await?;
+        let accounts = Api::<ServiceAccount>::namespaced(self.client.clone(), &self.namespace);
+        let mut retry_in = AUTHORIZER_LAG_FIRST_RETRY;
+        let issued = loop {
+            match accounts
+                .create_token_request(&account, &PostParams::default(), &request)
+                .await
+            {
+                // The Node authorizer learns that a pod is bound to this node from its own
+                // watch, which may lag behind ours by a moment right after binding. Ask again
+                // shortly instead of failing the reconciliation into a seconds-long backoff.
+                Err(kube::Error::Api(status))
+                    if status.code == 403 && retry_in <= AUTHORIZER_LAG_LAST_RETRY =>
+                {
+                    tokio::time::sleep(retry_in).await;
+                    retry_in *= 2;
+                }
+                other => break other?,
+            }
+        };
         // The lifetime asked for; the API server may only shorten it through its own maximum,
         // which still leaves the refresh (well) before expiry for the usual settings.
         let lifetime = std::time::Duration::from_secs(
