@@ -31,7 +31,7 @@ async fn kube_client(args: &RunArgs, metrics: &Metrics) -> anyhow::Result<kube::
     };
     let builder =
         kube::client::ClientBuilder::try_from(config).context("building the Kubernetes client")?;
-    let counted = builder.with_layer(&tower::util::MapRequestLayer::new(metrics.count_requests()));
+    let counted = builder.with_layer(&metrics.count_requests());
     Ok(match args.qps {
         // A fixed window of `qps` requests per second (so bursts up to `qps`), as a guard for
         // shared API servers; unlimited by default like the Go virtual-kubelet.
