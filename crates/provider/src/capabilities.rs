@@ -118,21 +118,51 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin> Duplex for T {}
 /// Forwarding connections to a pod's ports.
 #[async_trait::async_trait]
 pub trait PortForward: Send + Sync {
-    /// Connects `stream` to `port` in the pod's network until either side closes.
+    /// Connects `stream` to `port` in the pod's network and copies both ways until both
+    /// directions are done (each side's end of data is passed on as a half-close) or either
+    /// side fails; dropping the future closes the pod-side connection.
+    ///
+    /// Returns an error only when the connection cannot be made (no such pod, nothing
+    /// listening on the port): the client sees that message. Once connected, a side that
+    /// breaks off (a client that resets its stream when it is done) ends forwarding with
+    /// `Ok`, as the kubelet's runtimes do.
     async fn port_forward(&self, pod: &PodRef, port: u16, stream: Box<dyn Duplex>) -> Result<()>;
 }
 
+/// Resource usage of one container, as sampled at [`PodStats::time`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerStats {
+    /// The container's name.
+    pub name: String,
+    /// When the container (this instance of it) started.
+    pub start_time: SystemTime,
+    /// Cumulative CPU time, core-nanoseconds.
+    pub cpu_usage_core_nanoseconds: u64,
+    /// Current CPU usage in nanocores (billionths of a core), if the backend measures a rate.
+    pub cpu_usage_nano_cores: Option<u64>,
+    /// Memory working set (what the kubelet evicts on and `kubectl top` shows), bytes.
+    pub memory_working_set_bytes: u64,
+    /// All memory in use, bytes, if known.
+    pub memory_usage_bytes: Option<u64>,
+}
+
 /// Resource usage of one pod.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodStats {
     /// Which pod.
-    pub pod: Option<PodRef>,
-    /// Cumulative CPU time, nanoseconds.
+    pub pod: PodRef,
+    /// When the pod started running in the provider.
+    pub start_time: SystemTime,
+    /// When these numbers were sampled.
+    pub time: SystemTime,
+    /// Cumulative CPU time of the whole pod (containers and overhead), core-nanoseconds.
     pub cpu_usage_core_nanoseconds: u64,
-    /// Memory working set, bytes.
+    /// Current CPU usage of the whole pod in nanocores, if the backend measures a rate.
+    pub cpu_usage_nano_cores: Option<u64>,
+    /// Memory working set of the whole pod, bytes.
     pub memory_working_set_bytes: u64,
-    /// Per container: name, cumulative CPU nanoseconds, working set bytes.
-    pub containers: Vec<(String, u64, u64)>,
+    /// Per running container.
+    pub containers: Vec<ContainerStats>,
 }
 
 /// Resource usage of the pods the provider runs.

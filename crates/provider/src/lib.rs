@@ -16,8 +16,9 @@ mod error;
 mod resolved;
 
 pub use capabilities::{
-    ContainerAttach, ContainerExec, ContainerLogs, Duplex, ExecRequest, ExitStatus, LogOptions,
-    LogStream, NodeHealth, PodStats, PortForward, ProviderStats, StreamIo, TerminalSize,
+    ContainerAttach, ContainerExec, ContainerLogs, ContainerStats, Duplex, ExecRequest, ExitStatus,
+    LogOptions, LogStream, NodeHealth, PodStats, PortForward, ProviderStats, StreamIo,
+    TerminalSize,
 };
 pub use error::ProviderError;
 pub use resolved::{EnvVar, ResolvedPod, VolumeFile, VolumeFiles};

@@ -1,0 +1,142 @@
+//! `/portForward/{namespace}/{pod}`: `kubectl port-forward` into a pod.
+//!
+//! Two transports, chosen by the request's upgrade header, as the kubelet does:
+//! - **SPDY/3.1** with the `portforward.k8s.io` protocol ([`spdy`]): one connection carries
+//!   any number of forwarded connections, each a pair of streams (`streamType: data` and
+//!   `error`, matched by the `requestID` header). This is what kubectl exercises: API servers
+//!   1.31+ tunnel kubectl's WebSocket port-forward to the kubelet as SPDY.
+//! - **WebSocket** (`v4.channel.k8s.io`, `v4.base64.channel.k8s.io` or no subprotocol) with
+//!   the ports in `port` query parameters ([`websocket`]): one forwarded connection per port,
+//!   on channels `2i` (data) and `2i+1` (error).
+//!
+//! Either way the provider's [`PortForward`](updraft_provider::PortForward) connects each
+//! forwarded connection to the port in the pod; a failure (nothing listens there) is written
+//! to that connection's error stream, which kubectl prints.
+
+mod spdy;
+pub mod websocket;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use updraft_provider::{Duplex, PodRef, Provider, ProviderError};
+
+use crate::routes::{KubeletState, bound_pod};
+
+/// The SPDY subprotocol of port-forwarding.
+pub const PORT_FORWARD_PROTOCOL: &str = "portforward.k8s.io";
+
+/// Timeouts of port-forward sessions (the kubelet's defaults).
+#[derive(Debug, Clone, Copy)]
+pub struct PortForwardConfig {
+    /// How long the second stream of a pair may take to arrive after the first (30 s).
+    pub stream_creation_timeout: Duration,
+    /// How long a session may have no forwarded connection before it is closed (4 h, the
+    /// kubelet's `streamingConnectionIdleTimeout`).
+    pub idle_timeout: Duration,
+}
+
+impl Default for PortForwardConfig {
+    fn default() -> Self {
+        Self {
+            stream_creation_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(4 * 60 * 60),
+        }
+    }
+}
+
+/// `/portForward/{namespace}/{pod}` (any method; kubectl uses POST): the pod must be bound to
+/// this node.
+pub async fn handler(
+    State(state): State<KubeletState>,
+    Path((namespace, name)): Path<(String, String)>,
+    request: Request,
+) -> Response {
+    if state.provider.port_forward().is_none() {
+        return unsupported();
+    }
+    match bound_pod(&state, &namespace, &name).await {
+        Ok(pod) => {
+            port_forward(
+                request,
+                state.provider.clone(),
+                pod,
+                PortForwardConfig::default(),
+            )
+            .await
+        }
+        Err(response) => response,
+    }
+}
+
+fn unsupported() -> Response {
+    (
+        StatusCode::NOT_IMPLEMENTED,
+        format!(
+            "{}\n",
+            ProviderError::Unsupported("port-forward (kubectl port-forward)")
+        ),
+    )
+        .into_response()
+}
+
+/// Serves a port-forward request for `pod` (already checked to be bound to this node):
+/// answers the upgrade and runs the session in the background.
+pub async fn port_forward(
+    request: Request,
+    provider: Arc<dyn Provider>,
+    pod: PodRef,
+    config: PortForwardConfig,
+) -> Response {
+    if provider.port_forward().is_none() {
+        return unsupported();
+    }
+    let forwarder = Forwarder { provider, pod };
+    if is_websocket_upgrade(request.headers()) {
+        websocket::upgrade(request, forwarder, config)
+    } else {
+        spdy::upgrade(request, forwarder, config)
+    }
+}
+
+/// Connects forwarded connections to one pod's ports through the provider.
+#[derive(Clone)]
+struct Forwarder {
+    provider: Arc<dyn Provider>,
+    pod: PodRef,
+}
+
+impl Forwarder {
+    /// Forwards `stream` to `port` until it ends; `Err` is the message for the client's error
+    /// stream (worded as the kubelet words it).
+    async fn forward(&self, port: u16, stream: Box<dyn Duplex>) -> Result<(), String> {
+        let result = match self.provider.port_forward() {
+            Some(forwarder) => forwarder.port_forward(&self.pod, port, stream).await,
+            None => Err(ProviderError::Unsupported("port-forward")),
+        };
+        result.map_err(|err| {
+            tracing::info!(pod = %self.pod, port, "port-forward failed: {err}");
+            format!(
+                "error forwarding port {port} to pod {}, uid {}: {err}",
+                self.pod, self.pod.uid
+            )
+        })
+    }
+}
+
+fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
+    header_has_token(headers, header::CONNECTION, "upgrade")
+        && header_has_token(headers, header::UPGRADE, "websocket")
+}

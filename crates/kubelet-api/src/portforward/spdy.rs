@@ -1,0 +1,272 @@
+//! Port-forwarding over SPDY/3.1 (`portforward.k8s.io`).
+//!
+//! The client opens two streams per forwarded connection: `streamType: error` (which it
+//! half-closes at once and only reads) and `streamType: data`, both carrying the `port` and
+//! the same `requestID`. Streams are paired by `requestID`; the second must arrive within the
+//! stream-creation timeout. A complete pair is forwarded in its own task; a failure is
+//! written to the error stream, then both streams are closed. When the client goes away, every
+//! forward of the session is dropped, which closes its connection in the pod.
+
+use std::collections::HashMap;
+
+use axum::extract::Request;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use updraft_spdy::{Config, Connection, Headers, Role, RstStatus, Stream};
+
+use super::{Forwarder, PORT_FORWARD_PROTOCOL, PortForwardConfig, header_has_token};
+
+/// The request header listing the client's subprotocols, and the response header naming ours.
+const PROTOCOL_HEADER: &str = "x-stream-protocol-version";
+/// The response header listing what we accept when negotiation fails.
+const ACCEPTED_PROTOCOLS_HEADER: &str = "x-accepted-stream-protocol-versions";
+/// Streams a client may have open at once on one session (two per forwarded connection). The
+/// Go spdystream library has no limit; this one bounds memory (each stream buffers at most
+/// its 64 KiB window).
+const MAX_CONCURRENT_STREAMS: u32 = 2_000;
+
+/// Answers a SPDY upgrade for port-forwarding and runs the session once upgraded.
+pub(super) fn upgrade(
+    mut request: Request,
+    forwarder: Forwarder,
+    config: PortForwardConfig,
+) -> Response {
+    let headers = request.headers();
+    if !(header_has_token(headers, header::CONNECTION, "upgrade")
+        && header_has_token(headers, header::UPGRADE, "spdy/3.1"))
+    {
+        return (
+            StatusCode::BAD_REQUEST,
+            "unable to upgrade: port-forwarding needs a SPDY/3.1 or WebSocket upgrade \
+             (Connection: Upgrade, Upgrade: SPDY/3.1)\n",
+        )
+            .into_response();
+    }
+    let offered: Vec<&str> = headers
+        .get_all(PROTOCOL_HEADER)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .collect();
+    if offered.is_empty() {
+        return (
+            StatusCode::BAD_REQUEST,
+            format!("unable to upgrade: {PROTOCOL_HEADER} is required\n"),
+        )
+            .into_response();
+    }
+    if !offered.contains(&PORT_FORWARD_PROTOCOL) {
+        let message = format!(
+            "unable to upgrade: unable to negotiate protocol: client supports {offered:?}, \
+             server accepts [{PORT_FORWARD_PROTOCOL:?}]\n"
+        );
+        let mut response = (StatusCode::FORBIDDEN, message).into_response();
+        response.headers_mut().insert(
+            ACCEPTED_PROTOCOLS_HEADER,
+            HeaderValue::from_static(PORT_FORWARD_PROTOCOL),
+        );
+        return response;
+    }
+    let on_upgrade = hyper::upgrade::on(&mut request);
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => run_session(TokioIo::new(upgraded), forwarder, config).await,
+            Err(err) => tracing::debug!("port-forward upgrade failed: {err}"),
+        }
+    });
+    let mut response = StatusCode::SWITCHING_PROTOCOLS.into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    headers.insert(header::UPGRADE, HeaderValue::from_static("SPDY/3.1"));
+    headers.insert(
+        PROTOCOL_HEADER,
+        HeaderValue::from_static(PORT_FORWARD_PROTOCOL),
+    );
+    response
+}
+
+/// Which half of a pair a stream is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Data,
+    Error,
+}
+
+/// A forwarded connection whose second stream has not arrived yet.
+struct PendingPair {
+    data: Option<Stream>,
+    error: Option<Stream>,
+    deadline: Instant,
+}
+
+/// Why a stream was refused.
+#[derive(Debug, thiserror::Error)]
+enum StreamRejection {
+    /// No `port` header.
+    #[error("the \"port\" header is required")]
+    NoPort,
+    /// A `port` that is not 1–65535.
+    #[error("unable to parse {0:?} as a port (1-65535)")]
+    BadPort(String),
+    /// No `streamType` header.
+    #[error("the \"streamType\" header is required")]
+    NoStreamType,
+    /// A `streamType` other than `data` and `error`.
+    #[error("invalid stream type {0:?} (expected \"data\" or \"error\")")]
+    BadStreamType(String),
+}
+
+/// The stream's kind, port and request id, or why it cannot be used.
+fn classify(stream: &Stream) -> Result<(Kind, u16, String), StreamRejection> {
+    let headers = stream.headers();
+    let port_text = headers.get("port").ok_or(StreamRejection::NoPort)?;
+    let port = port_text
+        .parse::<u16>()
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| StreamRejection::BadPort(port_text.to_owned()))?;
+    let kind = match headers.get("streamtype") {
+        None => return Err(StreamRejection::NoStreamType),
+        Some("data") => Kind::Data,
+        Some("error") => Kind::Error,
+        Some(other) => return Err(StreamRejection::BadStreamType(other.to_owned())),
+    };
+    let request_id = match headers.get("requestid").filter(|id| !id.is_empty()) {
+        Some(id) => id.to_owned(),
+        // Clients from before request ids (Kubernetes < 1.6) open the error stream, then the
+        // data stream, with consecutive odd ids: pair them by that, as the kubelet does.
+        None => match kind {
+            Kind::Error => stream.id().to_string(),
+            Kind::Data => stream.id().saturating_sub(2).to_string(),
+        },
+    };
+    Ok((kind, port, request_id))
+}
+
+/// Runs one port-forward session over `io` until the client goes away or it is idle too long.
+pub(super) async fn run_session<T>(io: T, forwarder: Forwarder, config: PortForwardConfig)
+where
+    T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let spdy_config = Config {
+        max_concurrent_streams: MAX_CONCURRENT_STREAMS,
+        ..Config::spdystream_compatible()
+    };
+    let (connection, mut incoming) = match Connection::new(io, Role::Server, spdy_config) {
+        Ok(session) => session,
+        Err(err) => {
+            tracing::warn!("starting a port-forward SPDY session: {err}");
+            return;
+        }
+    };
+    let mut pending: HashMap<String, PendingPair> = HashMap::new();
+    let mut forwards = JoinSet::new();
+    let mut last_activity = Instant::now();
+    loop {
+        let next_expiry = pending.values().map(|p| p.deadline).min();
+        let idle_deadline = (pending.is_empty() && forwards.is_empty())
+            .then(|| last_activity + config.idle_timeout);
+        tokio::select! {
+            stream = incoming.accept() => {
+                let Some(stream) = stream else { break };
+                last_activity = Instant::now();
+                let (kind, port, request_id) = match classify(&stream) {
+                    Ok(classified) => classified,
+                    Err(rejection) => {
+                        tracing::info!(pod = %forwarder.pod, stream = stream.id(), "port-forward stream refused: {rejection}");
+                        stream.reset(RstStatus::PROTOCOL_ERROR);
+                        continue;
+                    }
+                };
+                if let Err(err) = stream.reply(Headers::new(), false) {
+                    tracing::debug!("replying to a port-forward stream: {err}");
+                    continue;
+                }
+                let pair = pending.entry(request_id.clone()).or_insert_with(|| PendingPair {
+                    data: None,
+                    error: None,
+                    deadline: Instant::now() + config.stream_creation_timeout,
+                });
+                let slot = match kind {
+                    Kind::Data => &mut pair.data,
+                    Kind::Error => &mut pair.error,
+                };
+                if slot.is_some() {
+                    tracing::info!(pod = %forwarder.pod, request_id, "port-forward: a second {kind:?} stream for one request; refused");
+                    stream.reset(RstStatus::PROTOCOL_ERROR);
+                    continue;
+                }
+                *slot = Some(stream);
+                if pair.data.is_some() && pair.error.is_some()
+                    && let Some(PendingPair { data: Some(data), error: Some(error), .. }) = pending.remove(&request_id)
+                {
+                    let forwarder = forwarder.clone();
+                    forwards.spawn(forward_pair(forwarder, port_of(&data, port), data, error));
+                }
+            }
+            () = sleep_until(next_expiry), if next_expiry.is_some() => {
+                let now = Instant::now();
+                let expired: Vec<String> = pending
+                    .iter()
+                    .filter(|(_, p)| p.deadline <= now)
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                for request_id in expired {
+                    if let Some(pair) = pending.remove(&request_id) {
+                        let message = format!(
+                            "timed out waiting for the {} stream of request {request_id}",
+                            if pair.data.is_none() { "data" } else { "error" }
+                        );
+                        tracing::info!(pod = %forwarder.pod, "port-forward: {message}");
+                        if let Some(mut error) = pair.error {
+                            tokio::spawn(async move {
+                                let _ = error.write_all(message.as_bytes()).await;
+                                let _ = error.shutdown().await;
+                            });
+                        }
+                    }
+                }
+            }
+            Some(_) = forwards.join_next(), if !forwards.is_empty() => {
+                last_activity = Instant::now();
+            }
+            () = sleep_until(idle_deadline), if idle_deadline.is_some() => {
+                tracing::info!(pod = %forwarder.pod, "port-forward session idle for {:?}; closing it", config.idle_timeout);
+                break;
+            }
+        }
+    }
+    // The client is gone (or idle): drop every forward, closing its connection in the pod.
+    forwards.shutdown().await;
+    connection.close().await;
+}
+
+/// The data stream's port (the one forwarded to, as the kubelet uses it); `fallback` is the
+/// already-validated port of the stream that completed the pair.
+fn port_of(data: &Stream, fallback: u16) -> u16 {
+    data.headers()
+        .get("port")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(fallback)
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Forwards one connection; a failure goes to the error stream, then both streams close.
+async fn forward_pair(forwarder: Forwarder, port: u16, data: Stream, mut error: Stream) {
+    if let Err(message) = forwarder.forward(port, Box::new(data)).await {
+        let _ = error.write_all(message.as_bytes()).await;
+    }
+    let _ = error.shutdown().await;
+}
