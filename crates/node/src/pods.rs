@@ -65,19 +65,27 @@ struct Context<P> {
     references: ReferenceWatches,
     /// The cluster's Services, for the containers' service variables.
     services: Services,
-    /// Hash of what the provider last received per pod (env and files), so a referenced
-    /// object's change causes an update only when the pod's inputs really changed.
-    applied_inputs: Mutex<HashMap<PodRef, u64>>,
-    /// When each pod's projected service-account tokens must be requested again.
-    token_refresh: Mutex<HashMap<PodRef, std::time::Instant>>,
+    /// What the node has handed the provider, per pod: one entry per pod, dropped when
+    /// the pod is gone. Rebuilt after a restart by adopting what the provider runs.
+    handed: Mutex<HashMap<PodRef, Handed>>,
     /// Whether the provider pushes status; if not, status is read after each call and
     /// reconciliation repeats every minute.
     streams_status: bool,
-    /// The hash of the spec last given to the provider, per pod: an update is sent only when
-    /// the spec really changed. Rebuilt after a restart by adopting what the provider runs.
-    applied_specs: Mutex<HashMap<PodRef, u64>>,
-    /// Consecutive failures per pod, for exponential backoff.
-    failures: Mutex<HashMap<PodRef, u32>>,
+}
+
+/// What the node knows of one pod it has handed (or tried to hand) to the provider.
+#[derive(Debug, Default)]
+struct Handed {
+    /// Hash of the spec the provider last received: an update is sent only when the spec
+    /// really changed.
+    spec: Option<u64>,
+    /// Hash of the env and files it last received, so a referenced object's change causes
+    /// an update only when the pod's inputs really changed.
+    inputs: Option<u64>,
+    /// When the pod's projected service-account tokens must be requested again.
+    tokens_due: Option<std::time::Instant>,
+    /// Consecutive failed reconciliations, for exponential backoff.
+    failures: u32,
 }
 
 impl<P: Provider> PodController<P> {
@@ -115,16 +123,13 @@ impl<P: Provider> PodController<P> {
         let context = Arc::new(Context {
             services,
             references: ReferenceWatches::new(self.client.clone(), trigger),
-            applied_inputs: Mutex::new(HashMap::new()),
-            token_refresh: Mutex::new(HashMap::new()),
+            handed: Mutex::new(HashMap::new()),
             client: self.client.clone(),
             provider: self.provider.clone(),
             config: self.config.clone(),
             recorder,
             metrics: self.metrics.clone(),
             streams_status: status_updates.is_some(),
-            applied_specs: Mutex::new(HashMap::new()),
-            failures: Mutex::new(HashMap::new()),
         });
         // The cache keeps what reconciling needs, not what only API clients care about:
         // managedFields and kubectl's last-applied copy are most of a pod's size.
@@ -277,7 +282,9 @@ async fn reconcile<P: Provider>(
     }
 
     let spec = spec_hash(&pod);
-    let applied = lock(&context.applied_specs).get(&pod_ref).copied();
+    let (applied, tokens_due) = lock(&context.handed)
+        .get(&pod_ref)
+        .map_or((None, None), |h| (h.spec, h.tokens_due));
     let running = match applied {
         Some(_) => true,
         None => provider
@@ -286,9 +293,7 @@ async fn reconcile<P: Provider>(
             .inspect_err(|err| context.metrics.provider_error("status", err))?
             .is_some(),
     };
-    let tokens_due = lock(&context.token_refresh)
-        .get(&pod_ref)
-        .is_some_and(|due| *due <= std::time::Instant::now());
+    let tokens_due = tokens_due.is_some_and(|due| due <= std::time::Instant::now());
     let inputs_changed = context
         .references
         .take_changed(&pod_ref.namespace, &pod_ref.name)
@@ -299,7 +304,10 @@ async fn reconcile<P: Provider>(
     if running && applied.is_none() && !inputs_changed {
         // Running from before a restart: adopt it without touching it, but watch what it
         // references from now on.
-        lock(&context.applied_specs).insert(pod_ref.clone(), spec);
+        lock(&context.handed)
+            .entry(pod_ref.clone())
+            .or_default()
+            .spec = Some(spec);
         if let Ok(resolution) = Resolver::resolve(
             context.client.clone(),
             &pod,
@@ -312,7 +320,10 @@ async fn reconcile<P: Provider>(
                 .track(&pod_ref.namespace, &pod_ref.name, resolution.references);
             if resolution.token_lifetime.is_some() {
                 // How old its tokens are is unknown: give it fresh ones at once.
-                lock(&context.token_refresh).insert(pod_ref.clone(), std::time::Instant::now());
+                lock(&context.handed)
+                    .entry(pod_ref.clone())
+                    .or_default()
+                    .tokens_due = Some(std::time::Instant::now());
             }
         }
         return Ok(next_action(&context, &pod_ref));
@@ -346,7 +357,7 @@ async fn reconcile<P: Provider>(
     let inputs = inputs_hash(&resolution.pod);
     if running
         && applied == Some(spec)
-        && lock(&context.applied_inputs).get(&pod_ref) == Some(&inputs)
+        && lock(&context.handed).get(&pod_ref).and_then(|h| h.inputs) == Some(inputs)
     {
         // A referenced object changed, but nothing the provider receives did.
         return Ok(next_action(&context, &pod_ref));
@@ -379,20 +390,19 @@ async fn reconcile<P: Provider>(
     }
     match call {
         Ok(()) => {
-            lock(&context.applied_specs).insert(pod_ref.clone(), spec);
-            lock(&context.applied_inputs).insert(pod_ref.clone(), inputs);
-            match resolution.token_lifetime {
-                Some(lifetime) => {
-                    let after =
-                        lifetime.mul_f64(context.config.token_refresh_fraction.clamp(0.0, 1.0));
-                    lock(&context.token_refresh)
-                        .insert(pod_ref.clone(), std::time::Instant::now() + after);
-                }
-                None => {
-                    lock(&context.token_refresh).remove(&pod_ref);
-                }
-            }
-            lock(&context.failures).remove(&pod_ref);
+            let tokens_due = resolution.token_lifetime.map(|lifetime| {
+                let fraction = context.config.token_refresh_fraction.clamp(0.0, 1.0);
+                std::time::Instant::now() + lifetime.mul_f64(fraction)
+            });
+            lock(&context.handed).insert(
+                pod_ref.clone(),
+                Handed {
+                    spec: Some(spec),
+                    inputs: Some(inputs),
+                    tokens_due,
+                    failures: 0,
+                },
+            );
         }
         Err(err) => {
             publish(
@@ -442,10 +452,7 @@ async fn service_env<P>(context: &Context<P>, pod: &Pod) -> Vec<updraft_provider
 }
 
 fn forget<P>(context: &Context<P>, pod_ref: &PodRef) {
-    lock(&context.applied_specs).remove(pod_ref);
-    lock(&context.applied_inputs).remove(pod_ref);
-    lock(&context.token_refresh).remove(pod_ref);
-    lock(&context.failures).remove(pod_ref);
+    lock(&context.handed).remove(pod_ref);
     context.references.forget(&pod_ref.namespace, &pod_ref.name);
 }
 
@@ -459,7 +466,9 @@ fn inputs_hash(resolved: &updraft_provider::ResolvedPod) -> u64 {
 /// What to do after a pod is in the wanted state: wait for a change, but come back when its
 /// tokens are due for refresh.
 fn next_action<P>(context: &Context<P>, pod_ref: &PodRef) -> Action {
-    let due = lock(&context.token_refresh).get(pod_ref).copied();
+    let due = lock(&context.handed)
+        .get(pod_ref)
+        .and_then(|h| h.tokens_due);
     match due {
         Some(due) => {
             let wait = due
@@ -491,10 +500,10 @@ fn error_policy<P: Provider>(
 ) -> Action {
     let pod_ref = PodRef::of(&pod);
     let attempt = {
-        let mut failures = lock(&context.failures);
-        let attempt = failures.entry(pod_ref.clone()).or_default();
-        *attempt = attempt.saturating_add(1);
-        *attempt
+        let mut handed = lock(&context.handed);
+        let failures = &mut handed.entry(pod_ref.clone()).or_default().failures;
+        *failures = failures.saturating_add(1);
+        *failures
     };
     // 1 s, 2 s, 4 s … capped at 5 min, like the kubelet's back-off.
     let delay =
