@@ -1,0 +1,869 @@
+//! The EC2 backend of the cells provider, on the official AWS SDK.
+//!
+//! - **Credentials** come from the SDK's default chain (environment, shared config/credentials
+//!   files, web identity, IMDS) in [`AwsBackend::connect`]; they are never logged.
+//!   [`AwsBackend::with_credentials`] takes static ones (tests against moto).
+//! - **Boot image** ([`BootImage`]): an AMI id (checked to exist) or owners + filters, of which
+//!   the newest image is used. Resolved once and cached.
+//! - **Network**: the configured subnet; its VPC's CIDR is allowed to reach the agent port
+//!   through a **managed security group** (`updraft-<controller id>-cells` unless named),
+//!   created when missing and reused afterwards, plus the configured and per-pod extra groups
+//!   (ids `sg-…` or names in the VPC).
+//! - **Each cell**: `RunInstances` with one network interface carrying a primary private IP (the
+//!   agent's) and one secondary private IP (the pod's); tags `Name`, `updraft:controller-id`,
+//!   `updraft:node`, `updraft:namespace`, `updraft:pod`, `updraft:pod-uid` and up to 40 pod labels
+//!   as `updraft:label:<key>` on the instance and its volume; spot through
+//!   `InstanceMarketOptions`, falling back to on-demand when spot capacity is refused and
+//!   [`AwsConfig::spot_fallback_to_on_demand`] is set; the user data from
+//!   `updraft_cells_backend::cloud_init`; the pod UID based `ClientToken` for idempotency.
+//! - **Listing** filters on the controller-id tag: after a restart a new backend finds every
+//!   cell the old one started.
+//!
+//! A real AWS run needs an AMI with the cell agent installed (or installed by the bootstrap's
+//! cloud-init), a subnet the Updraft host can reach, and credentials allowed to call
+//! `ec2:RunInstances`, `DescribeInstances`, `TerminateInstances`, `CreateTags`,
+//! `DescribeImages`, `DescribeSubnets`, `DescribeVpcs`, `DescribeSecurityGroups`,
+//! `CreateSecurityGroup`, `AuthorizeSecurityGroupIngress` (and `iam:PassRole` for instance
+//! profiles).
+#![forbid(unsafe_code)]
+
+mod errors;
+pub mod moto;
+mod tags;
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::time::SystemTime;
+
+use aws_config::{BehaviorVersion, Region};
+use aws_sdk_ec2::Client;
+use aws_sdk_ec2::config::Credentials;
+use aws_sdk_ec2::types::{
+    BlockDeviceMapping, EbsBlockDevice, Filter, IamInstanceProfileSpecification,
+    InstanceInterruptionBehavior, InstanceLifecycleType, InstanceMarketOptionsRequest,
+    InstanceNetworkInterfaceSpecification, InstanceStateName, IpPermission, IpRange, MarketType,
+    ResourceType, SpotInstanceType, SpotMarketOptions, TagSpecification, VolumeType,
+};
+use base64::Engine;
+use tokio::sync::OnceCell;
+use updraft_cells_backend::{
+    BackendError, Cell, CellBackend, CellId, CellSpec, CellState, LaunchType, StartedCell,
+};
+
+pub use errors::{classify, spot_refused};
+pub use tags::{
+    LABEL_PREFIX, MAX_POD_LABELS, TAG_CONTROLLER_ID, TAG_NAME, TAG_NAMESPACE, TAG_NODE, TAG_POD,
+    TAG_POD_UID, identity_from_tags, identity_tags,
+};
+
+/// The port the cell agent listens on (Kip's itzo used the same).
+pub const DEFAULT_AGENT_PORT: u16 = 6421;
+
+/// Where the boot image comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BootImage {
+    /// An AMI id such as `ami-0123456789abcdef0`.
+    Id(String),
+    /// The newest image owned by one of `owners` (account ids, `amazon`, `self`) matching every
+    /// filter (EC2 `DescribeImages` filters, e.g. `name` → `updraft-cell-*`).
+    Filters {
+        /// Image owners; empty means any.
+        owners: Vec<String>,
+        /// Filter name → accepted values (globs allowed where EC2 allows them).
+        filters: BTreeMap<String, Vec<String>>,
+    },
+}
+
+/// The backend's settings (the `cloud.aws` part of the provider config).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AwsConfig {
+    /// Region, e.g. `us-east-1`.
+    pub region: String,
+    /// An endpoint override (moto, a VPC endpoint); `None` uses the regional endpoint.
+    pub endpoint_url: Option<String>,
+    /// This Updraft's controller id: stamped on every cell and security group, and the listing
+    /// filter.
+    pub controller_id: String,
+    /// The boot image.
+    pub boot_image: BootImage,
+    /// The subnet cells start in; its VPC is used for the security groups.
+    pub subnet_id: String,
+    /// Name of the managed security group; `None` → `updraft-<controller id>-cells`.
+    pub security_group_name: Option<String>,
+    /// The agent's port opened to the VPC CIDR (and `extra_cidrs`).
+    pub agent_port: u16,
+    /// More CIDRs allowed to reach the agent port (e.g. where Updraft runs, outside the VPC).
+    pub extra_cidrs: Vec<String>,
+    /// Security groups (ids or names) every cell gets in addition to the managed one.
+    pub extra_security_groups: Vec<String>,
+    /// When a spot launch is refused for capacity or spot limits, launch on-demand instead.
+    pub spot_fallback_to_on_demand: bool,
+}
+
+impl AwsConfig {
+    /// A configuration with the defaults: agent port 6421, managed group name derived from the
+    /// controller id, no extra groups or CIDRs, no spot fallback.
+    pub fn new(
+        region: impl Into<String>,
+        controller_id: impl Into<String>,
+        boot_image: BootImage,
+        subnet_id: impl Into<String>,
+    ) -> AwsConfig {
+        AwsConfig {
+            region: region.into(),
+            endpoint_url: None,
+            controller_id: controller_id.into(),
+            boot_image,
+            subnet_id: subnet_id.into(),
+            security_group_name: None,
+            agent_port: DEFAULT_AGENT_PORT,
+            extra_cidrs: Vec::new(),
+            extra_security_groups: Vec::new(),
+            spot_fallback_to_on_demand: false,
+        }
+    }
+
+    /// The managed security group's name.
+    pub fn managed_group_name(&self) -> String {
+        self.security_group_name
+            .clone()
+            .unwrap_or_else(|| format!("updraft-{}-cells", self.controller_id))
+    }
+}
+
+/// The resolved boot image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Image {
+    id: String,
+    root_device_name: Option<String>,
+}
+
+/// The resolved network: VPC and the managed group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Network {
+    vpc_id: String,
+    managed_group_id: String,
+}
+
+/// The EC2 backend.
+#[derive(Debug)]
+pub struct AwsBackend {
+    client: Client,
+    config: AwsConfig,
+    image: OnceCell<Image>,
+    network: OnceCell<Network>,
+}
+
+fn http_client() -> aws_sdk_ec2::config::SharedHttpClient {
+    aws_smithy_http_client::Builder::new()
+        .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
+            aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
+        ))
+        .build_https()
+}
+
+impl AwsBackend {
+    /// A backend with credentials from the SDK's default chain (environment, files, IMDS).
+    pub async fn connect(config: AwsConfig) -> AwsBackend {
+        let loader = aws_config::defaults(BehaviorVersion::latest());
+        AwsBackend::load(config, loader).await
+    }
+
+    /// A backend with static credentials (e.g. dummy ones for moto).
+    pub async fn with_credentials(
+        config: AwsConfig,
+        access_key_id: &str,
+        secret_access_key: &str,
+    ) -> AwsBackend {
+        let credentials = Credentials::new(
+            access_key_id,
+            secret_access_key,
+            None,
+            None,
+            "updraft-static",
+        );
+        let loader =
+            aws_config::defaults(BehaviorVersion::latest()).credentials_provider(credentials);
+        AwsBackend::load(config, loader).await
+    }
+
+    async fn load(config: AwsConfig, loader: aws_config::ConfigLoader) -> AwsBackend {
+        let mut loader = loader
+            .region(Region::new(config.region.clone()))
+            .http_client(http_client());
+        if let Some(endpoint) = &config.endpoint_url {
+            loader = loader.endpoint_url(endpoint);
+        }
+        let sdk_config = loader.load().await;
+        AwsBackend {
+            client: Client::new(&sdk_config),
+            config,
+            image: OnceCell::new(),
+            network: OnceCell::new(),
+        }
+    }
+
+    /// The SDK client, for callers that need more of EC2.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &AwsConfig {
+        &self.config
+    }
+
+    /// Resolves the boot image and the network (creating the managed security group if needed)
+    /// now, so configuration errors surface at startup instead of at the first pod.
+    pub async fn prepare(&self) -> Result<(), BackendError> {
+        self.boot_image().await?;
+        self.managed_security_group().await?;
+        Ok(())
+    }
+
+    /// The AMI id cells boot from.
+    pub async fn boot_image(&self) -> Result<String, BackendError> {
+        Ok(self.image().await?.id.clone())
+    }
+
+    async fn image(&self) -> Result<&Image, BackendError> {
+        self.image
+            .get_or_try_init(|| self.resolve_image(&self.config.boot_image))
+            .await
+    }
+
+    async fn resolve_image(&self, spec: &BootImage) -> Result<Image, BackendError> {
+        let region = &self.config.region;
+        let request = self.client.describe_images();
+        let (request, what) = match spec {
+            BootImage::Id(id) => (request.image_ids(id), format!("boot image {id}")),
+            BootImage::Filters { owners, filters } => {
+                let mut request = request;
+                for owner in owners {
+                    request = request.owners(owner);
+                }
+                for (name, values) in filters {
+                    request = request.filters(
+                        Filter::builder()
+                            .name(name)
+                            .set_values(Some(values.clone()))
+                            .build(),
+                    );
+                }
+                (
+                    request,
+                    format!("a boot image owned by {owners:?} matching {filters:?}"),
+                )
+            }
+        };
+        let not_found = || BackendError::InvalidRequest {
+            detail: format!(
+                "no {what} in {region}; check the bootImage setting (AMI ids are per region)"
+            ),
+        };
+        let output = match request.send().await {
+            Ok(output) => output,
+            Err(error) => {
+                return Err(match classify("DescribeImages", error) {
+                    BackendError::InvalidRequest { .. } | BackendError::NotFound { .. } => {
+                        not_found()
+                    }
+                    other => other,
+                });
+            }
+        };
+        let newest = output
+            .images()
+            .iter()
+            .filter(|image| image.image_id().is_some())
+            .max_by(|a, b| {
+                a.creation_date()
+                    .cmp(&b.creation_date())
+                    .then(a.name().cmp(&b.name()))
+                    .then(a.image_id().cmp(&b.image_id()))
+            })
+            .ok_or_else(not_found)?;
+        Ok(Image {
+            id: newest.image_id().unwrap_or_default().to_string(),
+            root_device_name: newest.root_device_name().map(str::to_string),
+        })
+    }
+
+    /// The id of the managed security group, created (with the agent-port rule) if missing.
+    pub async fn managed_security_group(&self) -> Result<String, BackendError> {
+        Ok(self.network().await?.managed_group_id.clone())
+    }
+
+    async fn network(&self) -> Result<&Network, BackendError> {
+        self.network
+            .get_or_try_init(|| self.resolve_network())
+            .await
+    }
+
+    async fn resolve_network(&self) -> Result<Network, BackendError> {
+        let subnet_id = &self.config.subnet_id;
+        let subnets = self
+            .client
+            .describe_subnets()
+            .subnet_ids(subnet_id)
+            .send()
+            .await
+            .map_err(|error| match classify("DescribeSubnets", error) {
+                BackendError::InvalidRequest { .. } | BackendError::NotFound { .. } => {
+                    BackendError::InvalidRequest {
+                        detail: format!(
+                            "subnet {subnet_id} not found in {}; check the subnetID setting",
+                            self.config.region
+                        ),
+                    }
+                }
+                other => other,
+            })?;
+        let vpc_id = subnets
+            .subnets()
+            .first()
+            .and_then(|subnet| subnet.vpc_id())
+            .ok_or_else(|| BackendError::InvalidRequest {
+                detail: format!("subnet {subnet_id} not found or has no VPC"),
+            })?
+            .to_string();
+        let vpcs = self
+            .client
+            .describe_vpcs()
+            .vpc_ids(&vpc_id)
+            .send()
+            .await
+            .map_err(|error| classify("DescribeVpcs", error))?;
+        let mut cidrs: Vec<String> = Vec::new();
+        for vpc in vpcs.vpcs() {
+            cidrs.extend(vpc.cidr_block().map(str::to_string));
+            for association in vpc.cidr_block_association_set() {
+                if let Some(cidr) = association.cidr_block()
+                    && !cidrs.iter().any(|c| c == cidr)
+                {
+                    cidrs.push(cidr.to_string());
+                }
+            }
+        }
+        cidrs.extend(self.config.extra_cidrs.iter().cloned());
+        let name = self.config.managed_group_name();
+        let group_id = match self.find_group(&vpc_id, &name).await? {
+            Some(id) => id,
+            None => self.create_group(&vpc_id, &name).await?,
+        };
+        self.ensure_agent_rule(&group_id, &cidrs).await?;
+        Ok(Network {
+            vpc_id,
+            managed_group_id: group_id,
+        })
+    }
+
+    async fn find_group(&self, vpc_id: &str, name: &str) -> Result<Option<String>, BackendError> {
+        let output = self
+            .client
+            .describe_security_groups()
+            .filters(Filter::builder().name("vpc-id").values(vpc_id).build())
+            .filters(Filter::builder().name("group-name").values(name).build())
+            .send()
+            .await
+            .map_err(|error| classify("DescribeSecurityGroups", error))?;
+        Ok(output
+            .security_groups()
+            .iter()
+            .find(|group| group.group_name() == Some(name))
+            .and_then(|group| group.group_id())
+            .map(str::to_string))
+    }
+
+    async fn create_group(&self, vpc_id: &str, name: &str) -> Result<String, BackendError> {
+        let created = self
+            .client
+            .create_security_group()
+            .group_name(name)
+            .description(format!(
+                "Updraft cells of controller {}: the agent port from the VPC",
+                self.config.controller_id
+            ))
+            .vpc_id(vpc_id)
+            .tag_specifications(
+                TagSpecification::builder()
+                    .resource_type(ResourceType::SecurityGroup)
+                    .tags(tags::tag(TAG_NAME, name))
+                    .tags(tags::tag(TAG_CONTROLLER_ID, &self.config.controller_id))
+                    .build(),
+            )
+            .send()
+            .await;
+        match created {
+            Ok(output) => {
+                let id = output.group_id().unwrap_or_default().to_string();
+                tracing::info!(group = %id, name, vpc = vpc_id, "created the cells security group");
+                Ok(id)
+            }
+            Err(error) => {
+                let duplicate = errors::code(&error) == Some("InvalidGroup.Duplicate");
+                let classified = classify("CreateSecurityGroup", error);
+                // Another Updraft (or a retry) created it meanwhile: use that one.
+                if duplicate && let Some(id) = self.find_group(vpc_id, name).await? {
+                    return Ok(id);
+                }
+                Err(classified)
+            }
+        }
+    }
+
+    async fn ensure_agent_rule(
+        &self,
+        group_id: &str,
+        cidrs: &[String],
+    ) -> Result<(), BackendError> {
+        let port = i32::from(self.config.agent_port);
+        let groups = self
+            .client
+            .describe_security_groups()
+            .group_ids(group_id)
+            .send()
+            .await
+            .map_err(|error| classify("DescribeSecurityGroups", error))?;
+        let existing: Vec<String> = groups
+            .security_groups()
+            .iter()
+            .flat_map(|group| group.ip_permissions())
+            .filter(|permission| {
+                permission.ip_protocol() == Some("tcp")
+                    && permission.from_port() == Some(port)
+                    && permission.to_port() == Some(port)
+            })
+            .flat_map(|permission| permission.ip_ranges())
+            .filter_map(|range| range.cidr_ip().map(str::to_string))
+            .collect();
+        let missing: Vec<&String> = cidrs.iter().filter(|c| !existing.contains(c)).collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let mut permission = IpPermission::builder()
+            .ip_protocol("tcp")
+            .from_port(port)
+            .to_port(port);
+        for cidr in missing {
+            permission = permission.ip_ranges(
+                IpRange::builder()
+                    .cidr_ip(cidr)
+                    .description("Updraft cell agent")
+                    .build(),
+            );
+        }
+        let result = self
+            .client
+            .authorize_security_group_ingress()
+            .group_id(group_id)
+            .ip_permissions(permission.build())
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(error) if errors::code(&error) == Some("InvalidPermission.Duplicate") => Ok(()),
+            Err(error) => Err(classify("AuthorizeSecurityGroupIngress", error)),
+        }
+    }
+
+    /// Security group ids for a cell: the managed one, the configured extras, the pod's extras;
+    /// names are looked up in the VPC.
+    async fn security_group_ids(
+        &self,
+        network: &Network,
+        extra: &[String],
+    ) -> Result<Vec<String>, BackendError> {
+        let mut ids = vec![network.managed_group_id.clone()];
+        let mut names = Vec::new();
+        for group in self.config.extra_security_groups.iter().chain(extra) {
+            if group.starts_with("sg-") {
+                if !ids.contains(group) {
+                    ids.push(group.clone());
+                }
+            } else if !names.contains(group) {
+                names.push(group.clone());
+            }
+        }
+        if !names.is_empty() {
+            let output = self
+                .client
+                .describe_security_groups()
+                .filters(
+                    Filter::builder()
+                        .name("vpc-id")
+                        .values(&network.vpc_id)
+                        .build(),
+                )
+                .filters(
+                    Filter::builder()
+                        .name("group-name")
+                        .set_values(Some(names.clone()))
+                        .build(),
+                )
+                .send()
+                .await
+                .map_err(|error| classify("DescribeSecurityGroups", error))?;
+            for name in &names {
+                let id = output
+                    .security_groups()
+                    .iter()
+                    .find(|group| group.group_name() == Some(name.as_str()))
+                    .and_then(|group| group.group_id())
+                    .ok_or_else(|| BackendError::InvalidRequest {
+                        detail: format!(
+                            "security group {name:?} not found in VPC {}",
+                            network.vpc_id
+                        ),
+                    })?;
+                if !ids.iter().any(|existing| existing == id) {
+                    ids.push(id.to_string());
+                }
+            }
+        }
+        Ok(ids)
+    }
+
+    async fn run_instance(
+        &self,
+        spec: &CellSpec,
+        image: &Image,
+        group_ids: &[String],
+        launch_type: LaunchType,
+    ) -> Result<String, BackendError> {
+        let instance_tags = identity_tags(&spec.name, &spec.identity);
+        let tag_spec = |resource| {
+            TagSpecification::builder()
+                .resource_type(resource)
+                .set_tags(Some(instance_tags.clone()))
+                .build()
+        };
+        let interface = InstanceNetworkInterfaceSpecification::builder()
+            .device_index(0)
+            .subnet_id(&self.config.subnet_id)
+            .set_groups(Some(group_ids.to_vec()))
+            .secondary_private_ip_address_count(1)
+            .associate_public_ip_address(!spec.private_ip_only)
+            .delete_on_termination(true)
+            .build();
+        let token = match launch_type {
+            LaunchType::OnDemand if spec.launch_type == LaunchType::Spot => {
+                format!("{}-od", spec.idempotency_token)
+            }
+            _ => spec.idempotency_token.clone(),
+        };
+        let mut request = self
+            .client
+            .run_instances()
+            .image_id(&image.id)
+            .instance_type(spec.instance_type.as_str().into())
+            .min_count(1)
+            .max_count(1)
+            .network_interfaces(interface)
+            .user_data(base64::engine::general_purpose::STANDARD.encode(&spec.user_data))
+            .tag_specifications(tag_spec(ResourceType::Instance))
+            .tag_specifications(tag_spec(ResourceType::Volume));
+        if !token.is_empty() {
+            // EC2 client tokens are at most 64 ASCII characters.
+            request = request.client_token(token.chars().take(64).collect::<String>());
+        }
+        if launch_type == LaunchType::Spot {
+            request = request.instance_market_options(
+                InstanceMarketOptionsRequest::builder()
+                    .market_type(MarketType::Spot)
+                    .spot_options(
+                        SpotMarketOptions::builder()
+                            .spot_instance_type(SpotInstanceType::OneTime)
+                            .instance_interruption_behavior(InstanceInterruptionBehavior::Terminate)
+                            .build(),
+                    )
+                    .build(),
+            );
+        }
+        if let Some(bytes) = spec.root_volume_bytes {
+            let device = image
+                .root_device_name
+                .clone()
+                .unwrap_or_else(|| "/dev/xvda".to_string());
+            let gib = i32::try_from(bytes.div_ceil(1 << 30)).unwrap_or(i32::MAX);
+            request = request.block_device_mappings(
+                BlockDeviceMapping::builder()
+                    .device_name(device)
+                    .ebs(
+                        EbsBlockDevice::builder()
+                            .volume_size(gib)
+                            .volume_type(VolumeType::Gp3)
+                            .delete_on_termination(true)
+                            .build(),
+                    )
+                    .build(),
+            );
+        }
+        if let Some(profile) = &spec.instance_profile {
+            let specification = if profile.starts_with("arn:") {
+                IamInstanceProfileSpecification::builder().arn(profile)
+            } else {
+                IamInstanceProfileSpecification::builder().name(profile)
+            };
+            request = request.iam_instance_profile(specification.build());
+        }
+        let output = request
+            .send()
+            .await
+            .map_err(|error| classify("RunInstances", error))?;
+        let instance = output
+            .instances()
+            .first()
+            .ok_or_else(|| BackendError::Transient {
+                detail: "RunInstances returned no instance".into(),
+            })?;
+        let id = instance.instance_id().unwrap_or_default().to_string();
+        self.ensure_pod_ip(&id, instance).await?;
+        Ok(id)
+    }
+
+    /// Makes sure the primary interface has a secondary private IP for the pod. EC2 assigns it
+    /// at launch from `SecondaryPrivateIpAddressCount`; some EC2-compatible APIs (moto) ignore
+    /// that field, so a missing one is assigned explicitly.
+    async fn ensure_pod_ip(
+        &self,
+        id: &str,
+        instance: &aws_sdk_ec2::types::Instance,
+    ) -> Result<(), BackendError> {
+        let Some(interface) = instance.network_interfaces().iter().find(|interface| {
+            interface
+                .attachment()
+                .and_then(|attachment| attachment.device_index())
+                .unwrap_or(0)
+                == 0
+        }) else {
+            return Ok(());
+        };
+        if interface.private_ip_addresses().len() >= 2 {
+            return Ok(());
+        }
+        let Some(interface_id) = interface.network_interface_id() else {
+            return Ok(());
+        };
+        let assigned = self
+            .client
+            .assign_private_ip_addresses()
+            .network_interface_id(interface_id)
+            .secondary_private_ip_address_count(1)
+            .send()
+            .await;
+        if let Err(error) = assigned {
+            let error = classify("AssignPrivateIpAddresses", error);
+            // A cell without its pod address is useless: do not leave it running.
+            let _ = self
+                .client
+                .terminate_instances()
+                .instance_ids(id)
+                .send()
+                .await;
+            return Err(error);
+        }
+        Ok(())
+    }
+
+    async fn describe_many(
+        &self,
+        filters: Vec<Filter>,
+        ids: Vec<String>,
+    ) -> Result<Vec<Cell>, BackendError> {
+        let mut cells = Vec::new();
+        let mut next_token: Option<String> = None;
+        loop {
+            let output = self
+                .client
+                .describe_instances()
+                .set_filters((!filters.is_empty()).then(|| filters.clone()))
+                .set_instance_ids((!ids.is_empty()).then(|| ids.clone()))
+                .set_next_token(next_token.clone())
+                .send()
+                .await
+                .map_err(|error| classify("DescribeInstances", error))?;
+            for reservation in output.reservations() {
+                cells.extend(reservation.instances().iter().filter_map(to_cell));
+            }
+            next_token = output.next_token().map(str::to_string);
+            if next_token.as_deref().is_none_or(str::is_empty) {
+                break;
+            }
+        }
+        cells.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(cells)
+    }
+}
+
+/// A cell from an EC2 instance description.
+fn to_cell(instance: &aws_sdk_ec2::types::Instance) -> Option<Cell> {
+    let id = instance.instance_id()?.to_string();
+    let state = match instance.state().and_then(|s| s.name()) {
+        Some(InstanceStateName::Pending) => CellState::Pending,
+        Some(InstanceStateName::Running) => CellState::Running,
+        Some(InstanceStateName::Stopping) => CellState::Stopping,
+        Some(InstanceStateName::Stopped) => CellState::Stopped,
+        Some(InstanceStateName::ShuttingDown) => CellState::Terminating,
+        Some(InstanceStateName::Terminated) => CellState::Terminated,
+        _ => CellState::Pending,
+    };
+    let tags: BTreeMap<String, String> = instance
+        .tags()
+        .iter()
+        .filter_map(|tag| {
+            Some((
+                tag.key()?.to_string(),
+                tag.value().unwrap_or("").to_string(),
+            ))
+        })
+        .collect();
+    let primary_interface = instance
+        .network_interfaces()
+        .iter()
+        .find(|interface| {
+            interface
+                .attachment()
+                .and_then(|attachment| attachment.device_index())
+                == Some(0)
+        })
+        .or_else(|| instance.network_interfaces().first());
+    let parse = |text: Option<&str>| text.and_then(|t| t.parse::<IpAddr>().ok());
+    let mut management_ip = None;
+    let mut pod_ip = None;
+    if let Some(interface) = primary_interface {
+        for address in interface.private_ip_addresses() {
+            if address.primary() == Some(true) {
+                management_ip = management_ip.or(parse(address.private_ip_address()));
+            } else {
+                pod_ip = pod_ip.or(parse(address.private_ip_address()));
+            }
+        }
+    }
+    let management_ip = management_ip.or(parse(instance.private_ip_address()));
+    let launch_type = if instance.instance_lifecycle() == Some(&InstanceLifecycleType::Spot) {
+        LaunchType::Spot
+    } else {
+        LaunchType::OnDemand
+    };
+    Some(Cell {
+        id: CellId(id),
+        name: tags.get(TAG_NAME).cloned().unwrap_or_default(),
+        state,
+        instance_type: instance
+            .instance_type()
+            .map(|t| t.as_str().to_string())
+            .unwrap_or_default(),
+        launch_type,
+        management_ip,
+        pod_ip,
+        public_ip: parse(instance.public_ip_address()),
+        launch_time: instance
+            .launch_time()
+            .and_then(|time| SystemTime::try_from(*time).ok()),
+        identity: identity_from_tags(&tags),
+        tags,
+    })
+}
+
+#[async_trait::async_trait]
+impl CellBackend for AwsBackend {
+    fn kind(&self) -> &'static str {
+        "aws"
+    }
+
+    async fn start(&self, spec: &CellSpec) -> Result<StartedCell, BackendError> {
+        let image = match &spec.image {
+            Some(id) => self.resolve_image(&BootImage::Id(id.clone())).await?,
+            None => self.image().await?.clone(),
+        };
+        let network = self.network().await?;
+        let group_ids = self
+            .security_group_ids(network, &spec.security_groups)
+            .await?;
+        match self
+            .run_instance(spec, &image, &group_ids, spec.launch_type)
+            .await
+        {
+            Ok(id) => Ok(StartedCell {
+                id: CellId(id),
+                launch_type: spec.launch_type,
+            }),
+            Err(error)
+                if spec.launch_type == LaunchType::Spot
+                    && self.config.spot_fallback_to_on_demand
+                    && spot_refused(&error) =>
+            {
+                tracing::warn!(
+                    cell = %spec.name,
+                    instance_type = %spec.instance_type,
+                    %error,
+                    "spot refused; launching on-demand"
+                );
+                let id = self
+                    .run_instance(spec, &image, &group_ids, LaunchType::OnDemand)
+                    .await?;
+                Ok(StartedCell {
+                    id: CellId(id),
+                    launch_type: LaunchType::OnDemand,
+                })
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    async fn describe(&self, id: &CellId) -> Result<Cell, BackendError> {
+        let cells = self
+            .describe_many(Vec::new(), vec![id.0.clone()])
+            .await
+            .map_err(|error| match error {
+                BackendError::NotFound { .. } => BackendError::NotFound { id: id.0.clone() },
+                other => other,
+            })?;
+        cells
+            .into_iter()
+            .find(|cell| &cell.id == id)
+            .ok_or_else(|| BackendError::NotFound { id: id.0.clone() })
+    }
+
+    async fn list(&self, controller_id: &str) -> Result<Vec<Cell>, BackendError> {
+        let filters = vec![
+            Filter::builder()
+                .name(format!("tag:{TAG_CONTROLLER_ID}"))
+                .values(controller_id)
+                .build(),
+            Filter::builder()
+                .name("instance-state-name")
+                .set_values(Some(
+                    ["pending", "running", "shutting-down", "stopping", "stopped"]
+                        .map(String::from)
+                        .to_vec(),
+                ))
+                .build(),
+        ];
+        self.describe_many(filters, Vec::new()).await
+    }
+
+    async fn terminate(&self, id: &CellId) -> Result<(), BackendError> {
+        let result = self
+            .client
+            .terminate_instances()
+            .instance_ids(&id.0)
+            .send()
+            .await;
+        let Err(error) = result else {
+            return Ok(());
+        };
+        match classify("TerminateInstances", error) {
+            BackendError::NotFound { .. } => Err(BackendError::NotFound { id: id.0.clone() }),
+            other => {
+                // Already on its way out (some EC2-compatible APIs refuse a second terminate):
+                // the goal is reached whatever the error says.
+                match self.describe(id).await {
+                    Ok(cell) if cell.state.is_ending() => Ok(()),
+                    _ => Err(other),
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,236 @@
+//! `moto_server` (PyPI `moto[server]`, pinned) on loopback: the EC2 the tests run against.
+//!
+//! [`install`] puts moto into a venv under the Updraft cache (`$UPDRAFT_CACHE_DIR`, else
+//! `~/.cache/updraft`), once per machine, like the devcluster's kubectl; [`MotoServer::start`]
+//! runs one on `127.0.0.1:<free port>` and stops it on drop. Only `std` is used so that
+//! `cargo xtask deps` can call the same steps.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The moto release the tests are written against.
+pub const MOTO_VERSION: &str = "5.2.5";
+
+/// Installing or starting moto failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MotoError {
+    /// A filesystem step failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A command exited unsuccessfully.
+    #[error("{command} failed ({status}); {hint}")]
+    Command {
+        /// The command.
+        command: String,
+        /// Its exit status.
+        status: String,
+        /// What to check.
+        hint: String,
+    },
+    /// The server did not answer in time.
+    #[error("moto_server on 127.0.0.1:{port} did not answer within {seconds} s; its log: {log}")]
+    NotReady {
+        /// The port it was started on.
+        port: u16,
+        /// How long we waited.
+        seconds: u64,
+        /// Its log file.
+        log: PathBuf,
+    },
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> MotoError {
+    let what = what.into();
+    move |source| MotoError::Io { what, source }
+}
+
+/// The Updraft cache directory: `$UPDRAFT_CACHE_DIR`, else `$HOME/.cache/updraft`.
+pub fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("UPDRAFT_CACHE_DIR") {
+        return PathBuf::from(dir);
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+    PathBuf::from(home).join(".cache").join("updraft")
+}
+
+/// The venv moto is installed into.
+pub fn venv_dir() -> PathBuf {
+    cache_dir()
+        .join(format!("moto-{MOTO_VERSION}"))
+        .join("venv")
+}
+
+/// Installs `moto[server]==MOTO_VERSION` into [`venv_dir`] unless it is there; returns the path
+/// of `moto_server`. Safe to call from parallel tests and processes (a file lock serializes
+/// installs).
+pub fn install() -> Result<PathBuf, MotoError> {
+    let venv = venv_dir();
+    let server = venv.join("bin").join("moto_server");
+    let root = venv.parent().unwrap_or(&venv).to_path_buf();
+    let done_marker = root.join("installed");
+    if done_marker.exists() && server.exists() {
+        return Ok(server);
+    }
+    std::fs::create_dir_all(&root).map_err(io(format!("creating {}", root.display())))?;
+    let lock_path = root.join("install.lock");
+    let lock = File::create(&lock_path).map_err(io(format!("creating {}", lock_path.display())))?;
+    lock.lock()
+        .map_err(io(format!("locking {}", lock_path.display())))?;
+    if done_marker.exists() && server.exists() {
+        return Ok(server);
+    }
+    let mut make_venv = Command::new("python3");
+    make_venv.args(["-m", "venv", "--clear"]).arg(&venv);
+    run(
+        make_venv,
+        "python3 -m venv",
+        "install python3-venv (Debian) if this fails",
+    )?;
+    let mut pip = Command::new(venv.join("bin").join("pip"));
+    pip.args(["install", "--quiet"])
+        .arg(format!("moto[server]=={MOTO_VERSION}"));
+    run(
+        pip,
+        &format!("pip install moto[server]=={MOTO_VERSION}"),
+        "PyPI must be reachable",
+    )?;
+    if !server.exists() {
+        return Err(MotoError::Command {
+            command: "pip install".into(),
+            status: "no moto_server".into(),
+            hint: format!(
+                "moto installed but put no moto_server in {}",
+                venv.display()
+            ),
+        });
+    }
+    std::fs::write(&done_marker, MOTO_VERSION)
+        .map_err(io(format!("writing {}", done_marker.display())))?;
+    Ok(server)
+}
+
+fn run(mut command: Command, name: &str, hint: &str) -> Result<(), MotoError> {
+    let output = command
+        .stdin(Stdio::null())
+        .output()
+        .map_err(io(format!("running {name}")))?;
+    if output.status.success() {
+        return Ok(());
+    }
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let tail: Vec<&str> = stderr.lines().rev().take(5).collect();
+    Err(MotoError::Command {
+        command: name.to_string(),
+        status: output.status.to_string(),
+        hint: format!(
+            "{hint}; last output: {}",
+            tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+        ),
+    })
+}
+
+/// A running `moto_server` on loopback, stopped when dropped.
+#[derive(Debug)]
+pub struct MotoServer {
+    child: Child,
+    port: u16,
+    log: PathBuf,
+}
+
+impl MotoServer {
+    /// Installs moto if needed and starts a fresh server (empty state) on a free loopback port;
+    /// returns once it answers HTTP.
+    pub fn start() -> Result<MotoServer, MotoError> {
+        let binary = install()?;
+        let port = {
+            let listener = TcpListener::bind("127.0.0.1:0").map_err(io("finding a free port"))?;
+            listener
+                .local_addr()
+                .map_err(io("finding a free port"))?
+                .port()
+        };
+        let logs = cache_dir().join("moto-logs");
+        std::fs::create_dir_all(&logs).map_err(io(format!("creating {}", logs.display())))?;
+        let log = logs.join(format!("moto-{port}.log"));
+        let log_file = File::create(&log).map_err(io(format!("creating {}", log.display())))?;
+        let log_err = log_file
+            .try_clone()
+            .map_err(io(format!("opening {}", log.display())))?;
+        let child = Command::new(&binary)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(log_file)
+            .stderr(log_err)
+            .spawn()
+            .map_err(io(format!("starting {}", binary.display())))?;
+        let mut server = MotoServer { child, port, log };
+        server.wait_ready(Duration::from_secs(60))?;
+        Ok(server)
+    }
+
+    fn wait_ready(&mut self, timeout: Duration) -> Result<(), MotoError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(MotoError::Command {
+                    command: "moto_server".into(),
+                    status: status.to_string(),
+                    hint: format!("see {}", self.log.display()),
+                });
+            }
+            if http_answers(self.port) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(MotoError::NotReady {
+                    port: self.port,
+                    seconds: timeout.as_secs(),
+                    log: self.log.clone(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `http://127.0.0.1:<port>`: the SDK's endpoint URL.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The server's log file.
+    pub fn log(&self) -> &Path {
+        &self.log
+    }
+}
+
+/// Whether an HTTP request to the moto dashboard API gets a status line back.
+fn http_answers(port: u16) -> bool {
+    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+    let request = format!(
+        "GET /moto-api/data.json HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+    );
+    if stream.write_all(request.as_bytes()).is_err() {
+        return false;
+    }
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.")
+}
+
+impl Drop for MotoServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
