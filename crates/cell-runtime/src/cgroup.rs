@@ -118,6 +118,8 @@ pub struct CgroupStats {
     pub memory_rss_bytes: u64,
     /// Number of tasks in the cgroup.
     pub pids: u64,
+    /// CFS periods in which the cgroup was throttled by its CPU limit.
+    pub cpu_throttled_periods: u64,
 }
 
 /// A cgroup at the same relative path under every controller of a driver. Removed on drop
@@ -186,6 +188,11 @@ impl Cgroup {
             rel,
             removed: false,
         })
+    }
+
+    /// Dropping this handle leaves the cgroup (and its processes) in place.
+    pub fn keep(&mut self) {
+        self.removed = true;
     }
 
     /// The path relative to the hierarchy root.
@@ -273,6 +280,15 @@ impl Cgroup {
         Ok(())
     }
 
+    /// The `cgroup.procs` files of this cgroup under every controller (writing a PID moves it).
+    pub fn procs_files(&self) -> Vec<PathBuf> {
+        self.driver
+            .dirs(&self.rel)
+            .into_iter()
+            .map(|d| d.join("cgroup.procs"))
+            .collect()
+    }
+
     /// Host PIDs of the processes in this cgroup (not its children).
     pub fn procs(&self) -> Result<Vec<Pid>> {
         let path = self.dir("pids").join("cgroup.procs");
@@ -307,6 +323,10 @@ impl Cgroup {
                     memory_working_set_bytes: usage.saturating_sub(inactive),
                     memory_rss_bytes: keyed(&stat, "total_rss").unwrap_or(0),
                     pids: num(self.dir("pids").join("pids.current"))?,
+                    cpu_throttled_periods: read_file(&self.dir("cpu").join("cpu.stat"))
+                        .ok()
+                        .and_then(|t| keyed(&t, "nr_throttled"))
+                        .unwrap_or(0),
                 })
             }
             CgroupDriver::V2 { .. } => {
@@ -321,6 +341,7 @@ impl Cgroup {
                     memory_working_set_bytes: usage.saturating_sub(inactive),
                     memory_rss_bytes: keyed(&stat, "anon").unwrap_or(0),
                     pids: num(dir.join("pids.current"))?,
+                    cpu_throttled_periods: keyed(&cpu, "nr_throttled").unwrap_or(0),
                 })
             }
         }
@@ -468,7 +489,8 @@ mod tests {
                 memory_usage_bytes: 1_000_000,
                 memory_working_set_bytes: 700_000,
                 memory_rss_bytes: 600_000,
-                pids: 3
+                pids: 3,
+                cpu_throttled_periods: 0,
             }
         );
         // The fake directory holds regular files, so removal is not attempted on it.

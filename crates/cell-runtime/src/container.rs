@@ -32,7 +32,7 @@ pub struct BindMount {
 }
 
 /// How the process's stdin/stdout/stderr are connected.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StdioMode {
     /// All three on /dev/null.
     Null,
@@ -48,6 +48,31 @@ pub enum StdioMode {
         /// Columns.
         cols: u16,
     },
+    /// Named pipes (created if missing), opened read-write for the process so it never sees
+    /// EPIPE or EOF while nobody reads: the caller (the agent) opens them itself and can reopen
+    /// them after a restart, with unread output still in the pipe. `stdin: None` = /dev/null.
+    Fifos {
+        /// FIFO for stdin.
+        stdin: Option<PathBuf>,
+        /// FIFO for stdout.
+        stdout: PathBuf,
+        /// FIFO for stderr.
+        stderr: PathBuf,
+    },
+}
+
+/// Creates the FIFO at `path` unless a FIFO is already there.
+pub fn ensure_fifo(path: &Path) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_fifo() => Ok(()),
+        Ok(_) => Err(Error::InvalidSpec(format!(
+            "{} exists and is not a FIFO",
+            path.display()
+        ))),
+        Err(_) => nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o600))
+            .map_err(sys("mkfifo")),
+    }
 }
 
 /// The caller's ends of the process's stdio.
@@ -142,6 +167,8 @@ pub enum ExitReason {
     Error,
     /// The kernel OOM killer killed a process of the container.
     OomKilled,
+    /// An adopted container ended; its exit status could not be known.
+    Unknown,
 }
 
 /// Final state of a container.
@@ -248,7 +275,7 @@ fn exec_strings(
 }
 
 /// Creates the stdio of the child and the caller's ends.
-fn make_stdio(mode: StdioMode) -> Result<(ChildStdio, Stdio)> {
+fn make_stdio(mode: &StdioMode) -> Result<(ChildStdio, Stdio)> {
     let null = || -> Result<OwnedFd> {
         Ok(OwnedFd::from(
             File::options()
@@ -260,8 +287,32 @@ fn make_stdio(mode: StdioMode) -> Result<(ChildStdio, Stdio)> {
     };
     match mode {
         StdioMode::Null => Ok((ChildStdio::Fds([null()?, null()?, null()?]), Stdio::Null)),
+        StdioMode::Fifos {
+            stdin,
+            stdout,
+            stderr,
+        } => {
+            let open_rw = |p: &Path| -> Result<OwnedFd> {
+                ensure_fifo(p)?;
+                Ok(OwnedFd::from(
+                    File::options()
+                        .read(true)
+                        .write(true)
+                        .open(p)
+                        .map_err(io("open fifo", p))?,
+                ))
+            };
+            let stdin = match stdin {
+                Some(p) => open_rw(p)?,
+                None => null()?,
+            };
+            Ok((
+                ChildStdio::Fds([stdin, open_rw(stdout)?, open_rw(stderr)?]),
+                Stdio::Null,
+            ))
+        }
         StdioMode::Pipes { stdin } => {
-            let (in_child, in_parent) = if stdin {
+            let (in_child, in_parent) = if *stdin {
                 let (r, w) = cloexec_pipe()?;
                 (r, Some(File::from(w)))
             } else {
@@ -280,8 +331,8 @@ fn make_stdio(mode: StdioMode) -> Result<(ChildStdio, Stdio)> {
         }
         StdioMode::Tty { rows, cols } => {
             let ws = nix::pty::Winsize {
-                ws_row: rows,
-                ws_col: cols,
+                ws_row: *rows,
+                ws_col: *cols,
                 ws_xpixel: 0,
                 ws_ypixel: 0,
             };
@@ -468,7 +519,7 @@ impl Container {
         let root = root_plan(sandbox, &spec)?;
         let cgroup = sandbox.cgroup().child(&spec.name)?;
         cgroup.apply(&spec.resources)?;
-        let (child_stdio, stdio) = make_stdio(spec.stdio)?;
+        let (child_stdio, stdio) = make_stdio(&spec.stdio)?;
         let (sync_read, sync_write) = cloexec_pipe()?;
         let (err_read, err_write) = cloexec_pipe()?;
         let netns = sandbox.netns().try_clone().map_err(io("dup", "netns"))?;
@@ -530,6 +581,34 @@ impl Container {
         Ok((container, stdio))
     }
 
+    /// Takes over a container started by an earlier instance of the agent: `pid` is its init
+    /// process, found again by the caller (same PID and start time). The process is not our
+    /// child, so its exit is noticed (pidfd) but its exit status is unknown: [`Container::wait`]
+    /// then reports `ExitStatus::Unknown` (or OOMKilled from the cgroup).
+    pub fn adopt(sandbox: &PodSandbox, name: &str, pid: Pid) -> Result<Self> {
+        let init = Process::watch_foreign(pid)?;
+        let cgroup = sandbox.cgroup().child(name)?;
+        Ok(Self {
+            name: name.to_owned(),
+            init,
+            cgroup,
+            exit: None,
+        })
+    }
+
+    /// Leaves the container running when this handle is dropped (the agent exits without
+    /// stopping its pod; a later instance adopts it). Returns the init PID.
+    pub fn detach(mut self) -> Pid {
+        let pid = self.init.pid();
+        self.exit = Some(ContainerExit {
+            status: ExitStatus::Unknown,
+            reason: ExitReason::Error,
+        });
+        self.init.forget();
+        self.cgroup.keep();
+        pid
+    }
+
     /// Container name.
     pub fn name(&self) -> &str {
         &self.name
@@ -548,6 +627,8 @@ impl Container {
         let status = self.init.wait().await?;
         let reason = if self.cgroup.oom_kills().unwrap_or(0) > 0 {
             ExitReason::OomKilled
+        } else if status == ExitStatus::Unknown {
+            ExitReason::Unknown
         } else if status == ExitStatus::Exited(0) {
             ExitReason::Completed
         } else {
@@ -589,8 +670,45 @@ impl Container {
                 self.name
             )));
         }
+        self.exec_target().exec(spec)
+    }
+
+    /// A handle for starting processes in this container from other tasks while the owner of
+    /// the [`Container`] waits for it.
+    pub fn exec_target(&self) -> ExecTarget {
+        ExecTarget {
+            name: self.name.clone(),
+            pid: self.init.pid(),
+            cgroup_procs: self.cgroup.procs_files(),
+        }
+    }
+}
+
+/// Where [`ExecTarget::exec`] starts processes: a running container's namespaces and cgroup.
+#[derive(Debug, Clone)]
+pub struct ExecTarget {
+    name: String,
+    pid: Pid,
+    cgroup_procs: Vec<PathBuf>,
+}
+
+impl ExecTarget {
+    /// Host PID of the container's init process.
+    pub fn pid(&self) -> Pid {
+        self.pid
+    }
+
+    /// Starts a new process inside the container (see [`Container::exec`]). Fails with
+    /// `InvalidSpec` when the container is gone.
+    pub fn exec(&self, spec: ExecSpec) -> Result<(ExecProcess, Stdio)> {
         let (argv, env, exec_candidates) = exec_strings(&spec.argv, &spec.env)?;
-        let pid = self.init.pid();
+        let pid = self.pid;
+        if !Path::new(&format!("/proc/{pid}/ns")).exists() {
+            return Err(Error::InvalidSpec(format!(
+                "container {} is not running",
+                self.name
+            )));
+        }
         // Order matters: the user-visible namespaces first, mount last (paths resolve in it).
         let mut join_ns = Vec::new();
         for (name, kind) in [
@@ -606,7 +724,7 @@ impl Container {
                 kind,
             ));
         }
-        let (child_stdio, stdio) = make_stdio(spec.stdio)?;
+        let (child_stdio, stdio) = make_stdio(&spec.stdio)?;
         let (sync_read, sync_write) = cloexec_pipe()?;
         let (err_read, err_write) = cloexec_pipe()?;
         let (pid_read, pid_write) = cloexec_pipe()?;
@@ -655,7 +773,9 @@ impl Container {
             });
         };
         let process = Process::watch(exec_pid)?;
-        self.cgroup.add(exec_pid)?;
+        for procs in &self.cgroup_procs {
+            std::fs::write(procs, exec_pid.to_string()).map_err(io("write", procs))?;
+        }
         nix::unistd::write(&sync_write, &[1]).map_err(sys("write sync pipe"))?;
         drop(sync_write);
         read_report(err_read)?;

@@ -16,8 +16,8 @@ pub mod sandbox;
 
 pub use cgroup::{Cgroup, CgroupDriver, CgroupStats, Resources};
 pub use container::{
-    BindMount, Container, ContainerExit, ContainerSpec, ExecProcess, ExecSpec, ExitReason, Pty,
-    Stdio, StdioMode,
+    BindMount, Container, ContainerExit, ContainerSpec, ExecProcess, ExecSpec, ExecTarget,
+    ExitReason, Pty, Stdio, StdioMode, ensure_fifo,
 };
 pub use error::{Error, Result};
 pub use process::ExitStatus;

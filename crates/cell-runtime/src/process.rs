@@ -18,6 +18,8 @@ pub enum ExitStatus {
     Exited(i32),
     /// A signal (number) killed it.
     Signaled(i32),
+    /// It ended but was not our child (adopted after an agent restart): no status.
+    Unknown,
 }
 
 impl ExitStatus {
@@ -26,6 +28,8 @@ impl ExitStatus {
         match *self {
             Self::Exited(c) => c,
             Self::Signaled(s) => 128 + s,
+            // What the kubelet reports for a container whose status could not be found.
+            Self::Unknown => 137,
         }
     }
 }
@@ -36,6 +40,10 @@ pub struct Process {
     pid: Pid,
     pidfd: AsyncFd<OwnedFd>,
     status: Option<ExitStatus>,
+    /// Not our child: exit is seen on the pidfd, but it cannot be reaped.
+    foreign: bool,
+    /// Dropping leaves the process alone.
+    forgotten: bool,
 }
 
 fn pidfd_open(pid: Pid) -> Result<OwnedFd> {
@@ -60,6 +68,20 @@ fn pidfd_open(pid: Pid) -> Result<OwnedFd> {
 impl Process {
     /// Watches child `pid` (must be our child so we can reap it). Needs a tokio runtime.
     pub(crate) fn watch(pid: Pid) -> Result<Self> {
+        Self::watch_inner(pid, false)
+    }
+
+    /// Watches a process that is not our child (adopted): exit is noticed, status is unknown.
+    pub(crate) fn watch_foreign(pid: Pid) -> Result<Self> {
+        Self::watch_inner(pid, true)
+    }
+
+    /// Dropping the handle will neither kill nor reap the process.
+    pub(crate) fn forget(&mut self) {
+        self.forgotten = true;
+    }
+
+    fn watch_inner(pid: Pid, foreign: bool) -> Result<Self> {
         let fd = pidfd_open(pid)?;
         // SAFETY: the OwnedFd is moved into the AsyncFd, so the fd stays open and refers to the
         // same pidfd for the AsyncFd's whole lifetime.
@@ -74,6 +96,8 @@ impl Process {
             pid,
             pidfd,
             status: None,
+            foreign,
+            forgotten: false,
         })
     }
 
@@ -109,6 +133,11 @@ impl Process {
                 path: "pidfd".into(),
                 source: e,
             })?;
+            if self.foreign {
+                // A pidfd becomes readable when the process exits; its status belongs to its
+                // real parent.
+                return Ok(*self.status.insert(ExitStatus::Unknown));
+            }
             match waitid(
                 Id::PIDFd(self.pidfd.get_ref().as_fd()),
                 WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG,
@@ -129,7 +158,12 @@ impl Process {
 
 impl Drop for Process {
     fn drop(&mut self) {
-        if self.status.is_none() {
+        if self.forgotten {
+            return;
+        }
+        if self.status.is_none() && self.foreign {
+            let _ = kill(self.pid, Signal::SIGKILL);
+        } else if self.status.is_none() {
             // Never leave a zombie or an orphan behind: kill and reap.
             let _ = kill(self.pid, Signal::SIGKILL);
             let _ = waitid(

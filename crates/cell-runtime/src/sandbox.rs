@@ -67,6 +67,7 @@ pub struct PodSandbox {
     netns_name: Option<String>,
     netns: File,
     cgroup: Cgroup,
+    detached: bool,
 }
 
 fn run_ip(args: &[&str]) -> Result<()> {
@@ -133,6 +134,7 @@ impl PodSandbox {
             netns_name,
             netns,
             cgroup,
+            detached: false,
         };
         // From here on Drop undoes the work if a step fails.
         sandbox.setup_network()?;
@@ -223,6 +225,45 @@ impl PodSandbox {
         Ok(())
     }
 
+    /// Takes over the sandbox an earlier instance of the agent created with the same spec:
+    /// opens its netns and cgroup and rewrites the etc files; nothing is created anew.
+    pub fn adopt(driver: &CgroupDriver, spec: SandboxSpec) -> Result<Self> {
+        if !valid_id(&spec.id) {
+            return Err(Error::InvalidSpec(format!(
+                "sandbox id {:?} must be 1-40 of [a-z0-9-]",
+                spec.id
+            )));
+        }
+        std::fs::create_dir_all(&spec.state_dir)
+            .map_err(io("create directory", &spec.state_dir))?;
+        let cgroup = Cgroup::create(driver, spec.cgroup_root.join(&spec.id))?;
+        let (netns_name, netns) = if spec.host_network {
+            (
+                None,
+                File::open("/proc/self/ns/net").map_err(io("open", "/proc/self/ns/net"))?,
+            )
+        } else {
+            let name = format!("updraft-{}", spec.id);
+            let path = Path::new("/run/netns").join(&name);
+            (Some(name), File::open(&path).map_err(io("open", path))?)
+        };
+        let sandbox = Self {
+            spec,
+            netns_name,
+            netns,
+            cgroup,
+            detached: false,
+        };
+        sandbox.write_etc_files()?;
+        Ok(sandbox)
+    }
+
+    /// Leaves everything in place when this handle is dropped (for [`PodSandbox::adopt`]).
+    pub fn detach(mut self) {
+        self.detached = true;
+        self.cgroup.keep();
+    }
+
     /// The sandbox id.
     pub fn id(&self) -> &str {
         &self.spec.id
@@ -284,6 +325,9 @@ impl PodSandbox {
 
 impl Drop for PodSandbox {
     fn drop(&mut self) {
+        if self.detached {
+            return;
+        }
         if let Err(e) = self.teardown_inner() {
             tracing::warn!(sandbox = %self.spec.id, error = %e, "sandbox teardown failed");
         }
