@@ -270,3 +270,193 @@ async fn forward_pair(forwarder: Forwarder, port: u16, data: Stream, mut error: 
     }
     let _ = error.shutdown().await;
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use k8s_openapi::api::core::v1::PodStatus;
+    use tokio::io::AsyncReadExt as _;
+    use updraft_provider::{
+        Duplex, PodRef, PortForward, Provider, ProviderError, ProviderPod, ResolvedPod, Result,
+    };
+    use updraft_spdy::{ConnectionHandle, StreamError};
+
+    use super::*;
+
+    /// Port 1 echoes; any other port refuses, as a closed port would.
+    struct EchoProvider;
+
+    #[async_trait::async_trait]
+    impl Provider for EchoProvider {
+        async fn create_pod(&self, _: &ResolvedPod) -> Result<()> {
+            Ok(())
+        }
+        async fn update_pod(&self, _: &ResolvedPod) -> Result<()> {
+            Ok(())
+        }
+        async fn delete_pod(&self, _: &PodRef, _: i64) -> Result<()> {
+            Ok(())
+        }
+        async fn pod_status(&self, _: &PodRef) -> Result<Option<PodStatus>> {
+            Ok(None)
+        }
+        async fn list_pods(&self) -> Result<Vec<ProviderPod>> {
+            Ok(Vec::new())
+        }
+        fn port_forward(&self) -> Option<&dyn PortForward> {
+            Some(self)
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl PortForward for EchoProvider {
+        async fn port_forward(&self, _: &PodRef, port: u16, stream: Box<dyn Duplex>) -> Result<()> {
+            if port != 1 {
+                return Err(ProviderError::Transient("connection refused".into()));
+            }
+            let (mut rx, mut tx) = tokio::io::split(stream);
+            let _ = tokio::io::copy(&mut rx, &mut tx).await;
+            let _ = tx.shutdown().await;
+            Ok(())
+        }
+    }
+
+    fn session(creation_timeout: Duration) -> ConnectionHandle {
+        let (client_io, server_io) = tokio::io::duplex(256 * 1024);
+        let forwarder = Forwarder {
+            provider: Arc::new(EchoProvider),
+            pod: PodRef {
+                namespace: "ns".into(),
+                name: "p".into(),
+                uid: "u1".into(),
+            },
+        };
+        let config = PortForwardConfig {
+            stream_creation_timeout: creation_timeout,
+            ..PortForwardConfig::default()
+        };
+        tokio::spawn(run_session(server_io, forwarder, config));
+        let (client, _incoming) =
+            Connection::new(client_io, Role::Client, Config::spdystream_compatible()).unwrap();
+        client
+    }
+
+    fn headers(kind: &str, port: &str, request_id: &str) -> Headers {
+        let mut headers = Headers::new();
+        headers.insert("streamType", kind);
+        headers.insert("port", port);
+        if !request_id.is_empty() {
+            headers.insert("requestID", request_id);
+        }
+        headers
+    }
+
+    async fn read_all(stream: &mut Stream) -> Vec<u8> {
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut out))
+            .await
+            .expect("the stream to end")
+            .expect("reading");
+        out
+    }
+
+    #[tokio::test]
+    async fn interleaved_pairs_are_matched_by_request_id() {
+        let client = session(Duration::from_secs(30));
+        let error_a = client
+            .open_stream(headers("error", "1", "a"), true)
+            .unwrap();
+        let error_b = client
+            .open_stream(headers("error", "1", "b"), true)
+            .unwrap();
+        let mut data_b = client
+            .open_stream(headers("data", "1", "b"), false)
+            .unwrap();
+        let mut data_a = client
+            .open_stream(headers("data", "1", "a"), false)
+            .unwrap();
+        data_a.write_all(b"first").await.unwrap();
+        data_a.shutdown().await.unwrap();
+        data_b.write_all(b"second").await.unwrap();
+        data_b.shutdown().await.unwrap();
+        assert_eq!(read_all(&mut data_a).await, b"first");
+        assert_eq!(read_all(&mut data_b).await, b"second");
+        for mut error in [error_a, error_b] {
+            assert_eq!(read_all(&mut error).await, b"", "no error");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refused_port_is_reported_on_the_error_stream_and_others_continue() {
+        let client = session(Duration::from_secs(30));
+        let mut error = client
+            .open_stream(headers("error", "2", "0"), true)
+            .unwrap();
+        let _data = client
+            .open_stream(headers("data", "2", "0"), false)
+            .unwrap();
+        let message = String::from_utf8(read_all(&mut error).await).unwrap();
+        assert_eq!(
+            message,
+            "error forwarding port 2 to pod ns/p, uid u1: transient failure: connection refused"
+        );
+        // The session carries on.
+        let _error = client
+            .open_stream(headers("error", "1", "1"), true)
+            .unwrap();
+        let mut data = client
+            .open_stream(headers("data", "1", "1"), false)
+            .unwrap();
+        data.write_all(b"still here").await.unwrap();
+        data.shutdown().await.unwrap();
+        assert_eq!(read_all(&mut data).await, b"still here");
+    }
+
+    #[tokio::test]
+    async fn a_lonely_error_stream_times_out_with_a_message() {
+        let client = session(Duration::from_millis(200));
+        let mut error = client
+            .open_stream(headers("error", "1", "7"), true)
+            .unwrap();
+        let message = String::from_utf8(read_all(&mut error).await).unwrap();
+        assert_eq!(
+            message,
+            "timed out waiting for the data stream of request 7"
+        );
+    }
+
+    #[tokio::test]
+    async fn streams_with_bad_headers_are_reset() {
+        let client = session(Duration::from_secs(30));
+        for bad in [
+            headers("data", "", "1"),
+            headers("data", "0", "1"),
+            headers("data", "http", "1"),
+            headers("stdin", "1", "1"),
+        ] {
+            let mut stream = client.open_stream(bad, false).unwrap();
+            let mut out = Vec::new();
+            let err = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut out))
+                .await
+                .expect("a reset")
+                .unwrap_err();
+            let inner = err.into_inner().unwrap().downcast::<StreamError>().unwrap();
+            assert!(
+                matches!(*inner, StreamError::Reset { by: "peer", .. }),
+                "{inner}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn clients_without_request_ids_are_paired_by_stream_id() {
+        let client = session(Duration::from_secs(30));
+        let _error = client.open_stream(headers("error", "1", ""), true).unwrap();
+        let mut data = client.open_stream(headers("data", "1", ""), false).unwrap();
+        data.write_all(b"legacy").await.unwrap();
+        data.shutdown().await.unwrap();
+        assert_eq!(read_all(&mut data).await, b"legacy");
+    }
+}
