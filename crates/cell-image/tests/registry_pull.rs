@@ -508,3 +508,41 @@ async fn concurrent_pulls_share_layers_downloaded_once_and_containers_are_separa
             .is_dir()
     );
 }
+
+#[tokio::test]
+async fn a_layer_writing_through_a_symlink_out_of_the_root_is_refused() {
+    let outside = tempfile::tempdir().unwrap();
+    let registry = TestRegistry::start().unwrap();
+    let evil = TestImage::new(Platform::host()).layer(
+        LayerBuilder::new()
+            .symlink("escape", outside.path().to_str().unwrap())
+            .file("escape/pwned", b"x", 0o644)
+            .build()
+            .unwrap(),
+    );
+    let pushed = registry.push("evil:v1", &evil).await.unwrap();
+    for mode in [RootfsMode::Overlay, RootfsMode::Copy] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path(), mode);
+        let result = match store
+            .ensure(
+                &pushed.reference,
+                PullPolicy::IfNotPresent,
+                &PullAuth::Anonymous,
+            )
+            .await
+        {
+            // Copy mode extracts per container.
+            Ok(image) => store.create_rootfs(&image, "c").map(|_| ()),
+            Err(e) => Err(e),
+        };
+        let err = result.unwrap_err();
+        assert!(matches!(err, ImageError::Layer { .. }), "{mode:?}: {err:?}");
+        let message = err.to_string();
+        assert!(
+            message.contains(&pushed.layer_digests[0]) && message.contains("symlink escape"),
+            "{message}"
+        );
+        assert!(!outside.path().join("pwned").exists(), "{mode:?}");
+    }
+}
