@@ -10,12 +10,21 @@
 //!   both cached;
 //! - [`server`]: the accept loop that ties TLS, authentication and authorization to an axum
 //!   router, with HTTP upgrades for the streaming protocols;
-//! - [`routes`]: the endpoints (pods, logs, exec, attach, port-forward, metrics).
+//! - [`routes`]: the endpoints (pods, logs, exec, attach, port-forward, metrics);
+//! - [`remotecommand`]: `kubectl exec/attach/cp` over SPDY/3.1 and WebSocket;
+//! - [`ws_channels`]: the WebSocket channel framing (`channel.k8s.io` family), shared by the
+//!   streaming endpoints;
+//! - [`portforward`]: `kubectl port-forward` over SPDY/3.1 and WebSocket;
+//! - [`stats`]: `/stats/summary` and `/metrics/resource` (`kubectl top`).
 #![forbid(unsafe_code)]
 
 pub mod auth;
 mod cache;
 pub mod csr;
+pub mod portforward;
+pub mod remotecommand;
 pub mod routes;
 pub mod server;
+pub mod stats;
 pub mod tls;
+pub mod ws_channels;

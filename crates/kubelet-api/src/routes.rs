@@ -1,5 +1,5 @@
 //! The kubelet API's endpoints: `/healthz`, `/metrics`, `/pods`, `/runningpods/`,
-//! `/containerLogs`, `/exec`, `/attach`, `/portForward`.
+//! `/containerLogs`, `/exec`, `/attach`, `/portForward`, `/stats/summary`, `/metrics/resource`.
 //!
 //! Every per-pod endpoint first checks that the pod is bound to this node
 //! ([`bound_pod`]); a pod of another node is 404, so a node never serves another node's pods.
@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
@@ -17,7 +17,9 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams, ObjectList};
 use serde::Deserialize;
 use tokio::io::AsyncReadExt as _;
-use updraft_provider::{LogOptions, PodRef, Provider, ProviderError};
+use updraft_provider::{ExecRequest, LogOptions, PodRef, Provider, ProviderError};
+
+use crate::remotecommand::{self, Kind, Options};
 
 /// Renders the node's own metrics (`/metrics`) in the Prometheus text format.
 pub type MetricsEncoder = Arc<dyn Fn() -> String + Send + Sync>;
@@ -38,6 +40,7 @@ pub struct KubeletState {
 /// The kubelet API router (not yet wrapped with authentication: see
 /// [`crate::server::protect`]).
 pub fn routes(state: KubeletState) -> Router {
+    crate::stats::start_collecting();
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route(
@@ -50,18 +53,15 @@ pub fn routes(state: KubeletState) -> Router {
             "/containerLogs/{namespace}/{pod}/{container}",
             get(container_logs),
         )
-        .route("/exec/{namespace}/{pod}/{container}", any(not_yet))
-        .route("/attach/{namespace}/{pod}/{container}", any(not_yet))
-        .route("/portForward/{namespace}/{pod}", any(not_yet))
+        .route("/exec/{namespace}/{pod}/{container}", any(exec))
+        .route("/attach/{namespace}/{pod}/{container}", any(attach))
+        .route(
+            "/portForward/{namespace}/{pod}",
+            any(crate::portforward::handler),
+        )
+        .route("/stats/summary", get(crate::stats::stats_summary))
+        .route("/metrics/resource", get(crate::stats::metrics_resource))
         .with_state(state)
-}
-
-async fn not_yet() -> Response {
-    (
-        StatusCode::NOT_IMPLEMENTED,
-        "not implemented by this Updraft build yet\n",
-    )
-        .into_response()
 }
 
 /// The HTTP answer to a provider error: status code by kind, the error's text as body.
@@ -213,4 +213,68 @@ async fn container_logs(
         }
         Err(err) => provider_error(&err),
     }
+}
+
+/// `/exec/{ns}/{pod}/{container}?command=…&stdin=…&stdout=…&stderr=…&tty=…` over SPDY or
+/// WebSocket (see [`remotecommand`]).
+async fn exec(
+    State(state): State<KubeletState>,
+    Path((namespace, pod, container)): Path<(String, String, String)>,
+    request: Request,
+) -> Response {
+    let options = match Options::from_query(request.uri().query(), Kind::Exec) {
+        Ok(options) => options,
+        Err(problem) => return (StatusCode::BAD_REQUEST, format!("{problem}\n")).into_response(),
+    };
+    if state.provider.exec().is_none() {
+        return provider_error(&ProviderError::Unsupported("exec"));
+    }
+    let pod = match bound_pod(&state, &namespace, &pod).await {
+        Ok(pod) => pod,
+        Err(response) => return response,
+    };
+    let provider = state.provider.clone();
+    let exec_request = ExecRequest {
+        pod,
+        container,
+        command: options.command.clone(),
+    };
+    let session: remotecommand::Session = Box::new(move |io| {
+        Box::pin(async move {
+            match provider.exec() {
+                Some(exec) => exec.exec(exec_request, io).await,
+                None => Err(ProviderError::Unsupported("exec")),
+            }
+        })
+    });
+    remotecommand::serve(request, options, Kind::Exec, session)
+}
+
+/// `/attach/{ns}/{pod}/{container}?stdin=…&stdout=…&stderr=…&tty=…` over SPDY or WebSocket.
+async fn attach(
+    State(state): State<KubeletState>,
+    Path((namespace, pod, container)): Path<(String, String, String)>,
+    request: Request,
+) -> Response {
+    let options = match Options::from_query(request.uri().query(), Kind::Attach) {
+        Ok(options) => options,
+        Err(problem) => return (StatusCode::BAD_REQUEST, format!("{problem}\n")).into_response(),
+    };
+    if state.provider.attach().is_none() {
+        return provider_error(&ProviderError::Unsupported("attach"));
+    }
+    let pod = match bound_pod(&state, &namespace, &pod).await {
+        Ok(pod) => pod,
+        Err(response) => return response,
+    };
+    let provider = state.provider.clone();
+    let session: remotecommand::Session = Box::new(move |io| {
+        Box::pin(async move {
+            match provider.attach() {
+                Some(attach) => attach.attach(&pod, &container, io).await,
+                None => Err(ProviderError::Unsupported("attach")),
+            }
+        })
+    });
+    remotecommand::serve(request, options, Kind::Attach, session)
 }

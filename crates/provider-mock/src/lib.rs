@@ -9,12 +9,33 @@
 //! | `mock.updraft.dev/start-delay-ms` | milliseconds | the pod stays `Pending` that long |
 //! | `mock.updraft.dev/exit-after-ms` | milliseconds | every container exits after that long … |
 //! | `mock.updraft.dev/exit-code` | integer (default 0) | … with this code; restarts per `restartPolicy` |
+//! | `mock.updraft.dev/run` | `true` or `false` (default) | containers run as real host processes (below) |
 //!
 //! A malformed value fails creation with `InvalidInput` naming the annotation.
+//!
+//! With `mock.updraft.dev/run: "true"` (module `sandbox`) the pod gets a scratch directory under
+//! [`MockConfig::scratch_dir`] and each container's `command` + `args` runs there as a host
+//! process (`sleep infinity` without a command), with the container's resolved environment,
+//! restarted per `restartPolicy`; its status follows the process. Its output is logged in the
+//! CRI format (module `cri_log`) for `kubectl logs` (follow, tail, since, timestamps,
+//! previous); `kubectl exec` runs the command in the scratch directory, with a pseudo-terminal
+//! for `-t` (module `exec`); `kubectl attach` connects to the main process's stdin and output.
+//! Such a pod cannot also use `start-delay-ms`, `exit-after-ms` or `exit-code`. Pods without
+//! the annotation execute nothing, and logs/exec/attach on them answer "not implemented".
+//!
+//! Port-forwarding connects to the host's loopback (module `forward`); resource
+//! usage is derived from the containers' requests (module `stats`).
 #![forbid(unsafe_code)]
+
+mod cri_log;
+mod exec;
+mod forward;
+mod sandbox;
+mod stats;
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -27,8 +48,12 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use tokio::sync::mpsc;
 use updraft_provider::{
+    ContainerAttach, ContainerExec, ContainerLogs, ExecRequest, ExitStatus, LogOptions, LogStream,
     NodeHealth, PodRef, PodStatusUpdate, Provider, ProviderError, ProviderPod, ResolvedPod, Result,
+    StreamIo,
 };
+
+use crate::sandbox::{ContainerEvent, Sandbox};
 
 const ANNOTATION_PREFIX: &str = "mock.updraft.dev/";
 
@@ -39,6 +64,8 @@ pub struct MockConfig {
     pub host_ip: String,
     /// Pod IPs are allocated sequentially from this base (reported only; never routed).
     pub pod_ip_base: Ipv4Addr,
+    /// Where pods with `mock.updraft.dev/run: "true"` get their scratch directories.
+    pub scratch_dir: PathBuf,
 }
 
 impl Default for MockConfig {
@@ -46,6 +73,7 @@ impl Default for MockConfig {
         Self {
             host_ip: "127.0.0.1".into(),
             pod_ip_base: Ipv4Addr::new(10, 244, 0, 0),
+            scratch_dir: std::env::temp_dir().join("updraft-mock"),
         }
     }
 }
@@ -57,6 +85,7 @@ struct Behaviour {
     start_delay: Option<Duration>,
     exit_after: Option<Duration>,
     exit_code: i32,
+    run: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -103,12 +132,23 @@ impl Behaviour {
                 "exit-code" => {
                     behaviour.exit_code = value.parse().map_err(|_| bad("an integer"))?
                 }
+                "run" => behaviour.run = value.parse().map_err(|_| bad("true or false"))?,
                 _ => {
                     return Err(bad(
-                        "one of fail-create, start-delay-ms, exit-after-ms, exit-code",
+                        "one of fail-create, start-delay-ms, exit-after-ms, exit-code, run",
                     ));
                 }
             }
+        }
+        if behaviour.run
+            && (behaviour.start_delay.is_some()
+                || behaviour.exit_after.is_some()
+                || behaviour.exit_code != 0)
+        {
+            return Err(ProviderError::InvalidInput(format!(
+                "annotation {ANNOTATION_PREFIX}run=true runs real processes: remove \
+                 {ANNOTATION_PREFIX}start-delay-ms, exit-after-ms and exit-code (the process decides)"
+            )));
         }
         Ok(behaviour)
     }
@@ -123,6 +163,8 @@ struct MockPod {
     status: PodStatus,
     /// The pod's timer (start delay or exit), aborted when the pod is deleted.
     timer: Option<tokio::task::JoinHandle<()>>,
+    /// The pod's processes, with `mock.updraft.dev/run: "true"`; dropping kills them.
+    sandbox: Option<Sandbox>,
 }
 
 #[derive(Debug, Default)]
@@ -276,6 +318,131 @@ impl MockProvider {
         }
     }
 
+    /// Starts the processes of a `run` pod; its status follows them from here on.
+    async fn start_processes(&self, key: (String, String), resolved: &ResolvedPod) -> Result<()> {
+        let uid = resolved.pod.metadata.uid.clone().unwrap_or_default();
+        let this = self.clone();
+        let (report_key, report_uid) = (key.clone(), uid.clone());
+        let report: sandbox::Reporter =
+            Arc::new(move |event| this.container_changed(&report_key, &report_uid, event));
+        let sandbox = match Sandbox::start(&self.config.scratch_dir, resolved, report).await {
+            Ok(sandbox) => sandbox,
+            Err(err) => {
+                self.lock().pods.remove(&key);
+                return Err(err);
+            }
+        };
+        if let Some(entry) = self.lock().pods.get_mut(&key)
+            && entry.pod.uid == uid
+        {
+            entry.sandbox = Some(sandbox);
+        }
+        Ok(())
+    }
+
+    /// Folds a container's change into the pod's status and publishes it.
+    fn container_changed(&self, key: &(String, String), uid: &str, event: ContainerEvent) {
+        let mut state = self.lock();
+        let Some(entry) = state.pods.get_mut(key).filter(|p| p.pod.uid == uid) else {
+            return;
+        };
+        let name = match &event {
+            ContainerEvent::Running { name, .. } | ContainerEvent::Terminated { name, .. } => {
+                name.clone()
+            }
+        };
+        let statuses = entry.status.container_statuses.get_or_insert_with(Vec::new);
+        if let Some(status) = statuses.iter_mut().find(|c| c.name == name) {
+            match event {
+                ContainerEvent::Running {
+                    restart_count,
+                    started_at,
+                    ..
+                } => {
+                    if restart_count > 0 {
+                        status.last_state = status.state.take();
+                    }
+                    status.restart_count = restart_count;
+                    status.state = Some(ContainerState {
+                        running: Some(ContainerStateRunning {
+                            started_at: Some(started_at),
+                        }),
+                        ..Default::default()
+                    });
+                    status.ready = true;
+                    status.started = Some(true);
+                }
+                ContainerEvent::Terminated {
+                    restart_count,
+                    exit_code,
+                    started_at,
+                    finished_at,
+                    ..
+                } => {
+                    status.restart_count = restart_count;
+                    status.state = Some(ContainerState {
+                        terminated: Some(ContainerStateTerminated {
+                            exit_code,
+                            reason: Some(if exit_code == 0 { "Completed" } else { "Error" }.into()),
+                            started_at: Some(started_at),
+                            finished_at: Some(finished_at),
+                            container_id: status.container_id.clone(),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    });
+                    status.ready = false;
+                    status.started = Some(false);
+                }
+            }
+        }
+        let policy = entry
+            .spec_pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.restart_policy.clone())
+            .unwrap_or_else(|| "Always".into());
+        let exit_codes: Option<Vec<i32>> = statuses
+            .iter()
+            .map(|c| c.state.as_ref()?.terminated.as_ref().map(|t| t.exit_code))
+            .collect();
+        let all_ready = statuses.iter().all(|c| c.ready);
+        entry.status.phase = Some(
+            match exit_codes {
+                Some(codes)
+                    if policy == "Never"
+                        || (policy == "OnFailure" && codes.iter().all(|c| *c == 0)) =>
+                {
+                    if codes.iter().all(|c| *c == 0) {
+                        "Succeeded"
+                    } else {
+                        "Failed"
+                    }
+                }
+                _ => "Running",
+            }
+            .into(),
+        );
+        entry.status.conditions = Some(conditions(all_ready, &updraft_provider::now()));
+        self.publish(entry);
+    }
+
+    /// Calls `f` with the sandbox of a running `run` pod.
+    fn with_sandbox<T>(&self, pod: &PodRef, f: impl FnOnce(&Sandbox) -> Result<T>) -> Result<T> {
+        let state = self.lock();
+        let entry = state
+            .pods
+            .get(&(pod.namespace.clone(), pod.name.clone()))
+            .filter(|p| pod.uid.is_empty() || p.pod.uid == pod.uid)
+            .ok_or_else(|| ProviderError::NotFound(format!("pod {pod} does not run here")))?;
+        match &entry.sandbox {
+            Some(sandbox) => f(sandbox),
+            None => Err(ProviderError::Unsupported(
+                "logs, exec and attach on mock pods without the annotation mock.updraft.dev/run: \"true\"",
+            )),
+        }
+    }
+
     fn allocate_ip(&self, state: &mut State) -> String {
         state.next_ip = state.next_ip.wrapping_add(1);
         Ipv4Addr::from(u32::from(self.config.pod_ip_base).wrapping_add(state.next_ip)).to_string()
@@ -392,11 +559,15 @@ impl Provider for MockProvider {
                     spec_pod: resolved.pod.clone(),
                     status,
                     timer: None,
+                    sandbox: None,
                 },
             );
             if let Some(timer) = previous.and_then(|p| p.timer) {
                 timer.abort();
             }
+        }
+        if behaviour.run {
+            return self.start_processes(key, resolved).await;
         }
         match behaviour.start_delay {
             Some(delay) => {
@@ -470,6 +641,26 @@ impl Provider for MockProvider {
         Some(self)
     }
 
+    fn logs(&self) -> Option<&dyn ContainerLogs> {
+        Some(self)
+    }
+
+    fn exec(&self) -> Option<&dyn ContainerExec> {
+        Some(self)
+    }
+
+    fn attach(&self) -> Option<&dyn ContainerAttach> {
+        Some(self)
+    }
+
+    fn port_forward(&self) -> Option<&dyn updraft_provider::PortForward> {
+        Some(self)
+    }
+
+    fn stats(&self) -> Option<&dyn updraft_provider::ProviderStats> {
+        Some(self)
+    }
+
     fn status_updates(&self) -> Option<BoxStream<'static, PodStatusUpdate>> {
         let receiver = self
             .updates_rx
@@ -477,6 +668,48 @@ impl Provider for MockProvider {
             .unwrap_or_else(|e| e.into_inner())
             .take()?;
         Some(tokio_stream::wrappers::UnboundedReceiverStream::new(receiver).boxed())
+    }
+}
+
+#[async_trait::async_trait]
+impl ContainerLogs for MockProvider {
+    async fn logs(&self, pod: &PodRef, container: &str, options: LogOptions) -> Result<LogStream> {
+        let instance = self.with_sandbox(pod, |s| s.instance(container, options.previous))?;
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(async move {
+            if let Err(err) = cri_log::read(instance.log, options, tx.clone()).await {
+                let _ = tx.send(Err(err)).await;
+            }
+        });
+        Ok(Box::new(tokio_util::io::StreamReader::new(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}
+
+#[async_trait::async_trait]
+impl ContainerExec for MockProvider {
+    async fn exec(&self, request: ExecRequest, io: StreamIo) -> Result<ExitStatus> {
+        let (dir, env) = self.with_sandbox(&request.pod, |s| {
+            let env = s.environment(&request.container).ok_or_else(|| {
+                ProviderError::NotFound(format!(
+                    "container {:?} is not in pod {}",
+                    request.container, request.pod
+                ))
+            })?;
+            Ok((s.dir().to_owned(), env.to_vec()))
+        })?;
+        exec::exec(&dir, &env, &request.command, io).await
+    }
+}
+
+#[async_trait::async_trait]
+impl ContainerAttach for MockProvider {
+    async fn attach(&self, pod: &PodRef, container: &str, io: StreamIo) -> Result<ExitStatus> {
+        let (instance, stdin_once) = self.with_sandbox(pod, |s| {
+            Ok((s.instance(container, false)?, s.stdin_once(container)))
+        })?;
+        sandbox::attach(instance, stdin_once, io).await
     }
 }
 

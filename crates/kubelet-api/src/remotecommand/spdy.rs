@@ -1,0 +1,267 @@
+//! Remote command over SPDY/3.1: the upgrade with `X-Stream-Protocol-Version` negotiation,
+//! then one SPDY stream per purpose, named by its `streamType` header.
+
+use axum::extract::Request;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt as _;
+use tokio::sync::mpsc;
+use updraft_provider::StreamIo;
+use updraft_spdy::{Config, Connection, Headers, RecvStream, Role, RstStatus, SendStream, Stream};
+
+use super::{
+    Kind, Options, STREAM_CREATION_TIMEOUT, Session, StatusFormat, read_resizes, refuse,
+    status_bytes,
+};
+
+/// The negotiation header (client: what it speaks, in preference order; server: the choice).
+const PROTOCOL_HEADER: &str = "x-stream-protocol-version";
+/// Sent with a refusal: what we speak.
+const ACCEPTED_HEADER: &str = "x-accepted-stream-protocol-versions";
+/// What we speak over SPDY, best first, with the protocol's version number.
+const PROTOCOLS: [(&str, u8); 4] = [
+    ("v5.channel.k8s.io", 5),
+    ("v4.channel.k8s.io", 4),
+    ("v3.channel.k8s.io", 3),
+    ("v2.channel.k8s.io", 2),
+];
+
+/// Picks the first protocol in the client's order that we speak.
+fn negotiate(request: &Request) -> Option<(&'static str, u8)> {
+    request
+        .headers()
+        .get_all(PROTOCOL_HEADER)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .find_map(|offered| PROTOCOLS.iter().find(|(p, _)| *p == offered).copied())
+}
+
+pub(super) fn serve(
+    mut request: Request,
+    options: Options,
+    kind: Kind,
+    session: Session,
+) -> Response {
+    let upgrade_to_spdy = request
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("SPDY/3.1"))
+        });
+    if !upgrade_to_spdy {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "this endpoint streams: upgrade the connection to SPDY/3.1 (Upgrade: SPDY/3.1) or \
+             to a WebSocket (Upgrade: websocket)",
+        );
+    }
+    let Some((protocol, version)) = negotiate(&request) else {
+        let offered: Vec<&str> = request
+            .headers()
+            .get_all(PROTOCOL_HEADER)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        let supported: Vec<&str> = PROTOCOLS.iter().map(|(p, _)| *p).collect();
+        let mut response = refuse(
+            StatusCode::FORBIDDEN,
+            format!(
+                "unable to upgrade: unable to negotiate protocol: client supports {offered:?}, \
+                 server accepts {supported:?}"
+            ),
+        );
+        for p in supported {
+            response
+                .headers_mut()
+                .append(ACCEPTED_HEADER, HeaderValue::from_static(p));
+        }
+        return response;
+    };
+    tracing::debug!(protocol, ?options, ?kind, "remote command over SPDY");
+    let on_upgrade = hyper::upgrade::on(&mut request);
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => run(TokioIo::new(upgraded), version, options, kind, session).await,
+            Err(err) => tracing::debug!("SPDY upgrade failed: {err}"),
+        }
+    });
+    (
+        StatusCode::SWITCHING_PROTOCOLS,
+        [
+            (header::CONNECTION, HeaderValue::from_static("Upgrade")),
+            (header::UPGRADE, HeaderValue::from_static("SPDY/3.1")),
+            (
+                header::HeaderName::from_static(PROTOCOL_HEADER),
+                HeaderValue::from_static(protocol),
+            ),
+        ],
+    )
+        .into_response()
+}
+
+/// The streams of one session, as the client opens them.
+#[derive(Default)]
+struct Streams {
+    error: Option<SendStream>,
+    stdin: Option<RecvStream>,
+    stdout: Option<SendStream>,
+    stderr: Option<SendStream>,
+    resize: Option<RecvStream>,
+    /// The halves we do not use, kept so the streams stay open until the session ends.
+    unused_send: Vec<SendStream>,
+    unused_recv: Vec<RecvStream>,
+    count: usize,
+}
+
+impl Streams {
+    /// Files `stream` by its `streamType`; unknown and duplicate streams are reset.
+    fn add(&mut self, stream: Stream) {
+        let kind = stream
+            .headers()
+            .get("streamtype")
+            .unwrap_or_default()
+            .to_owned();
+        tracing::debug!(stream_type = %kind, "remote command stream");
+        let taken = match kind.as_str() {
+            "error" => self.error.is_some(),
+            "stdin" => self.stdin.is_some(),
+            "stdout" => self.stdout.is_some(),
+            "stderr" => self.stderr.is_some(),
+            "resize" => self.resize.is_some(),
+            _ => true,
+        };
+        if taken {
+            tracing::info!(stream_type = %kind, "resetting an unexpected remote command stream");
+            stream.reset(RstStatus::REFUSED_STREAM);
+            return;
+        }
+        if stream.reply(Headers::new(), false).is_err() {
+            return;
+        }
+        let (recv, send) = stream.split();
+        match kind.as_str() {
+            "error" => {
+                self.error = Some(send);
+                self.unused_recv.push(recv);
+            }
+            "stdin" => {
+                self.stdin = Some(recv);
+                self.unused_send.push(send);
+            }
+            "stdout" => {
+                self.stdout = Some(send);
+                self.unused_recv.push(recv);
+            }
+            "stderr" => {
+                self.stderr = Some(send);
+                self.unused_recv.push(recv);
+            }
+            _ => {
+                self.resize = Some(recv);
+                self.unused_send.push(send);
+            }
+        }
+        self.count += 1;
+    }
+}
+
+async fn run(
+    io: TokioIo<hyper::upgrade::Upgraded>,
+    version: u8,
+    options: Options,
+    kind: Kind,
+    session: Session,
+) {
+    let (handle, mut incoming) =
+        match Connection::new(io, Role::Server, Config::spdystream_compatible()) {
+            Ok(connection) => connection,
+            Err(err) => {
+                tracing::warn!("starting a SPDY session: {err}");
+                return;
+            }
+        };
+    let expected = 1
+        + usize::from(options.stdin)
+        + usize::from(options.stdout)
+        + usize::from(options.stderr)
+        + usize::from(options.tty && version >= 3);
+    let mut streams = Streams::default();
+    let deadline = tokio::time::sleep(STREAM_CREATION_TIMEOUT);
+    tokio::pin!(deadline);
+    while streams.count < expected {
+        tokio::select! {
+            stream = incoming.accept() => match stream {
+                Some(stream) => streams.add(stream),
+                None => return,
+            },
+            () = &mut deadline => {
+                tracing::info!(
+                    "closing a remote command session: the client opened {} of {expected} streams within {STREAM_CREATION_TIMEOUT:?}",
+                    streams.count
+                );
+                handle.close().await;
+                return;
+            }
+        }
+    }
+    tracing::debug!(expected, "remote command streams open");
+    let Some(mut error) = streams.error.take() else {
+        // `expected` counts the error stream, so this needs a client that sent five of one kind;
+        // `add` refuses duplicates, so it cannot happen.
+        handle.close().await;
+        return;
+    };
+    let (resize_tx, resize_rx) = mpsc::channel(8);
+    let resizing = streams
+        .resize
+        .take()
+        .map(|stream| tokio::spawn(read_resizes(stream, resize_tx)));
+    let io = StreamIo {
+        stdin: streams
+            .stdin
+            .take()
+            .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
+        stdout: streams
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncWrite + Send + Unpin>),
+        stderr: streams
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncWrite + Send + Unpin>),
+        tty: options.tty,
+        resize: options.tty.then_some(resize_rx),
+    };
+    // The client going away cancels the session (dropping it kills the process).
+    let result = tokio::select! {
+        result = session(io) => Some(result),
+        reason = handle.closed() => {
+            tracing::debug!("remote command client went away: {reason}");
+            None
+        }
+    };
+    if let Some(resizing) = resizing {
+        resizing.abort();
+    }
+    tracing::debug!(?result, "remote command session ended");
+    if let Some(result) = result {
+        let format = if version >= 4 {
+            StatusFormat::Json
+        } else {
+            StatusFormat::Text
+        };
+        if let Some(status) = status_bytes(kind, &result, format) {
+            let _ = error.write_all(&status).await;
+        }
+        let _ = error.shutdown().await;
+    }
+    drop(error);
+    drop(streams);
+    drop(incoming);
+    handle.close().await;
+}
