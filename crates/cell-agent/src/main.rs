@@ -1,0 +1,103 @@
+//! `updraft-cell`: the cell agent binary.
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+use updraft_cell_agent::images::{DirectoryImages, PreparedImage};
+use updraft_cell_agent::{Agent, server, tls};
+
+/// Runs one pod on this cell behind an HTTPS API with mutual TLS.
+#[derive(Parser, Debug)]
+#[command(name = "updraft-cell", version)]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, env = "UPDRAFT_CELL_LISTEN", default_value = "0.0.0.0:6421")]
+    listen: SocketAddr,
+    /// Agent state directory (pod records, logs, volumes, root filesystems).
+    #[arg(
+        long,
+        env = "UPDRAFT_CELL_DIR",
+        default_value = "/var/lib/updraft-cell"
+    )]
+    dir: PathBuf,
+    /// Server certificate (PEM) with the DNS name `updraft-cell`.
+    #[arg(long, env = "UPDRAFT_CELL_TLS_CERT")]
+    tls_cert: PathBuf,
+    /// Its private key (PEM).
+    #[arg(long, env = "UPDRAFT_CELL_TLS_KEY")]
+    tls_key: PathBuf,
+    /// CA whose client certificates are accepted (the provider's).
+    #[arg(long, env = "UPDRAFT_CELL_CLIENT_CA")]
+    client_ca: PathBuf,
+    /// cgroup path for the pod.
+    #[arg(long, default_value = "updraft-cell")]
+    cgroup_root: PathBuf,
+    /// Directory images: `name=/path/to/rootfs` (repeatable), until the OCI image store lands.
+    #[arg(long = "image-dir")]
+    image_dirs: Vec<String>,
+}
+
+fn read(path: &PathBuf) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    let tls = tls::server_config(
+        &read(&args.client_ca)?,
+        &read(&args.tls_cert)?,
+        &read(&args.tls_key)?,
+    )
+    .map_err(|e| e.to_string())?;
+    let mut images = DirectoryImages::new(args.dir.join("rootfs"));
+    for spec in &args.image_dirs {
+        let (name, path) = spec
+            .split_once('=')
+            .ok_or_else(|| format!("--image-dir {spec:?} must be name=/path"))?;
+        images = images.with_image(name, std::path::Path::new(path), PreparedImage::default());
+    }
+    let agent = Agent::open(args.dir.clone(), Arc::new(images), args.cgroup_root.clone())
+        .await
+        .map_err(|e| e.to_string())?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| format!("listening on {}: {e}", args.listen))?;
+    tracing::info!(addr = %args.listen, "updraft-cell serving");
+    let shutdown = CancellationToken::new();
+    let serve = tokio::spawn(server::serve(
+        listener,
+        tls,
+        agent.clone(),
+        shutdown.clone(),
+    ));
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| e.to_string())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    // The pod keeps running: the next agent adopts it.
+    shutdown.cancel();
+    let _ = serve.await;
+    agent.detach().await;
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    match run(Args::parse()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("updraft-cell: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,136 @@
+//! Kubernetes container spec rules: command/args vs image entrypoint/cmd, env order,
+//! resource quantities.
+
+use k8s_openapi::api::core::v1::Container;
+use updraft_cell_runtime::Resources;
+
+use crate::images::PreparedImage;
+
+/// argv by the Kubernetes rules: `command` replaces the entrypoint (and drops the image cmd),
+/// `args` replaces the cmd.
+pub fn argv(c: &Container, image: &PreparedImage) -> Vec<String> {
+    let command = c.command.clone().filter(|v| !v.is_empty());
+    let args = c.args.clone().filter(|v| !v.is_empty());
+    match (command, args) {
+        (Some(cmd), Some(args)) => cmd.into_iter().chain(args).collect(),
+        (Some(cmd), None) => cmd,
+        (None, Some(args)) => image.entrypoint.iter().cloned().chain(args).collect(),
+        (None, None) => image
+            .entrypoint
+            .iter()
+            .chain(image.cmd.iter())
+            .cloned()
+            .collect(),
+    }
+}
+
+/// Image env, then the pod's resolved env (later names override earlier ones in place).
+pub fn env(image: &PreparedImage, resolved: &[(String, String)]) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    let mut set = |k: &str, v: &str| match out.iter_mut().find(|(n, _)| n == k) {
+        Some(slot) => slot.1 = v.to_owned(),
+        None => out.push((k.to_owned(), v.to_owned())),
+    };
+    if !image.env.iter().any(|(k, _)| k == "PATH") {
+        set(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        );
+    }
+    for (k, v) in image.env.iter().chain(resolved) {
+        set(k, v);
+    }
+    out
+}
+
+/// A quantity such as `500m`, `2`, `64Mi`, `1G`, `1e3` as a number of base units, scaled by
+/// `scale` (1000 for CPU millicores). `None` when unparsable.
+pub fn quantity(text: &str, scale: f64) -> Option<u64> {
+    let t = text.trim();
+    let suffixes: [(&str, f64); 13] = [
+        ("Ki", 1024.0),
+        ("Mi", 1024.0 * 1024.0),
+        ("Gi", 1024.0 * 1024.0 * 1024.0),
+        ("Ti", 1024.0 * 1024.0 * 1024.0 * 1024.0),
+        ("Pi", 1024f64.powi(5)),
+        ("Ei", 1024f64.powi(6)),
+        ("n", 1e-9),
+        ("u", 1e-6),
+        ("m", 1e-3),
+        ("k", 1e3),
+        ("M", 1e6),
+        ("G", 1e9),
+        ("T", 1e12),
+    ];
+    let (num, mult) = suffixes
+        .iter()
+        .find_map(|(s, m)| t.strip_suffix(s).map(|n| (n, *m)))
+        .unwrap_or((t, 1.0));
+    let value: f64 = num.parse().ok()?;
+    (value >= 0.0 && value.is_finite()).then(|| (value * mult * scale).ceil() as u64)
+}
+
+/// cgroup limits from `resources.limits` (cpu → CFS quota per 100 ms, memory → bytes) and
+/// `requests.cpu` → shares.
+pub fn resources(c: &Container) -> Resources {
+    let r = c.resources.as_ref();
+    let limit = |name: &str, scale: f64| {
+        r.and_then(|r| r.limits.as_ref())
+            .and_then(|l| l.get(name))
+            .and_then(|q| quantity(&q.0, scale))
+    };
+    let request_milli = r
+        .and_then(|r| r.requests.as_ref())
+        .and_then(|l| l.get("cpu"))
+        .and_then(|q| quantity(&q.0, 1000.0));
+    Resources {
+        // 1 CPU = 100_000 µs per 100_000 µs period; quota never below the kernel minimum.
+        cpu_quota_us: limit("cpu", 1000.0).map(|milli| (milli * 100).max(1000)),
+        cpu_period_us: None,
+        cpu_shares: request_milli.map(|m| (m * 1024 / 1000).max(2)),
+        memory_limit_bytes: limit("memory", 1.0),
+        pids_max: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantities_and_argv_rules() {
+        assert_eq!(quantity("500m", 1000.0), Some(500));
+        assert_eq!(quantity("2", 1000.0), Some(2000));
+        assert_eq!(quantity("64Mi", 1.0), Some(64 << 20));
+        assert_eq!(quantity("1G", 1.0), Some(1_000_000_000));
+        assert_eq!(quantity("x", 1.0), None);
+        let image = PreparedImage {
+            entrypoint: vec!["/ep".into()],
+            cmd: vec!["c1".into()],
+            ..PreparedImage::default()
+        };
+        let mut c = Container::default();
+        assert_eq!(argv(&c, &image), ["/ep", "c1"]);
+        c.args = Some(vec!["a".into()]);
+        assert_eq!(argv(&c, &image), ["/ep", "a"]);
+        c.command = Some(vec!["/cmd".into()]);
+        assert_eq!(argv(&c, &image), ["/cmd", "a"]);
+        c.args = None;
+        assert_eq!(argv(&c, &image), ["/cmd"]);
+        let e = env(
+            &PreparedImage {
+                env: vec![("A".into(), "1".into()), ("PATH".into(), "/bin".into())],
+                ..PreparedImage::default()
+            },
+            &[("A".into(), "2".into()), ("B".into(), "3".into())],
+        );
+        assert_eq!(
+            e,
+            [
+                ("A".to_owned(), "2".to_owned()),
+                ("PATH".into(), "/bin".into()),
+                ("B".into(), "3".into())
+            ]
+        );
+    }
+}

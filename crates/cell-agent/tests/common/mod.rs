@@ -1,0 +1,247 @@
+//! Helpers: PKI, a busybox directory image, an in-process agent on 127.0.0.1, waits.
+#![allow(dead_code, clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Pod, PodStatus};
+use tokio_util::sync::CancellationToken;
+use updraft_cell_agent::images::{DirectoryImages, PreparedImage};
+use updraft_cell_agent::{Agent, server, tls};
+use updraft_cell_api::{ApplyPodRequest, CellClient, ClientTls, PodStatusResponse};
+
+/// A CA with server and client certificates, in PEM.
+pub struct Pki {
+    pub ca: String,
+    pub server_cert: String,
+    pub server_key: String,
+    pub client_cert: String,
+    pub client_key: String,
+}
+
+pub fn pki() -> Pki {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "updraft cells CA");
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let leaf = |name: &str, client: bool| {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(vec![name.to_owned()]).unwrap();
+        p.extended_key_usages = vec![if client {
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth
+        } else {
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth
+        }];
+        let cert = p.signed_by(&key, &issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    let (server_cert, server_key) = leaf("updraft-cell", false);
+    let (client_cert, client_key) = leaf("updraft-provider", true);
+    Pki {
+        ca: ca_cert.pem(),
+        server_cert,
+        server_key,
+        client_cert,
+        client_key,
+    }
+}
+
+/// A rootfs of /bin/busybox plus its applet symlinks.
+pub fn busybox_rootfs(dir: &Path) {
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::create_dir_all(dir.join("tmp")).unwrap();
+    std::fs::copy("/bin/busybox", bin.join("busybox")).unwrap();
+    let list = std::process::Command::new("/bin/busybox")
+        .arg("--list")
+        .output()
+        .unwrap();
+    for applet in String::from_utf8_lossy(&list.stdout).lines() {
+        if applet != "busybox" {
+            std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
+        }
+    }
+}
+
+/// An agent serving on 127.0.0.1 in this process.
+pub struct TestAgent {
+    pub agent: Arc<Agent>,
+    pub client: CellClient,
+    pub pki: Pki,
+    pub dir: tempfile::TempDir,
+    shutdown: CancellationToken,
+}
+
+pub fn require_root() {
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "the cell agent tests must run as root (namespaces, cgroups, mounts)"
+    );
+    assert!(
+        Path::new("/bin/busybox").exists(),
+        "/bin/busybox missing: apt-get install busybox-static"
+    );
+}
+
+pub fn images(dir: &Path) -> DirectoryImages {
+    let template = dir.join("busybox-image");
+    if !template.exists() {
+        busybox_rootfs(&template);
+    }
+    DirectoryImages::new(dir.join("rootfs")).with_image(
+        "busybox",
+        &template,
+        PreparedImage {
+            cmd: vec!["sh".into()],
+            env: vec![("PATH".into(), "/bin".into())],
+            image_id: "dir://busybox".into(),
+            ..PreparedImage::default()
+        },
+    )
+}
+
+pub async fn start_agent(backoff: Option<Duration>) -> TestAgent {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki();
+    let mut agent = Agent::open(
+        dir.path().join("agent"),
+        Arc::new(images(dir.path())),
+        PathBuf::from("updraft-cell-test"),
+    )
+    .await
+    .unwrap();
+    if let Some(b) = backoff {
+        agent.set_backoff(b, b * 4);
+    }
+    let tls = tls::server_config(
+        pki.ca.as_bytes(),
+        pki.server_cert.as_bytes(),
+        pki.server_key.as_bytes(),
+    )
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let shutdown = CancellationToken::new();
+    tokio::spawn(server::serve(
+        listener,
+        tls,
+        agent.clone(),
+        shutdown.clone(),
+    ));
+    let client = CellClient::new(
+        addr,
+        ClientTls::from_pem(
+            pki.ca.as_bytes(),
+            pki.client_cert.as_bytes(),
+            pki.client_key.as_bytes(),
+        )
+        .unwrap(),
+    );
+    TestAgent {
+        agent,
+        client,
+        pki,
+        dir,
+        shutdown,
+    }
+}
+
+impl TestAgent {
+    /// Deletes the pod (stopping everything) and stops serving.
+    pub async fn finish(self) {
+        let _ = self.client.delete_pod(None).await;
+        self.shutdown.cancel();
+    }
+}
+
+/// A pod from YAML, with a fresh UID.
+pub fn pod(yaml: &str) -> ApplyPodRequest {
+    let mut pod: Pod = serde_yaml::from_str(yaml).unwrap();
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    pod.metadata.uid = Some(format!(
+        "uid-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    ApplyPodRequest {
+        pod,
+        ..ApplyPodRequest::default()
+    }
+}
+
+/// Long-polls the status until `pred` holds (60 s bound), returning it.
+pub async fn wait_status(
+    client: &CellClient,
+    what: &str,
+    pred: impl Fn(&PodStatus) -> bool,
+) -> PodStatus {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut resp: PodStatusResponse = client.pod_status(None, Duration::ZERO).await.unwrap();
+    loop {
+        if pred(&resp.status) {
+            return resp.status;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}; last status: {}",
+            serde_json::to_string_pretty(&resp.status).unwrap()
+        );
+        resp = client
+            .pod_status(Some(resp.version), Duration::from_secs(5))
+            .await
+            .unwrap();
+    }
+}
+
+pub fn container<'a>(
+    s: &'a PodStatus,
+    name: &str,
+) -> Option<&'a k8s_openapi::api::core::v1::ContainerStatus> {
+    s.container_statuses
+        .iter()
+        .flatten()
+        .chain(s.init_container_statuses.iter().flatten())
+        .find(|c| c.name == name)
+}
+
+pub fn running(s: &PodStatus, name: &str) -> bool {
+    container(s, name).is_some_and(|c| c.state.as_ref().is_some_and(|st| st.running.is_some()))
+}
+
+pub fn ready(s: &PodStatus) -> bool {
+    s.conditions
+        .iter()
+        .flatten()
+        .any(|c| c.type_ == "Ready" && c.status == "True")
+}
+
+/// Runs a command through exec and returns (stdout, stderr, exit code).
+pub async fn exec(client: &CellClient, container: &str, argv: &[&str]) -> (String, String, i32) {
+    let session = client
+        .exec(
+            container,
+            &updraft_cell_api::ExecOptions {
+                command: argv.iter().map(|s| (*s).to_owned()).collect(),
+                stdout: true,
+                stderr: true,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let (out, err, end) = tokio::time::timeout(Duration::from_secs(30), session.collect())
+        .await
+        .unwrap()
+        .unwrap();
+    (
+        String::from_utf8_lossy(&out).into_owned(),
+        String::from_utf8_lossy(&err).into_owned(),
+        end.exit_code.unwrap_or(-1),
+    )
+}
