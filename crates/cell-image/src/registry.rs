@@ -38,11 +38,9 @@ pub(crate) struct Resolved {
 }
 
 impl RegistrySession {
-    pub(crate) fn new(
-        image: &ImageReference,
-        auth: &PullAuth,
-        plain_http: bool,
-    ) -> Result<Self, ImageError> {
+    /// A client for one registry and one set of credentials. Callers keep it per
+    /// (registry, credentials) and reuse it: connections and bearer tokens carry over.
+    pub(crate) fn client(plain_http: bool) -> Result<oci_client::Client, String> {
         install_crypto_provider();
         let config = ClientConfig {
             protocol: if plain_http {
@@ -54,10 +52,13 @@ impl RegistrySession {
             read_timeout: Some(std::time::Duration::from_secs(60)),
             ..ClientConfig::default()
         };
-        let client = oci_client::Client::try_from(config).map_err(|e| ImageError::Unreachable {
-            image: image.clone(),
-            message: format!("cannot build the HTTP client: {e}"),
-        })?;
+        oci_client::Client::try_from(config)
+            .map_err(|e| format!("cannot build the HTTP client: {e}"))
+    }
+
+    /// A session with `client`, which must only ever have been used with `auth`
+    /// (it remembers the first credentials it saw for a registry).
+    pub(crate) fn new(client: oci_client::Client, image: &ImageReference, auth: &PullAuth) -> Self {
         let reference = match (&image.tag, &image.digest) {
             (Some(tag), Some(digest)) => oci_client::Reference::with_tag_and_digest(
                 image.registry.clone(),
@@ -83,13 +84,13 @@ impl RegistrySession {
                 true,
             ),
         };
-        Ok(Self {
+        Self {
             client,
             auth,
             image: image.clone(),
             reference,
             with_credentials,
-        })
+        }
     }
 
     /// Fetches the manifest; for an image index, the entry for `platform`.

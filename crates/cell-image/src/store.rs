@@ -169,6 +169,8 @@ pub struct ImageStore {
     /// The mode in use (never `Auto` once open).
     pub(crate) mode: RootfsMode,
     layer_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// HTTP clients by (registry, sha256 of the credentials).
+    clients: Mutex<HashMap<(String, String), oci_client::Client>>,
     counters: Counters,
     temp_counter: AtomicU64,
 }
@@ -233,6 +235,7 @@ impl ImageStore {
             options,
             mode,
             layer_locks: Mutex::new(HashMap::new()),
+            clients: Mutex::new(HashMap::new()),
             counters: Counters::default(),
             temp_counter: AtomicU64::new(0),
         })
@@ -310,7 +313,7 @@ impl ImageStore {
     }
 
     async fn pull(&self, image: &ImageReference, auth: &PullAuth) -> Result<Image, ImageError> {
-        let session = RegistrySession::new(image, auth, self.plain_http(&image.registry))?;
+        let session = RegistrySession::new(self.client_for(image, auth)?, image, auth);
         let Resolved { manifest, digest } = session.resolve(&self.platform).await?;
         self.counters
             .manifest_requests
@@ -495,6 +498,43 @@ impl ImageStore {
             RootfsMode::Overlay => self.layer_dir(digest).is_ok_and(|p| p.is_dir()),
             _ => self.blob_path(digest).is_ok_and(|p| p.is_file()),
         }
+    }
+
+    /// The HTTP client for this registry and these credentials, made once. One
+    /// client per credentials: a client keeps the first credentials it saw for a
+    /// registry, so a pull with other (fixed) credentials must not reuse it.
+    fn client_for(
+        &self,
+        image: &ImageReference,
+        auth: &PullAuth,
+    ) -> Result<oci_client::Client, ImageError> {
+        let fingerprint = match auth {
+            PullAuth::Anonymous => String::new(),
+            PullAuth::Basic { username, password } => {
+                let mut hasher = Sha256::new();
+                hasher.update(username.as_bytes());
+                hasher.update([0]);
+                hasher.update(password.as_bytes());
+                hex::encode(hasher.finalize())
+            }
+        };
+        let key = (image.registry.clone(), fingerprint);
+        let mut clients = self
+            .clients
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(client) = clients.get(&key) {
+            return Ok(client.clone());
+        }
+        let client =
+            RegistrySession::client(self.plain_http(&image.registry)).map_err(|message| {
+                ImageError::Unreachable {
+                    image: image.clone(),
+                    message,
+                }
+            })?;
+        clients.insert(key, client.clone());
+        Ok(client)
     }
 
     fn plain_http(&self, registry: &str) -> bool {

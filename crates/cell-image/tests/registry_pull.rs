@@ -208,13 +208,23 @@ async fn basic_auth_right_credentials_pull_and_wrong_ones_are_named_without_the_
         .await
         .unwrap();
     assert_eq!(image.digest, pushed.manifest_digest);
-
-    let fresh = tempfile::tempdir().unwrap();
-    let store = self::store(fresh.path(), RootfsMode::Auto);
     let wrong = PullAuth::Basic {
         username: "puller".into(),
         password: "wrong-pw".into(),
     };
+    // The store's client for the right credentials is not reused for wrong ones.
+    let err = store
+        .ensure(&pushed.reference, PullPolicy::Always, &wrong)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ImageError::Unauthorized { .. }), "{err:?}");
+    store
+        .ensure(&pushed.reference, PullPolicy::Always, &auth)
+        .await
+        .unwrap();
+
+    let fresh = tempfile::tempdir().unwrap();
+    let store = self::store(fresh.path(), RootfsMode::Auto);
     let err = store
         .ensure(&pushed.reference, PullPolicy::IfNotPresent, &wrong)
         .await
