@@ -540,6 +540,48 @@ async fn kubectl_attach_reaches_the_main_process() {
     assert!(status.success(), "kubectl attach: {status}");
 }
 
+/// Legacy clients speak SPDY to the API server, which then passes the upgrade through to the
+/// kubelet unchanged: kubectl does so with its WebSocket feature turned off.
+#[tokio::test]
+async fn kubectl_exec_over_spdy_end_to_end() {
+    let cluster = TestCluster::connect().await;
+    let ns = cluster.namespace("rc-spdy").await;
+    let kubelet = start(&cluster).await;
+    idle_pod(&cluster, ns.name(), &kubelet.name, "box").await;
+    let mut exec = tokio::process::Command::from(cluster.kubectl());
+    exec.env("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", "false")
+        .args([
+            "exec",
+            "-i",
+            "-n",
+            ns.name(),
+            "box",
+            "--",
+            "sh",
+            "-c",
+            "cat; exit 3",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut exec = exec.spawn().unwrap();
+    let mut stdin = exec.stdin.take().unwrap();
+    stdin.write_all(b"over spdy\n").await.unwrap();
+    drop(stdin);
+    let output = tokio::time::timeout(TIMEOUT, exec.wait_with_output())
+        .await
+        .expect("kubectl exec over SPDY finished")
+        .unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(output.stdout, b"over spdy\n");
+}
+
 #[tokio::test]
 async fn kubectl_cp_copies_both_ways() {
     let cluster = TestCluster::connect().await;

@@ -286,3 +286,57 @@ fn url_encode(text: &str) -> String {
         })
         .collect()
 }
+
+#[tokio::test]
+async fn a_client_that_goes_away_kills_its_process() {
+    let cluster = TestCluster::connect().await;
+    let ns = cluster.namespace("rc-ws-cancel").await;
+    let kubelet = start(&cluster).await;
+    create_pod(
+        &cluster,
+        ns.name(),
+        &kubelet.name,
+        "box",
+        serde_json::json!({"containers": [{"name": "main", "image": "busybox"}]}),
+        running,
+    )
+    .await;
+    let path = format!(
+        "/exec/{}/box/main?command=sh&command=-c&command={}&stdout=1",
+        ns.name(),
+        url_encode("echo $$; exec sleep 100000")
+    );
+    let mut socket = connect(
+        &cluster,
+        kubelet.port,
+        &kubelet.ca_pem,
+        &path,
+        "v5.channel.k8s.io",
+    )
+    .await;
+    let mut pid = String::new();
+    while !pid.ends_with('\n') {
+        match tokio::time::timeout(TIMEOUT, socket.next())
+            .await
+            .expect("the pid")
+        {
+            Some(Ok(Message::Binary(data))) if data.first() == Some(&1) => {
+                pid.push_str(&String::from_utf8_lossy(&data[1..]));
+            }
+            Some(Ok(_)) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    let pid: i32 = pid.trim().parse().unwrap();
+    let alive = || std::path::Path::new(&format!("/proc/{pid}")).exists();
+    assert!(alive());
+    drop(socket);
+    updraft_testing::eventually(TIMEOUT, || async {
+        if alive() {
+            Err(format!("process {pid} still runs"))
+        } else {
+            Ok(())
+        }
+    })
+    .await;
+}
