@@ -316,16 +316,23 @@ mod tests {
         read(log.clone(), options, tx).await.unwrap();
         assert_eq!(collect(rx).await, b"two\nthree\n");
 
-        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let (tx, mut rx) = tokio::sync::mpsc::channel(16);
         let follower = tokio::spawn(read(
             log,
             LogOptions {
                 follow: true,
-                tail_lines: Some(0),
+                tail_lines: Some(1),
                 ..LogOptions::default()
             },
             tx,
         ));
+        // The last line arrives first; only then is "four" written, so it can only come
+        // through following.
+        let mut seen = Vec::new();
+        while seen.len() < b"three\n".len() {
+            seen.extend_from_slice(&rx.recv().await.unwrap().unwrap());
+        }
+        assert_eq!(seen, b"three\n");
         writer.record(Output::Stderr, true, b"four").await;
         writer.finish();
         follower.await.unwrap().unwrap();

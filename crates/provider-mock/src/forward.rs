@@ -86,8 +86,8 @@ mod tests {
             conn.write_all(&got).await.unwrap();
         });
         let (client, provider_side) = tokio::io::duplex(1024);
-        let forward =
-            PortForward::port_forward(&mock, &PodRef::of(&p), port, Box::new(provider_side));
+        let pod_ref = PodRef::of(&p);
+        let forward = PortForward::port_forward(&mock, &pod_ref, port, Box::new(provider_side));
         let talk = async move {
             let (mut rx, mut tx) = tokio::io::split(client);
             tx.write_all(b"hello").await.unwrap();

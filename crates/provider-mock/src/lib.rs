@@ -157,9 +157,9 @@ impl Behaviour {
 #[derive(Debug)]
 struct MockPod {
     pod: PodRef,
-    /// What the node gave the provider last (create or update).
+    /// What the node gave the provider last (create or update); its `pod` is the spec the
+    /// statuses are built from.
     resolved: ResolvedPod,
-    spec_pod: Pod,
     status: PodStatus,
     /// The pod's timer (start delay or exit), aborted when the pod is deleted.
     timer: Option<tokio::task::JoinHandle<()>>,
@@ -248,7 +248,7 @@ impl MockProvider {
         entry.status.phase = Some("Running".into());
         entry.status.conditions = Some(conditions(true, &now));
         entry.status.container_statuses = Some(container_statuses(
-            &entry.spec_pod,
+            &entry.resolved.pod,
             &entry.pod,
             restarts,
             |_| ContainerState {
@@ -278,7 +278,8 @@ impl MockProvider {
                 return;
             };
             let policy = entry
-                .spec_pod
+                .resolved
+                .pod
                 .spec
                 .as_ref()
                 .and_then(|s| s.restart_policy.clone())
@@ -293,7 +294,7 @@ impl MockProvider {
                 .map_or(0, |c| c.restart_count);
             let reason = if code == 0 { "Completed" } else { "Error" };
             entry.status.container_statuses = Some(container_statuses(
-                &entry.spec_pod,
+                &entry.resolved.pod,
                 &entry.pod,
                 restarts,
                 |_| ContainerState {
@@ -397,7 +398,8 @@ impl MockProvider {
             }
         }
         let policy = entry
-            .spec_pod
+            .resolved
+            .pod
             .spec
             .as_ref()
             .and_then(|s| s.restart_policy.clone())
@@ -556,7 +558,6 @@ impl Provider for MockProvider {
                 MockPod {
                     pod: pod_ref,
                     resolved: resolved.clone(),
-                    spec_pod: resolved.pod.clone(),
                     status,
                     timer: None,
                     sandbox: None,
@@ -595,7 +596,6 @@ impl Provider for MockProvider {
             .get_mut(&(pod_ref.namespace.clone(), pod_ref.name.clone()))
         {
             Some(entry) if entry.pod.uid == pod_ref.uid => {
-                entry.spec_pod = resolved.pod.clone();
                 entry.resolved = resolved.clone();
                 Ok(())
             }

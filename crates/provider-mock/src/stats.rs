@@ -36,7 +36,8 @@ fn pod_stats(pod: &MockPod, now: SystemTime) -> Option<PodStats> {
     }
     let start_time = pod.status.start_time.as_ref().map_or(now, system_time);
     let specs = pod
-        .spec_pod
+        .resolved
+        .pod
         .spec
         .as_ref()
         .map(|s| s.containers.as_slice())?;
@@ -112,7 +113,8 @@ fn container_stats(
 }
 
 fn system_time(time: &Time) -> SystemTime {
-    SystemTime::from(time.0)
+    let seconds = u64::try_from(time.0.as_second()).unwrap_or(0);
+    SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(seconds)
 }
 
 /// A Kubernetes quantity ("250m", "0.5", "128Mi", "1G", "2e3") as a number; `None` if it is
