@@ -643,6 +643,11 @@ impl Pod {
     ) {
         let _ = std::fs::remove_file(record_path);
         if let Some(log) = self.logs.get(&c.name) {
+            // Output still in the pipes belongs to this instance, not to the next one.
+            for (suffix, stream) in [("out", LogStream::Stdout), ("err", LogStream::Stderr)] {
+                let path = self.dir.join("fifo").join(format!("{}.{suffix}", c.name));
+                drain_fifo(&path, |data| log.write(stream, data));
+            }
             log.end();
         }
         let (code, reason) = match exit {
@@ -1282,6 +1287,25 @@ impl Pod {
             }
         }
         let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// Reads what is buffered in a FIFO without blocking.
+fn drain_fifo(path: &Path, mut sink: impl FnMut(&[u8])) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let Ok(mut f) = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+    else {
+        return;
+    };
+    let mut buf = vec![0u8; 64 << 10];
+    while let Ok(n) = std::io::Read::read(&mut f, &mut buf) {
+        if n == 0 {
+            break;
+        }
+        sink(&buf[..n]);
     }
 }
 

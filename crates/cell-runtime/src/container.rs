@@ -464,6 +464,14 @@ fn root_plan(sandbox: &PodSandbox, spec: &ContainerSpec) -> Result<RootPlan> {
             File::create(&target).map_err(io("create", &target))?;
         }
         let t = path_cstr("mount destination", &target)?;
+        if m.destination.starts_with("/dev") {
+            // /dev is a tmpfs mounted by the child: the mount point must be made there.
+            ops.push(if meta.is_dir() {
+                FsOp::Mkdir(t.clone())
+            } else {
+                FsOp::CreateFile(t.clone())
+            });
+        }
         ops.push(FsOp::Mount {
             src: Some(path_cstr("mount source", &m.source)?),
             target: t.clone(),
