@@ -1281,10 +1281,11 @@ impl Pod {
     /// Removes what is left on disk after [`Pod::stop`] (consumes the last handle).
     pub fn remove(self: Arc<Self>) {
         let dir = self.dir.clone();
-        if let Ok(pod) = Arc::try_unwrap(self) {
-            if let Err(e) = pod.sandbox.teardown() {
-                tracing::warn!(error = %e, "sandbox teardown failed");
-            }
+        // When a request still holds the pod, the sandbox's Drop tears it down later.
+        if let Ok(pod) = Arc::try_unwrap(self)
+            && let Err(e) = pod.sandbox.teardown()
+        {
+            tracing::warn!(error = %e, "sandbox teardown failed");
         }
         let _ = std::fs::remove_dir_all(dir);
     }

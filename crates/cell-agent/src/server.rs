@@ -299,7 +299,7 @@ async fn logs_route(
                         return Some((Ok(Bytes::from(out)), (None, offset, rx, limit, finished)));
                     }
                     let (inst, _, ended) = *rx.borrow_and_update();
-                    if (ended && inst == instance) || inst != instance {
+                    if ended || inst != instance {
                         return None;
                     }
                     if rx.changed().await.is_err() {
