@@ -126,3 +126,82 @@ impl ImageSource for DirectoryImages {
         let _ = std::fs::remove_dir_all(self.work.join(container_id));
     }
 }
+
+/// OCI images pulled from registries by `updraft-cell-image`'s store (layer cache by digest,
+/// overlay or copied root filesystems).
+pub struct OciImages {
+    store: updraft_cell_image::ImageStore,
+}
+
+impl OciImages {
+    /// Wraps an opened store.
+    pub fn new(store: updraft_cell_image::ImageStore) -> Self {
+        Self { store }
+    }
+}
+
+/// Splits `NAME=value` entries of an image config.
+fn split_env(env: &[String]) -> Vec<(String, String)> {
+    env.iter()
+        .map(|e| match e.split_once('=') {
+            Some((k, v)) => (k.to_owned(), v.to_owned()),
+            None => (e.clone(), String::new()),
+        })
+        .collect()
+}
+
+#[async_trait::async_trait]
+impl ImageSource for OciImages {
+    async fn prepare(
+        &self,
+        image: &str,
+        pull_policy: &str,
+        pull_secrets: &[PullSecret],
+        container_id: &str,
+    ) -> Result<PreparedImage, ImageFailure> {
+        use updraft_cell_image::{ImageReference, Keyring, PullPolicy};
+        let reference = ImageReference::parse(image).map_err(|e| ImageFailure {
+            reason: "InvalidImageName".into(),
+            message: format!("image {image:?}: {e}"),
+        })?;
+        let policy = PullPolicy::from_kubernetes(pull_policy).unwrap_or(PullPolicy::IfNotPresent);
+        let mut keyring = Keyring::default();
+        for s in pull_secrets {
+            if let Err(e) = keyring.add_docker_config_json(&s.docker_config_json) {
+                tracing::warn!(secret = %s.name, error = %e, "unusable image pull secret");
+            }
+        }
+        let auth = keyring.lookup(&reference);
+        let failure = |e: updraft_cell_image::ImageError| ImageFailure {
+            reason: e.reason().into(),
+            message: e.to_string(),
+        };
+        let pulled = self
+            .store
+            .ensure(&reference, policy, &auth)
+            .await
+            .map_err(failure)?;
+        let rootfs = self
+            .store
+            .create_rootfs(&pulled, container_id)
+            .map_err(failure)?;
+        Ok(PreparedImage {
+            rootfs: rootfs.path,
+            entrypoint: pulled.config.entrypoint.clone(),
+            cmd: pulled.config.cmd.clone(),
+            env: split_env(&pulled.config.env),
+            working_dir: pulled.config.working_dir.clone().filter(|w| !w.is_empty()),
+            image_id: pulled.digest.clone(),
+        })
+    }
+
+    fn existing(&self, _container_id: &str) -> Option<PathBuf> {
+        None
+    }
+
+    fn remove(&self, container_id: &str) {
+        if let Err(e) = self.store.remove_rootfs(container_id) {
+            tracing::warn!(container = %container_id, error = %e, "removing a root filesystem failed");
+        }
+    }
+}

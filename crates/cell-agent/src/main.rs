@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
-use updraft_cell_agent::images::{DirectoryImages, PreparedImage};
+use updraft_cell_agent::images::{DirectoryImages, ImageSource, OciImages, PreparedImage};
 use updraft_cell_agent::{Agent, server, tls};
 
 /// Runs one pod on this cell behind an HTTPS API with mutual TLS.
@@ -36,7 +36,8 @@ struct Args {
     /// cgroup path for the pod.
     #[arg(long, default_value = "updraft-cell")]
     cgroup_root: PathBuf,
-    /// Directory images: `name=/path/to/rootfs` (repeatable), until the OCI image store lands.
+    /// Directory images `name=/path/to/rootfs` (repeatable) instead of pulling OCI images
+    /// from registries (air-gapped cells, tests).
     #[arg(long = "image-dir")]
     image_dirs: Vec<String>,
 }
@@ -52,14 +53,24 @@ async fn run(args: Args) -> Result<(), String> {
         &read(&args.tls_key)?,
     )
     .map_err(|e| e.to_string())?;
-    let mut images = DirectoryImages::new(args.dir.join("rootfs"));
-    for spec in &args.image_dirs {
-        let (name, path) = spec
-            .split_once('=')
-            .ok_or_else(|| format!("--image-dir {spec:?} must be name=/path"))?;
-        images = images.with_image(name, std::path::Path::new(path), PreparedImage::default());
-    }
-    let agent = Agent::open(args.dir.clone(), Arc::new(images), args.cgroup_root.clone())
+    let images: Arc<dyn ImageSource> = if args.image_dirs.is_empty() {
+        let store = updraft_cell_image::ImageStore::open(
+            args.dir.join("images"),
+            updraft_cell_image::Platform::host(),
+        )
+        .map_err(|e| format!("opening the image store: {e}"))?;
+        Arc::new(OciImages::new(store))
+    } else {
+        let mut images = DirectoryImages::new(args.dir.join("rootfs"));
+        for spec in &args.image_dirs {
+            let (name, path) = spec
+                .split_once('=')
+                .ok_or_else(|| format!("--image-dir {spec:?} must be name=/path"))?;
+            images = images.with_image(name, std::path::Path::new(path), PreparedImage::default());
+        }
+        Arc::new(images)
+    };
+    let agent = Agent::open(args.dir.clone(), images, args.cgroup_root.clone())
         .await
         .map_err(|e| e.to_string())?;
     let listener = tokio::net::TcpListener::bind(args.listen)
@@ -88,6 +99,8 @@ async fn run(args: Args) -> Result<(), String> {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
+    // The image store's registry client uses rustls with the process-wide provider.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),

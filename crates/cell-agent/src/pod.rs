@@ -508,7 +508,11 @@ impl Pod {
             let (mut container, rootfs_msg_path, started_at) = match instance {
                 Ok(i) => i,
                 Err(failure) => {
-                    let (reason, message) = failure;
+                    let (mut reason, message) = failure;
+                    if reason == "ErrImagePull" && backoff.is_some() {
+                        // Failed before: the kubelet shows the wait as ImagePullBackOff.
+                        reason = "ImagePullBackOff".into();
+                    }
                     self.set(&name, |s| {
                         s.state = State::Waiting {
                             reason: reason.clone(),

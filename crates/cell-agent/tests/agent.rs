@@ -443,3 +443,80 @@ async fn clients_without_a_valid_certificate_are_refused() {
     let _ = tokio::io::stdout().flush().await;
     t.finish().await;
 }
+
+#[tokio::test]
+async fn images_are_pulled_from_a_loopback_registry_with_pull_secrets() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let registry =
+        updraft_cell_image::test_support::TestRegistry::start_with_basic_auth("cell", "s3cret")
+            .unwrap();
+    registry.push_busybox("private/busybox:1").await.unwrap();
+    let t = start_agent_with(
+        |dir| {
+            let store = updraft_cell_image::ImageStore::open(
+                dir.join("images"),
+                updraft_cell_image::Platform::host(),
+            )
+            .unwrap();
+            std::sync::Arc::new(updraft_cell_agent::images::OciImages::new(store))
+        },
+        Some(Duration::from_secs(1)),
+    )
+    .await;
+    let c = &t.client;
+    let image = format!("{}/private/busybox:1", registry.host());
+    let mut req = pod(&format!(
+        r#"
+metadata: {{name: pulled}}
+spec:
+  containers:
+  - name: app
+    image: {image}
+    command: [sh, -c, 'echo pulled; sleep 1000']
+  - name: missing
+    image: {}/nope:1
+"#,
+        registry.host()
+    ));
+    req.pull_secrets.push(updraft_cell_api::PullSecret {
+        name: "regcred".into(),
+        docker_config_json: registry.docker_config_json().into_bytes(),
+    });
+    c.apply_pod(&req).await.unwrap();
+    let status = wait_status(c, "app running, missing image in back-off", |s| {
+        running(s, "app")
+            && container(s, "missing").is_some_and(|m| {
+                m.state
+                    .as_ref()
+                    .and_then(|st| st.waiting.as_ref())
+                    .is_some_and(|w| w.reason.as_deref() == Some("ImagePullBackOff"))
+            })
+    })
+    .await;
+    let app = container(&status, "app").unwrap();
+    assert!(app.image_id.starts_with("sha256:"), "{}", app.image_id);
+    let waiting = container(&status, "missing")
+        .and_then(|m| m.state.as_ref())
+        .and_then(|s| s.waiting.as_ref())
+        .unwrap();
+    let message = waiting.message.clone().unwrap_or_default();
+    assert!(
+        message.contains("nope"),
+        "the message names the image: {message}"
+    );
+    assert!(
+        !message.contains("s3cret"),
+        "no credentials in messages: {message}"
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !c
+        .logs_string("app", &LogOptions::default())
+        .await
+        .unwrap()
+        .contains("pulled")
+    {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    t.finish().await;
+}

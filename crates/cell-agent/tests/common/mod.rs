@@ -106,12 +106,19 @@ pub fn images(dir: &Path) -> DirectoryImages {
 }
 
 pub async fn start_agent(backoff: Option<Duration>) -> TestAgent {
+    start_agent_with(|dir| Arc::new(images(dir)), backoff).await
+}
+
+pub async fn start_agent_with(
+    images: impl FnOnce(&Path) -> Arc<dyn updraft_cell_agent::images::ImageSource>,
+    backoff: Option<Duration>,
+) -> TestAgent {
     require_root();
     let dir = tempfile::tempdir().unwrap();
     let pki = pki();
     let mut agent = Agent::open(
         dir.path().join("agent"),
-        Arc::new(images(dir.path())),
+        images(dir.path()),
         PathBuf::from("updraft-cell-test"),
     )
     .await
