@@ -107,9 +107,7 @@ impl InstanceTypePattern {
     pub fn matches(&self, name: &str) -> bool {
         match self {
             InstanceTypePattern::Exact(text) => text.eq_ignore_ascii_case(name),
-            InstanceTypePattern::Glob(pattern) => {
-                glob_matches(pattern.as_bytes(), name.to_ascii_lowercase().as_bytes())
-            }
+            InstanceTypePattern::Glob(pattern) => glob_matches(pattern.as_bytes(), name.as_bytes()),
         }
     }
 }
@@ -121,11 +119,12 @@ impl fmt::Display for InstanceTypePattern {
 }
 
 /// Iterative glob match with backtracking to the last `*` (linear in practice for names).
+/// `pattern` is lowercase; `name` is compared ASCII-case-insensitively without allocating.
 fn glob_matches(pattern: &[u8], name: &[u8]) -> bool {
     let (mut p, mut n) = (0, 0);
     let mut star: Option<(usize, usize)> = None;
     while n < name.len() {
-        if p < pattern.len() && (pattern[p] == b'?' || pattern[p] == name[n]) {
+        if p < pattern.len() && (pattern[p] == b'?' || pattern[p] == name[n].to_ascii_lowercase()) {
             p += 1;
             n += 1;
         } else if p < pattern.len() && pattern[p] == b'*' {

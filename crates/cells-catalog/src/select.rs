@@ -110,13 +110,23 @@ pub struct Selector {
     policy: SelectionPolicy,
 }
 
+/// A fitting type with its price and surcharge, borrowed from the catalog while searching.
+type Priced<'a> = (f64, f64, &'a InstanceType);
+
 /// Sort key: price, then vCPUs, then memory, then name (deterministic ties).
-fn order(a: &Candidate, b: &Candidate) -> Ordering {
-    a.price_per_hour
-        .total_cmp(&b.price_per_hour)
-        .then(a.instance_type.vcpus.cmp(&b.instance_type.vcpus))
-        .then(a.instance_type.memory_mib.cmp(&b.instance_type.memory_mib))
-        .then_with(|| a.instance_type.name.cmp(&b.instance_type.name))
+fn order(a: &Priced<'_>, b: &Priced<'_>) -> Ordering {
+    a.0.total_cmp(&b.0)
+        .then(a.2.vcpus.cmp(&b.2.vcpus))
+        .then(a.2.memory_mib.cmp(&b.2.memory_mib))
+        .then_with(|| a.2.name.cmp(&b.2.name))
+}
+
+fn candidate((price_per_hour, burst_surcharge_per_hour, instance_type): Priced<'_>) -> Candidate {
+    Candidate {
+        instance_type: instance_type.clone(),
+        price_per_hour,
+        burst_surcharge_per_hour,
+    }
 }
 
 impl Selector {
@@ -160,6 +170,12 @@ impl Selector {
 
     /// The price of `instance_type` for `demand`, or `None` when it does not fit.
     pub fn price(&self, instance_type: &InstanceType, demand: &Demand) -> Option<Candidate> {
+        self.cost(instance_type, demand)
+            .map(|(price, surcharge)| candidate((price, surcharge, instance_type)))
+    }
+
+    /// Price and burst surcharge per hour of a fitting type, without allocating.
+    fn cost(&self, instance_type: &InstanceType, demand: &Demand) -> Option<(f64, f64)> {
         let request = &demand.request;
         if let Some(pattern) = &demand.instance_type
             && !pattern.matches(&instance_type.name)
@@ -190,11 +206,7 @@ impl Selector {
             }
             _ => 0.0,
         };
-        Some(Candidate {
-            instance_type: instance_type.clone(),
-            price_per_hour: base + surcharge,
-            burst_surcharge_per_hour: surcharge,
-        })
+        Some((base + surcharge, surcharge))
     }
 
     /// Chooses the instance type for a demand: the default type when the pod requests nothing
@@ -228,35 +240,36 @@ impl Selector {
                 });
             }
         }
-        // Keep the best RUNNERS_UP + 1 in order: one pass, no allocation per type.
-        let mut best: Vec<Candidate> = Vec::with_capacity(RUNNERS_UP + 2);
+        // Keep the best RUNNERS_UP + 1 in order: one pass, clones only for the result.
+        let mut best: Vec<Priced<'_>> = Vec::with_capacity(RUNNERS_UP + 2);
         let mut fitting = 0usize;
         for instance_type in &self.catalog.instance_types {
-            let Some(candidate) = self.price(instance_type, demand) else {
+            let Some((price, surcharge)) = self.cost(instance_type, demand) else {
                 continue;
             };
             fitting += 1;
+            let priced = (price, surcharge, instance_type);
             if best.len() == RUNNERS_UP + 1
                 && best
                     .last()
-                    .is_some_and(|last| order(&candidate, last) != Ordering::Less)
+                    .is_some_and(|last| order(&priced, last) != Ordering::Less)
             {
                 continue;
             }
-            let at = best.partition_point(|c| order(c, &candidate) == Ordering::Less);
-            best.insert(at, candidate);
+            let at = best.partition_point(|c| order(c, &priced) == Ordering::Less);
+            best.insert(at, priced);
             best.truncate(RUNNERS_UP + 1);
         }
-        if best.is_empty() {
+        let mut ranked = best.into_iter().map(candidate);
+        let Some(chosen) = ranked.next() else {
             return Err(self.diagnose(demand));
-        }
-        let chosen = best.remove(0);
+        };
         let reason = self.reason(demand, &chosen, fitting);
         Ok(Decision {
             chosen,
             launch_type: demand.launch_type,
             reason,
-            runners_up: best,
+            runners_up: ranked.collect(),
             currency,
         })
     }
