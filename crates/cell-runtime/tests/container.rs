@@ -144,16 +144,20 @@ async fn containers_share_the_pod_network_but_not_pids() {
     let id = unique("net");
     {
         let sandbox = PodSandbox::create(&env.driver, sandbox_spec(&env, &id)).expect("sandbox");
-        // The server serves in a loop: a one-shot `nc -l` exits after the first connection, and
-        // when the client's nc then saw a reset it exited non-zero although the exchange had
-        // happened, so its retry found no listener (the old flake). Success is now judged by
-        // what each side received, not by nc's exit status.
+        // busybox nc exits when its stdin ends, possibly before it read what the peer sent,
+        // and then exits non-zero on the client side although the exchange happened (the
+        // old flake). The server's stdin stays open, and success is judged by what each side
+        // received, not by nc's exit status.
         let (server, server_io) = Container::start(
             &sandbox,
             container_spec(
                 "server",
                 rootfs.path(),
-                &["sh", "-c", "while true; do echo pong | nc -l -p 7777; done"],
+                &[
+                    "sh",
+                    "-c",
+                    "while true; do (echo pong; sleep 1000) 2>/dev/null | nc -l -p 7777; done",
+                ],
             ),
         )
         .unwrap();

@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-use updraft_cell_runtime::{Container, ExitStatus, PodNetwork, PodSandbox};
+use updraft_cell_runtime::{Container, ExitStatus, PodNetwork, PodSandbox, Stdio};
 
 fn ip(args: &[&str]) {
     let out = Command::new("ip").args(args).output().expect("run ip");
@@ -62,9 +62,14 @@ async fn two_sandboxes_talk_over_veth_pairs_on_a_bridge() {
         let a = PodSandbox::create(&env.driver, spec_a).expect("sandbox a");
         let b = PodSandbox::create(&env.driver, spec_b).expect("sandbox b");
 
-        let (mut server, server_io) = Container::start(
+        let (server, server_io) = Container::start(
             &a,
-            container_spec("server", rootfs.path(), &["nc", "-l", "-p", "8080"]),
+            // stdin stays open: busybox nc exits at stdin EOF, maybe before reading.
+            container_spec(
+                "server",
+                rootfs.path(),
+                &["sh", "-c", "sleep 1000 2>/dev/null | nc -l -p 8080"],
+            ),
         )
         .unwrap();
         let client = "ip addr show eth0 | grep -q 10.244.1.3/16 || exit 7; \
@@ -75,11 +80,19 @@ async fn two_sandboxes_talk_over_veth_pairs_on_a_bridge() {
         )
         .await;
         assert_eq!(exit.status, ExitStatus::Exited(0), "client: {err}");
-        let (out, _) = tokio::time::timeout(Duration::from_secs(10), collect(server_io))
+        let Stdio::Pipes { stdout, .. } = server_io else {
+            panic!("pipes expected")
+        };
+        let first_line = tokio::task::spawn_blocking(move || {
+            let mut line = String::new();
+            let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line);
+            line
+        });
+        let out = tokio::time::timeout(Duration::from_secs(30), first_line)
             .await
+            .unwrap()
             .unwrap();
         assert_eq!(out, "hello-pod\n");
-        server.wait().await.unwrap();
         server.stop(Duration::from_secs(1)).await.unwrap();
         let hosts = std::fs::read_to_string(a.etc_file("hosts")).unwrap();
         assert!(hosts.contains("10.244.1.2\tpod-a"), "{hosts}");
