@@ -445,3 +445,114 @@ async fn errors_are_clear_and_typed() {
         .expect_err("unknown instance");
     assert!(matches!(error, BackendError::NotFound { .. }), "{error:?}");
 }
+
+/// A loopback proxy in front of moto that refuses every spot `RunInstances` with EC2's
+/// `InsufficientInstanceCapacity` (moto itself always has spot capacity) and forwards the rest.
+fn spot_refusing_proxy(moto_endpoint: String) -> String {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::net::{TcpListener, TcpStream};
+
+    fn read_message(reader: &mut BufReader<TcpStream>) -> Option<(Vec<u8>, Vec<u8>)> {
+        let mut head = Vec::new();
+        loop {
+            let mut line = Vec::new();
+            if reader.read_until(b'\n', &mut line).ok()? == 0 {
+                return None;
+            }
+            head.extend_from_slice(&line);
+            if line == b"\r\n" {
+                break;
+            }
+        }
+        let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
+        let length = text
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .unwrap_or(0);
+        let mut body = vec![0; length];
+        reader.read_exact(&mut body).ok()?;
+        Some((head, body))
+    }
+
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+    let address = listener.local_addr().expect("proxy address");
+    let upstream = moto_endpoint.trim_start_matches("http://").to_string();
+    std::thread::spawn(move || {
+        for client in listener.incoming().flatten() {
+            let upstream = upstream.clone();
+            std::thread::spawn(move || {
+                let mut writer = client.try_clone().expect("clone");
+                let mut reader = BufReader::new(client);
+                while let Some((head, body)) = read_message(&mut reader) {
+                    let text = String::from_utf8_lossy(&body);
+                    if text.contains("Action=RunInstances")
+                        && text.contains("InstanceMarketOptions.MarketType=spot")
+                    {
+                        let xml = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response><Errors><Error><Code>InsufficientInstanceCapacity</Code><Message>There is no Spot capacity available that matches your request.</Message></Error></Errors><RequestID>proxy</RequestID></Response>";
+                        let response = format!(
+                            "HTTP/1.1 400 Bad Request\r\nContent-Type: text/xml\r\nContent-Length: {}\r\n\r\n{xml}",
+                            xml.len()
+                        );
+                        if writer.write_all(response.as_bytes()).is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    let Ok(server) = TcpStream::connect(&upstream) else {
+                        return;
+                    };
+                    let mut server_writer = server.try_clone().expect("clone");
+                    if server_writer.write_all(&head).is_err()
+                        || server_writer.write_all(&body).is_err()
+                    {
+                        return;
+                    }
+                    let mut server_reader = BufReader::new(server);
+                    let Some((head, body)) = read_message(&mut server_reader) else {
+                        return;
+                    };
+                    if writer.write_all(&head).is_err() || writer.write_all(&body).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    format!("http://{address}")
+}
+
+#[tokio::test]
+async fn refused_spot_falls_back_to_on_demand_when_configured() {
+    let ec2 = ec2().await;
+    let proxy = spot_refusing_proxy(ec2.moto.endpoint());
+    let through_proxy = |fallback| AwsConfig {
+        endpoint_url: Some(proxy.clone()),
+        spot_fallback_to_on_demand: fallback,
+        ..config(&ec2, "ctl")
+    };
+    let strict = AwsBackend::with_credentials(through_proxy(false), "testing", "testing").await;
+    let error = strict
+        .start(&spec("ctl", "batch-1", LaunchType::Spot))
+        .await
+        .expect_err("spot refused");
+    assert!(matches!(error, BackendError::Capacity { .. }), "{error:?}");
+    assert!(
+        error.to_string().contains("InsufficientInstanceCapacity"),
+        "{error}"
+    );
+    assert!(
+        strict.list("ctl").await.expect("list").is_empty(),
+        "nothing started"
+    );
+
+    let lenient = AwsBackend::with_credentials(through_proxy(true), "testing", "testing").await;
+    let started = lenient
+        .start(&spec("ctl", "batch-2", LaunchType::Spot))
+        .await
+        .expect("fallback start");
+    assert_eq!(started.launch_type, LaunchType::OnDemand);
+    let cell = lenient.describe(&started.id).await.expect("describe");
+    assert_eq!(cell.launch_type, LaunchType::OnDemand);
+    assert_eq!(lenient.list("ctl").await.expect("list").len(), 1);
+}
