@@ -4,7 +4,8 @@
 //!   files, web identity, IMDS) in [`AwsBackend::connect`]; they are never logged.
 //!   [`AwsBackend::with_credentials`] takes static ones (tests against moto).
 //! - **Boot image** ([`BootImage`]): an AMI id (checked to exist) or owners + filters, of which
-//!   the newest image is used. Resolved once and cached.
+//!   the newest image is used. Resolved once and cached. An optional second image boots the
+//!   arm64 (Graviton) types ([`AwsConfig::arm64_boot_image`]).
 //! - **Network**: the configured subnet; its VPC's CIDR is allowed to reach the agent port
 //!   through a **managed security group** (`updraft-<controller id>-cells` unless named),
 //!   created when missing and reused afterwards, plus the configured and per-pod extra groups
@@ -86,6 +87,9 @@ pub struct AwsConfig {
     pub controller_id: String,
     /// The boot image.
     pub boot_image: BootImage,
+    /// The boot image for arm64 (Graviton) instance types; `None` boots every type from
+    /// `boot_image`. The architecture of a type is asked from EC2 (`DescribeInstanceTypes`).
+    pub arm64_boot_image: Option<BootImage>,
     /// The subnet cells start in; its VPC is used for the security groups.
     pub subnet_id: String,
     /// Name of the managed security group; `None` → `updraft-<controller id>-cells`.
@@ -114,6 +118,7 @@ impl AwsConfig {
             endpoint_url: None,
             controller_id: controller_id.into(),
             boot_image,
+            arm64_boot_image: None,
             subnet_id: subnet_id.into(),
             security_group_name: None,
             agent_port: DEFAULT_AGENT_PORT,
@@ -151,7 +156,9 @@ pub struct AwsBackend {
     client: Client,
     config: AwsConfig,
     image: OnceCell<Image>,
+    arm64_image: OnceCell<Image>,
     network: OnceCell<Network>,
+    arm64_types: tokio::sync::Mutex<BTreeMap<String, bool>>,
 }
 
 fn http_client() -> aws_sdk_ec2::config::SharedHttpClient {
@@ -199,7 +206,9 @@ impl AwsBackend {
             client: Client::new(&sdk_config),
             config,
             image: OnceCell::new(),
+            arm64_image: OnceCell::new(),
             network: OnceCell::new(),
+            arm64_types: tokio::sync::Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -230,6 +239,53 @@ impl AwsBackend {
         self.image
             .get_or_try_init(|| self.resolve_image(&self.config.boot_image))
             .await
+    }
+
+    /// The image for an instance type: the arm64 one for arm64 types when configured.
+    async fn image_for(&self, instance_type: &str) -> Result<&Image, BackendError> {
+        let Some(arm64) = &self.config.arm64_boot_image else {
+            return self.image().await;
+        };
+        if !self.is_arm64(instance_type).await? {
+            return self.image().await;
+        }
+        self.arm64_image
+            .get_or_try_init(|| self.resolve_image(arm64))
+            .await
+    }
+
+    /// Whether EC2 says the type runs arm64 (cached per type).
+    async fn is_arm64(&self, instance_type: &str) -> Result<bool, BackendError> {
+        if let Some(known) = self.arm64_types.lock().await.get(instance_type) {
+            return Ok(*known);
+        }
+        let output = self
+            .client
+            .describe_instance_types()
+            .instance_types(instance_type.into())
+            .send()
+            .await
+            .map_err(|error| classify("DescribeInstanceTypes", error))?;
+        let info = output
+            .instance_types()
+            .first()
+            .ok_or_else(|| BackendError::InvalidRequest {
+                detail: format!(
+                    "instance type {instance_type} is not offered in {}",
+                    self.config.region
+                ),
+            })?;
+        let arm64 = info.processor_info().is_some_and(|processor| {
+            processor
+                .supported_architectures()
+                .iter()
+                .any(|arch| arch.as_str() == "arm64")
+        });
+        self.arm64_types
+            .lock()
+            .await
+            .insert(instance_type.to_string(), arm64);
+        Ok(arm64)
     }
 
     async fn resolve_image(&self, spec: &BootImage) -> Result<Image, BackendError> {
@@ -775,7 +831,7 @@ impl CellBackend for AwsBackend {
     async fn start(&self, spec: &CellSpec) -> Result<StartedCell, BackendError> {
         let image = match &spec.image {
             Some(id) => self.resolve_image(&BootImage::Id(id.clone())).await?,
-            None => self.image().await?.clone(),
+            None => self.image_for(&spec.instance_type).await?.clone(),
         };
         let network = self.network().await?;
         let group_ids = self

@@ -556,3 +556,43 @@ async fn refused_spot_falls_back_to_on_demand_when_configured() {
     assert_eq!(cell.launch_type, LaunchType::OnDemand);
     assert_eq!(lenient.list("ctl").await.expect("list").len(), 1);
 }
+
+#[tokio::test]
+async fn arm64_types_boot_the_arm64_image() {
+    const ARM64_AMI: &str = "ami-0e9271c829888680e";
+    let ec2 = ec2().await;
+    let backend = backend(
+        &ec2.moto,
+        AwsConfig {
+            arm64_boot_image: Some(BootImage::Id(ARM64_AMI.into())),
+            ..config(&ec2, "ctl")
+        },
+    )
+    .await;
+    let image_of = |id: CellId| {
+        let client = backend.client().clone();
+        async move {
+            let described = client
+                .describe_instances()
+                .instance_ids(&id.0)
+                .send()
+                .await
+                .expect("describe");
+            described.reservations()[0].instances()[0]
+                .image_id()
+                .expect("image")
+                .to_string()
+        }
+    };
+    let graviton = CellSpec {
+        instance_type: "c6g.large".into(),
+        ..spec("ctl", "arm-1", LaunchType::OnDemand)
+    };
+    let started = backend.start(&graviton).await.expect("arm64 start");
+    assert_eq!(image_of(started.id).await, ARM64_AMI);
+    let intel = backend
+        .start(&spec("ctl", "x86-1", LaunchType::OnDemand))
+        .await
+        .expect("x86 start");
+    assert_eq!(image_of(intel.id).await, AMI);
+}
