@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 mod bench;
+mod bench_exec;
 mod demo;
 mod deps;
 mod node_process;
@@ -60,6 +61,15 @@ enum Bench {
         /// Pods created per second; 0 creates them as a burst.
         #[arg(long, default_value_t = 0)]
         rate: u32,
+    },
+    /// Concurrent exec sessions into one pod while the Lease renews: time to open, memory.
+    Exec {
+        /// Concurrent exec sessions.
+        #[arg(long, default_value_t = 200)]
+        sessions: usize,
+        /// Seconds every session stays open.
+        #[arg(long, default_value_t = 20)]
+        hold: u64,
     },
 }
 
@@ -117,6 +127,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Task::Bench {
             bench: Bench::Pods { count, rate },
         } => runtime.block_on(bench::run(&layout, bench::PodBench { count, rate }))?,
+        Task::Bench {
+            bench: Bench::Exec { sessions, hold },
+        } => runtime.block_on(bench_exec::run(
+            &layout,
+            bench_exec::ExecBench { sessions, hold },
+        ))?,
         Task::Demo => {
             deps::install_packages()?;
             runtime.block_on(demo::run(&layout))?
