@@ -9,6 +9,7 @@
 
 mod bench;
 mod bench_exec;
+mod bench_forward;
 mod demo;
 mod deps;
 mod node_process;
@@ -71,6 +72,19 @@ enum Bench {
         #[arg(long, default_value_t = 20)]
         hold: u64,
     },
+    /// Concurrent kubectl port-forwards into one pod while the Lease renews: throughput,
+    /// heartbeat gaps, memory before/after.
+    Forward {
+        /// Concurrent kubectl port-forward sessions.
+        #[arg(long, default_value_t = 50)]
+        sessions: usize,
+        /// Concurrent connections per session.
+        #[arg(long, default_value_t = 4)]
+        connections: usize,
+        /// MiB each connection sends and reads back.
+        #[arg(long, default_value_t = 4)]
+        mib: usize,
+    },
 }
 
 #[derive(Subcommand)]
@@ -132,6 +146,21 @@ fn run(cli: Cli) -> Result<ExitCode> {
         } => runtime.block_on(bench_exec::run(
             &layout,
             bench_exec::ExecBench { sessions, hold },
+        ))?,
+        Task::Bench {
+            bench:
+                Bench::Forward {
+                    sessions,
+                    connections,
+                    mib,
+                },
+        } => runtime.block_on(bench_forward::run(
+            &layout,
+            bench_forward::ForwardBench {
+                sessions,
+                connections,
+                mib,
+            },
         ))?,
         Task::Demo => {
             deps::install_packages()?;

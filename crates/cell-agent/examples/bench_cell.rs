@@ -163,7 +163,11 @@ async fn main() {
         "agent RSS with a running pod: max {:.1} MiB",
         rss_max as f64 / 1024.0
     );
-    // Log throughput: 2,000,000 lines of 100 bytes to stdout, apply → Completed.
+    // Log throughput: N lines (default 2,000,000) of 100 bytes to stdout, apply → Completed.
+    let lines: u64 = std::env::args()
+        .nth(2)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(2_000_000);
     let line = "x".repeat(99);
     let t = Instant::now();
     client
@@ -175,10 +179,11 @@ async fn main() {
     })
     .await;
     let secs = t.elapsed().as_secs_f64();
+    let mb = lines as f64 * 100.0 / 1e6;
     println!(
-        "log throughput: 200 MB in {secs:.2} s = {:.1} MB/s ({:.0} lines/s); agent RSS after: {:.1} MiB",
-        200.0 / secs,
-        2_000_000.0 / secs,
+        "log throughput: {mb:.0} MB in {secs:.2} s = {:.1} MB/s ({:.0} lines/s); agent RSS after: {:.1} MiB",
+        mb / secs,
+        lines as f64 / secs,
         rss_kib(agent.0.id()) as f64 / 1024.0
     );
     client.delete_pod(None).await.unwrap();
