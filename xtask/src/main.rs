@@ -259,7 +259,8 @@ fn test(
     runtime.block_on(cluster::up(layout))?;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
     let status = Command::new(cargo)
-        .args(["test", "--workspace"])
+        // Every failing test binary is reported, not only the first.
+        .args(["test", "--workspace", "--no-fail-fast"])
         .args(cargo_args)
         .env("UPDRAFT_CLUSTER_DIR", layout.root())
         .status()

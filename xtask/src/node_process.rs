@@ -25,10 +25,7 @@ pub fn build_updraft(release: bool) -> anyhow::Result<PathBuf> {
     if !build.status().context("running cargo build")?.success() {
         bail!("cargo build --package updraft failed");
     }
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(PathBuf::from)
-        .unwrap_or_default();
+    let root = updraft_devcluster::workspace_root();
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target"));

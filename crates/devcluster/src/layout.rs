@@ -66,12 +66,24 @@ impl Layout {
     }
 }
 
-/// The Cargo workspace root: two levels above this crate's manifest.
-pub(crate) fn workspace_root() -> PathBuf {
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    manifest
+/// The Cargo workspace root: the nearest directory holding a `[workspace]` manifest above the
+/// package being run (cargo sets `CARGO_MANIFEST_DIR` at run time for `cargo run` and
+/// `cargo test`) or else the current directory.
+///
+/// Never the compile-time `env!("CARGO_MANIFEST_DIR")`: cargo does not rebuild a crate when
+/// its checkout moves, so with a shared `CARGO_TARGET_DIR` (as CI and the development machines
+/// use) a compiled-in path may name another clone.
+pub fn workspace_root() -> PathBuf {
+    let start = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .or_else(|| std::env::current_dir().ok())
+        .unwrap_or_default();
+    start
         .ancestors()
-        .nth(2)
+        .find(|dir| {
+            std::fs::read_to_string(dir.join("Cargo.toml"))
+                .is_ok_and(|manifest| manifest.lines().any(|l| l.trim() == "[workspace]"))
+        })
         .map(Path::to_path_buf)
-        .unwrap_or_else(|| manifest.to_path_buf())
+        .unwrap_or(start)
 }

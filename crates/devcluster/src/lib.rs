@@ -18,7 +18,7 @@ pub mod pki;
 pub mod toolchain;
 pub mod versions;
 
-pub use layout::Layout;
+pub use layout::{Layout, workspace_root};
 
 use std::path::PathBuf;
 

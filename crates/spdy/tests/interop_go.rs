@@ -38,7 +38,10 @@ fn build_go_peer() -> PathBuf {
 }
 
 fn go_build() -> PathBuf {
-    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/go-peer");
+    let src = PathBuf::from(
+        std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into()),
+    )
+    .join("tests/go-peer");
     let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("spdy-go-peer");
     let status = std::process::Command::new("go")
         .arg("build")

@@ -18,18 +18,28 @@ use updraft_testing::{TestCluster, eventually, unique_name, wait_for, wait_for_d
 
 const TIMEOUT: Duration = Duration::from_secs(90);
 
-/// The `updraft` process; SIGKILLed when dropped.
-struct NodeProcess(Child);
+/// The `updraft` process and its log file; SIGKILLed when dropped, its log printed when the
+/// test is failing.
+struct NodeProcess(Child, std::path::PathBuf);
 
 impl Drop for NodeProcess {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(&self.1).unwrap_or_default();
+            eprintln!("--- {} ---\n{log}", self.1.display());
+        }
     }
 }
 
 fn start(files: &NodeFiles, node: &str, port: u16) -> NodeProcess {
-    let log = std::fs::File::create(files.dir.join("updraft.log")).unwrap();
+    let log_path = files.dir.join("updraft.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_updraft"))
         .args(["run", "--provider", "mock", "--nodename", node])
         .arg("--kubeconfig")
@@ -46,7 +56,7 @@ fn start(files: &NodeFiles, node: &str, port: u16) -> NodeProcess {
         .stderr(log)
         .spawn()
         .unwrap();
-    NodeProcess(child)
+    NodeProcess(child, log_path)
 }
 
 fn free_port() -> u16 {
