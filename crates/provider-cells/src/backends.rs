@@ -1,0 +1,110 @@
+//! Building the configured [`CellBackend`].
+
+use std::sync::Arc;
+
+use updraft_cells_aws::{AwsBackend, AwsConfig, BootImage};
+use updraft_cells_backend::CellBackend;
+
+use crate::config::{BackendKind, BootImageSettings, CellsConfig};
+
+/// The backend could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendSetupError {
+    /// A settings section is missing or unusable.
+    #[error("backend {backend}: {message}")]
+    Config {
+        /// `local` or `aws`.
+        backend: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+    /// A credentials file could not be read (its content is never shown).
+    #[error("reading {field} {path}: {source}")]
+    Secret {
+        /// The config field naming the file.
+        field: &'static str,
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn boot_image(settings: &BootImageSettings) -> BootImage {
+    match &settings.id {
+        Some(id) => BootImage::Id(id.clone()),
+        None => BootImage::Filters {
+            owners: settings.owners.clone(),
+            filters: settings.filters.clone(),
+        },
+    }
+}
+
+/// The AWS backend's settings from the provider config.
+pub fn aws_config(config: &CellsConfig) -> Result<AwsConfig, BackendSetupError> {
+    let Some(aws) = &config.aws else {
+        return Err(BackendSetupError::Config {
+            backend: "aws",
+            message: "the config has no aws section".into(),
+        });
+    };
+    let mut settings = AwsConfig::new(
+        config.region(),
+        config.controller_id.clone(),
+        boot_image(&aws.boot_image),
+        aws.subnet_id.clone(),
+    );
+    settings.endpoint_url = aws.endpoint_url.clone();
+    settings.arm64_boot_image = aws.arm64_boot_image.as_ref().map(boot_image);
+    settings.security_group_name = aws.security_group_name.clone();
+    settings.agent_port = config.agent.port;
+    settings.extra_cidrs = config.extra_cidrs.clone();
+    settings.extra_security_groups = config.extra_security_groups.clone();
+    settings.spot_fallback_to_on_demand = aws.spot_fallback_to_on_demand;
+    Ok(settings)
+}
+
+fn read_secret(field: &'static str, path: &std::path::Path) -> Result<String, BackendSetupError> {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim().to_owned())
+        .map_err(|source| BackendSetupError::Secret {
+            field,
+            path: path.to_owned(),
+            source,
+        })
+}
+
+/// The backend the config names, ready to start cells.
+pub async fn connect_backend(
+    config: &CellsConfig,
+) -> Result<Arc<dyn CellBackend>, BackendSetupError> {
+    match config.backend {
+        BackendKind::Aws => {
+            let settings = aws_config(config)?;
+            let aws = config.aws.as_ref();
+            let files = aws.and_then(|a| {
+                a.access_key_id_file
+                    .as_ref()
+                    .zip(a.secret_access_key_file.as_ref())
+            });
+            let backend = match files {
+                Some((id_file, secret_file)) => {
+                    let id = read_secret("aws.accessKeyIdFile", id_file)?;
+                    let secret = read_secret("aws.secretAccessKeyFile", secret_file)?;
+                    AwsBackend::with_credentials(settings, &id, &secret).await
+                }
+                None => AwsBackend::connect(settings).await,
+            };
+            Ok(Arc::new(backend))
+        }
+        BackendKind::Local => local_backend(config),
+    }
+}
+
+fn local_backend(_config: &CellsConfig) -> Result<Arc<dyn CellBackend>, BackendSetupError> {
+    Err(BackendSetupError::Config {
+        backend: "local",
+        message: "the local backend (updraft-cells-local) is not built into this binary yet".into(),
+    })
+}

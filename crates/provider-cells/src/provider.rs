@@ -1,0 +1,1251 @@
+//! The cells provider: one cell per pod.
+//!
+//! State lives in the backend and on the cells, not here: the in-memory map of pods is
+//! rebuilt from [`CellBackend::list`] (cells carry the pod's identity) and from each agent's
+//! answers. Per cell one task follows the agent's long-poll status (a watch: the agent answers
+//! when the status version changes) and feeds [`Provider::status_updates`]. One garbage
+//! collector loop adopts cells it did not know, terminates duplicates and retires the cells
+//! of finished pods.
+//!
+//! **A lost cell** (the backend says it is gone, or its agent stays unreachable past
+//! `healthTimeout`): the pod's status says `CellLost`. With `restartPolicy: Never` (or when
+//! the pod's resolved inputs are unknown because the cell was adopted after a restart) the
+//! pod becomes `Failed` and its controller (ReplicaSet, Job) replaces it; otherwise the
+//! provider starts a replacement cell for the same pod (a new idempotency token), and the
+//! pod goes `Pending` → `Running` again.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::stream::BoxStream;
+use k8s_openapi::api::core::v1::PodStatus;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+use updraft_cell_api::{CellClient, ClientError};
+use updraft_cells_backend::cloud_init::{CloudConfig, EC2_USER_DATA_LIMIT, UserData};
+use updraft_cells_backend::{
+    BackendError, Cell, CellBackend, CellId, CellIdentity, CellSpec, CellState, LaunchType,
+};
+use updraft_cells_catalog::{Catalog, CostError, SelectionPolicy, Selector, decide};
+use updraft_provider::{
+    PodRef, PodStatusUpdate, Provider, ProviderError, ProviderPod, ResolvedPod,
+};
+
+use crate::config::{BackendKind, CellsConfig, PodNetworkSettings};
+use crate::metrics::CellsMetrics;
+use crate::pki::CellsPki;
+use crate::translate::{
+    CellSummary, apply_request, bootstrap, lost_status, running_status, starting_status,
+};
+
+/// The provider could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// The catalog could not be loaded.
+    #[error(transparent)]
+    Catalog(#[from] updraft_cells_catalog::CatalogError),
+    /// The default instance type is not in the catalog.
+    #[error(transparent)]
+    Selection(#[from] updraft_cells_catalog::SelectionError),
+    /// The cloud-init file is unusable.
+    #[error(transparent)]
+    CloudInit(#[from] updraft_cells_backend::cloud_init::CloudInitError),
+    /// The cloud-init file could not be read.
+    #[error("reading cloudInitFile {path}: {source}")]
+    ReadCloudInit {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The CA could not be loaded or created.
+    #[error(transparent)]
+    Pki(#[from] crate::pki::PkiError),
+    /// The backend's listing failed at start-up.
+    #[error("listing the cells of controller {controller_id}: {source}")]
+    List {
+        /// The controller id.
+        controller_id: String,
+        /// The backend's error.
+        #[source]
+        source: BackendError,
+    },
+}
+
+/// The settings the provider runs with, derived from [`CellsConfig`].
+#[derive(Debug, Clone)]
+pub struct ProviderSettings {
+    /// The node's name (stamped on cells; only cells of this node are adopted).
+    pub node_name: String,
+    /// The controller id.
+    pub controller_id: String,
+    /// Name prefix of cells.
+    pub name_tag: String,
+    /// Boot timeout.
+    pub boot_timeout: Duration,
+    /// Health timeout.
+    pub health_timeout: Duration,
+    /// GC grace period.
+    pub gc_grace_period: Duration,
+    /// GC interval.
+    pub gc_interval: Duration,
+    /// How long finished pods keep their cell.
+    pub finished_pod_retention: Duration,
+    /// The agent.
+    pub agent: crate::config::AgentSettings,
+    /// Extra security groups for every cell.
+    pub extra_security_groups: Vec<String>,
+    /// The pod's interface.
+    pub pod_network: Option<PodNetworkSettings>,
+    /// Default launch type.
+    pub default_launch_type: LaunchType,
+    /// User-data size limit.
+    pub user_data_limit: usize,
+    /// How long one long-poll waits at the agent.
+    pub status_wait: Duration,
+    /// Pause between attempts while an agent does not answer.
+    pub retry_interval: Duration,
+}
+
+impl ProviderSettings {
+    /// The settings of `config` for node `node_name`.
+    pub fn from_config(config: &CellsConfig, node_name: &str) -> ProviderSettings {
+        ProviderSettings {
+            node_name: node_name.to_owned(),
+            controller_id: config.controller_id.clone(),
+            name_tag: config.name_tag().to_owned(),
+            boot_timeout: config.boot_timeout.0,
+            health_timeout: config.health_timeout.0,
+            gc_grace_period: config.gc_grace_period.0,
+            gc_interval: config.gc_interval.0,
+            finished_pod_retention: config.finished_pod_retention.0,
+            agent: config.agent.clone(),
+            extra_security_groups: config.extra_security_groups.clone(),
+            pod_network: config.pod_network.clone(),
+            default_launch_type: config.default_launch_type(),
+            user_data_limit: match config.backend {
+                BackendKind::Aws => EC2_USER_DATA_LIMIT,
+                BackendKind::Local => 1 << 20,
+            },
+            status_wait: Duration::from_secs(30),
+            retry_interval: Duration::from_secs(2),
+        }
+    }
+}
+
+/// The catalog the config names (its file, or the built-in one of its region).
+pub fn load_catalog(config: &CellsConfig) -> Result<Catalog, updraft_cells_catalog::CatalogError> {
+    match &config.catalog_file {
+        Some(path) => Catalog::from_path(path),
+        None => Catalog::builtin(&match config.backend {
+            BackendKind::Local => "local".to_owned(),
+            BackendKind::Aws => format!("aws-{}", config.region()),
+        }),
+    }
+}
+
+/// The instance selector of `config` (what `updraft cells select` uses too).
+pub fn selector(config: &CellsConfig) -> Result<Selector, SetupError> {
+    let catalog = load_catalog(config)?;
+    Ok(Selector::new(
+        catalog,
+        SelectionPolicy::new(config.default_instance_type()),
+    )?)
+}
+
+/// One cell as the provider uses it.
+#[derive(Debug, Clone)]
+struct CellView {
+    summary: CellSummary,
+    id: CellId,
+    pod_ip: Option<IpAddr>,
+    client: Option<CellClient>,
+}
+
+#[derive(Debug, Default)]
+struct PodState {
+    cell: Option<CellView>,
+    /// What the node last handed us; unknown for pods adopted after a restart.
+    resolved: Option<ResolvedPod>,
+    /// Whether the agent runs (or has run) this pod: only then is it "running" to the node.
+    applied: bool,
+    status: Option<PodStatus>,
+    /// Start attempts: part of the idempotency token, so a replacement is a new start.
+    attempt: u32,
+    finished_since: Option<Instant>,
+    /// The cell of a finished pod was terminated on purpose.
+    retired: bool,
+    /// Cancels the status watcher of the current cell.
+    watcher: Option<CancellationToken>,
+}
+
+#[derive(Debug)]
+struct TrackedPod {
+    pod: PodRef,
+    host_network: bool,
+    restart_never: bool,
+    state: Mutex<PodState>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub(crate) struct Inner {
+    pub(crate) settings: ProviderSettings,
+    pub(crate) backend: Arc<dyn CellBackend>,
+    selector: Selector,
+    cloud_init: Option<CloudConfig>,
+    pki: CellsPki,
+    pods: Mutex<HashMap<String, Arc<TrackedPod>>>,
+    pod_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    updates: broadcast::Sender<PodStatusUpdate>,
+    pub(crate) metrics: CellsMetrics,
+    pub(crate) backend_healthy: Mutex<Result<(), String>>,
+    shutdown: CancellationToken,
+}
+
+/// The cells provider. Cloning shares it.
+#[derive(Clone)]
+pub struct CellsProvider {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+fn backend_error(context: &str, error: BackendError) -> ProviderError {
+    let message = format!("{context}: {error}");
+    if error.is_retryable() {
+        ProviderError::Transient(message)
+    } else {
+        match error {
+            BackendError::InvalidRequest { .. } => ProviderError::Permanent(message),
+            // Quotas and credentials can be fixed by the operator: keep retrying.
+            _ => ProviderError::Transient(message),
+        }
+    }
+}
+
+pub(crate) fn client_error(context: &str, error: ClientError) -> ProviderError {
+    let message = format!("{context}: {error}");
+    match &error {
+        ClientError::Api { status, .. } if status.as_u16() == 404 => {
+            ProviderError::NotFound(message)
+        }
+        ClientError::Api { status, .. } if matches!(status.as_u16(), 400 | 409) => {
+            ProviderError::InvalidInput(message)
+        }
+        _ => ProviderError::Transient(message),
+    }
+}
+
+fn cost_error(error: CostError) -> ProviderError {
+    match error {
+        CostError::Selection(e) => ProviderError::Permanent(e.to_string()),
+        other => ProviderError::InvalidInput(other.to_string()),
+    }
+}
+
+fn is_finished(status: &PodStatus) -> bool {
+    matches!(status.phase.as_deref(), Some("Succeeded" | "Failed"))
+}
+
+/// Cell names: `<nameTag>-<namespace>-<pod>`, lower-case, at most 63 characters.
+fn cell_name(prefix: &str, pod: &PodRef) -> String {
+    let mut name: String = format!("{prefix}-{}-{}", pod.namespace, pod.name)
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    name.truncate(63);
+    name
+}
+
+impl CellsProvider {
+    /// Loads the CA, the catalog and the cloud-init file, adopts the cells `backend` already
+    /// runs for this controller and node, and starts the garbage collector.
+    pub async fn start(
+        config: &CellsConfig,
+        node_name: &str,
+        backend: Arc<dyn CellBackend>,
+    ) -> Result<CellsProvider, SetupError> {
+        let selector = selector(config)?;
+        let cloud_init = match &config.cloud_init_file {
+            Some(path) => {
+                let text =
+                    std::fs::read_to_string(path).map_err(|source| SetupError::ReadCloudInit {
+                        path: path.clone(),
+                        source,
+                    })?;
+                Some(CloudConfig::parse(&text, &path.display().to_string())?)
+            }
+            None => None,
+        };
+        let pki = CellsPki::open(&config.certificate_dir)?;
+        let settings = ProviderSettings::from_config(config, node_name);
+        Self::with_parts(settings, backend, selector, cloud_init, pki).await
+    }
+
+    /// A provider from prepared parts (tests use a fake backend and short timings).
+    pub async fn with_parts(
+        settings: ProviderSettings,
+        backend: Arc<dyn CellBackend>,
+        selector: Selector,
+        cloud_init: Option<CloudConfig>,
+        pki: CellsPki,
+    ) -> Result<CellsProvider, SetupError> {
+        let (updates, _) = broadcast::channel(4096);
+        let provider = CellsProvider {
+            inner: Arc::new(Inner {
+                settings,
+                backend,
+                selector,
+                cloud_init,
+                pki,
+                pods: Mutex::new(HashMap::new()),
+                pod_locks: Mutex::new(HashMap::new()),
+                updates,
+                metrics: CellsMetrics::default(),
+                backend_healthy: Mutex::new(Ok(())),
+                shutdown: CancellationToken::new(),
+            }),
+        };
+        let cells = provider
+            .inner
+            .backend
+            .list(&provider.inner.settings.controller_id)
+            .await
+            .map_err(|source| SetupError::List {
+                controller_id: provider.inner.settings.controller_id.clone(),
+                source,
+            })?;
+        let adopted = provider.inner.adopt_untracked(&cells);
+        if adopted > 0 {
+            tracing::info!(cells = adopted, "adopted the cells of an earlier run");
+        }
+        provider.inner.refresh_metrics();
+        let weak = Arc::downgrade(&provider.inner);
+        let shutdown = provider.inner.shutdown.clone();
+        let interval = provider.inner.settings.gc_interval;
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(interval) => {}
+                }
+                let Some(inner) = weak.upgrade() else { return };
+                inner.collect_garbage().await;
+            }
+        });
+        Ok(provider)
+    }
+
+    /// The selector in use.
+    pub fn selector(&self) -> &Selector {
+        &self.inner.selector
+    }
+
+    /// The backend in use.
+    pub fn backend(&self) -> Arc<dyn CellBackend> {
+        self.inner.backend.clone()
+    }
+
+    /// Registers the provider's metrics (cells by type, spend per hour) in `registry`.
+    pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        self.inner.metrics.register(registry);
+    }
+
+    /// Runs one garbage-collection pass now (the loop runs every `gcInterval`).
+    pub async fn collect_garbage(&self) {
+        self.inner.collect_garbage().await;
+    }
+
+    /// Stops the background tasks; cells keep running (a later provider adopts them).
+    pub fn shutdown(&self) {
+        self.inner.shutdown.cancel();
+    }
+}
+
+impl Inner {
+    fn tracked(&self, uid: &str) -> Option<Arc<TrackedPod>> {
+        lock(&self.pods).get(uid).cloned()
+    }
+
+    async fn lock_pod(&self, uid: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let mutex = lock(&self.pod_locks)
+            .entry(uid.to_owned())
+            .or_default()
+            .clone();
+        mutex.lock_owned().await
+    }
+
+    fn summary(&self, cell: &Cell, price: Option<f64>) -> CellSummary {
+        let catalog = self.selector.catalog();
+        let price = price.or_else(|| {
+            catalog
+                .get(&cell.instance_type)
+                .and_then(|t| match cell.launch_type {
+                    LaunchType::Spot => t.spot_per_hour,
+                    LaunchType::OnDemand => Some(t.on_demand_per_hour),
+                })
+        });
+        CellSummary {
+            id: cell.id.to_string(),
+            instance_type: cell.instance_type.clone(),
+            launch_type: cell.launch_type.as_str().to_owned(),
+            price_per_hour: price,
+            currency: catalog.currency.clone(),
+            management_ip: cell.management_ip,
+        }
+    }
+
+    fn view(&self, cell: &Cell, price: Option<f64>) -> CellView {
+        let client = cell.management_ip.map(|ip| {
+            CellClient::new(
+                SocketAddr::new(ip, self.settings.agent.port),
+                self.pki.client_tls(),
+            )
+            .with_timeout(Duration::from_secs(10))
+        });
+        CellView {
+            summary: self.summary(cell, price),
+            id: cell.id.clone(),
+            pod_ip: cell.pod_ip,
+            client,
+        }
+    }
+
+    fn publish(&self, pod: &PodRef, status: PodStatus) {
+        // No receiver yet (the node subscribes once it runs) is fine: pod_status answers.
+        let _ = self.updates.send(PodStatusUpdate {
+            pod: pod.clone(),
+            status,
+        });
+    }
+
+    fn set_status(&self, tracked: &TrackedPod, status: PodStatus) {
+        let changed = {
+            let mut state = lock(&tracked.state);
+            if state.status.as_ref() == Some(&status) {
+                false
+            } else {
+                if is_finished(&status) {
+                    state.finished_since.get_or_insert_with(Instant::now);
+                } else {
+                    state.finished_since = None;
+                }
+                state.status = Some(status.clone());
+                true
+            }
+        };
+        if changed {
+            self.publish(&tracked.pod, status);
+        }
+    }
+
+    /// Tracks the cells in `cells` (of this node) that are not tracked yet and starts their
+    /// watchers. Returns how many were adopted.
+    fn adopt_untracked(self: &Arc<Self>, cells: &[Cell]) -> usize {
+        let mut adopted = 0;
+        for cell in cells {
+            let Some(identity) = &cell.identity else {
+                continue;
+            };
+            if identity.node != self.settings.node_name
+                || identity.pod_uid.is_empty()
+                || cell.state.is_ending()
+            {
+                continue;
+            }
+            let tracked = {
+                let mut pods = lock(&self.pods);
+                if pods.contains_key(&identity.pod_uid) {
+                    continue;
+                }
+                let tracked = Arc::new(TrackedPod {
+                    pod: PodRef {
+                        namespace: identity.namespace.clone(),
+                        name: identity.pod_name.clone(),
+                        uid: identity.pod_uid.clone(),
+                    },
+                    host_network: false,
+                    restart_never: false,
+                    state: Mutex::new(PodState {
+                        cell: Some(self.view(cell, None)),
+                        ..PodState::default()
+                    }),
+                });
+                pods.insert(identity.pod_uid.clone(), tracked.clone());
+                tracked
+            };
+            tracing::info!(pod = %tracked.pod, cell = %cell.id, "adopting a running cell");
+            self.spawn_watcher(&tracked);
+            adopted += 1;
+        }
+        adopted
+    }
+
+    fn identity(&self, pod: &ResolvedPod) -> CellIdentity {
+        let pod_ref = PodRef::of(&pod.pod);
+        CellIdentity {
+            controller_id: self.settings.controller_id.clone(),
+            node: self.settings.node_name.clone(),
+            namespace: pod_ref.namespace,
+            pod_name: pod_ref.name,
+            pod_uid: pod_ref.uid,
+            pod_labels: pod.pod.metadata.labels.clone().unwrap_or_default(),
+        }
+    }
+
+    /// The cells the backend lists for `uid` (not ending).
+    async fn listed_cells(&self, uid: &str) -> Result<Vec<Cell>, ProviderError> {
+        let cells = self
+            .backend
+            .list(&self.settings.controller_id)
+            .await
+            .map_err(|e| backend_error("listing cells", e))?;
+        Ok(cells
+            .into_iter()
+            .filter(|c| {
+                !c.state.is_ending()
+                    && c.identity
+                        .as_ref()
+                        .is_some_and(|i| i.pod_uid == uid && i.node == self.settings.node_name)
+            })
+            .collect())
+    }
+
+    /// Starts a new cell for `resolved`, attempt `attempt`.
+    async fn start_cell(
+        &self,
+        resolved: &ResolvedPod,
+        attempt: u32,
+    ) -> Result<CellView, ProviderError> {
+        let pod_ref = PodRef::of(&resolved.pod);
+        let spec = resolved.pod.spec.clone().unwrap_or_default();
+        let annotations = resolved
+            .pod
+            .metadata
+            .annotations
+            .clone()
+            .unwrap_or_default();
+        let (decision, cell_annotations) = decide(
+            &self.selector,
+            &spec,
+            &annotations,
+            self.settings.default_launch_type,
+        )
+        .map_err(cost_error)?;
+        let server = self.pki.issue_server_certificate().map_err(|e| {
+            ProviderError::Transient(format!("issuing the agent's certificate: {e}"))
+        })?;
+        let bootstrap = bootstrap(&self.settings.agent, self.pki.ca_pem(), &server);
+        let user_data = UserData::build(
+            &bootstrap,
+            self.cloud_init.as_ref(),
+            self.settings.user_data_limit,
+        )
+        .map_err(|e| ProviderError::Permanent(format!("building the cell's user data: {e}")))?;
+        let mut security_groups = self.settings.extra_security_groups.clone();
+        security_groups.extend(cell_annotations.security_groups.iter().cloned());
+        let cell_spec = CellSpec {
+            name: cell_name(&self.settings.name_tag, &pod_ref),
+            instance_type: decision.chosen.instance_type.name.clone(),
+            launch_type: decision.launch_type,
+            image: None,
+            user_data: user_data.bytes,
+            identity: self.identity(resolved),
+            security_groups,
+            private_ip_only: cell_annotations.private_ip_only.unwrap_or(false),
+            root_volume_bytes: cell_annotations.volume_size_bytes,
+            instance_profile: cell_annotations.instance_profile.clone(),
+            idempotency_token: format!("{}-{attempt}", pod_ref.uid),
+        };
+        tracing::info!(
+            pod = %pod_ref,
+            instance_type = %cell_spec.instance_type,
+            launch_type = %decision.launch_type.as_str(),
+            price = decision.chosen.price_per_hour,
+            reason = %decision.reason,
+            "starting a cell"
+        );
+        let started = self
+            .backend
+            .start(&cell_spec)
+            .await
+            .map_err(|e| backend_error("starting a cell", e))?;
+        let cell = match self.backend.describe(&started.id).await {
+            Ok(cell) => cell,
+            Err(_) => Cell {
+                id: started.id.clone(),
+                name: cell_spec.name.clone(),
+                state: CellState::Pending,
+                instance_type: cell_spec.instance_type.clone(),
+                launch_type: started.launch_type,
+                management_ip: None,
+                pod_ip: None,
+                public_ip: None,
+                launch_time: Some(std::time::SystemTime::now()),
+                identity: Some(cell_spec.identity.clone()),
+                tags: Default::default(),
+            },
+        };
+        // Spot may have fallen back to on-demand: price what was bought.
+        let price =
+            (started.launch_type == decision.launch_type).then_some(decision.chosen.price_per_hour);
+        let mut view = self.view(&cell, price);
+        view.summary.launch_type = started.launch_type.as_str().to_owned();
+        if cell.state.is_ending() {
+            // An idempotency token that names a cell which has ended since: a new attempt.
+            return Err(ProviderError::Transient(format!(
+                "cell {} for this start attempt has ended; retrying with a new cell",
+                cell.id
+            )));
+        }
+        Ok(view)
+    }
+
+    /// Waits until the cell has an address and its agent answers (boot timeout).
+    async fn wait_ready(&self, view: &mut CellView) -> Result<CellClient, ProviderError> {
+        let deadline = Instant::now() + self.settings.boot_timeout;
+        let mut last_error = String::from("no answer yet");
+        loop {
+            if view.client.is_none() {
+                match self.backend.describe(&view.id).await {
+                    Ok(cell) if cell.state.is_ending() => {
+                        return Err(ProviderError::Transient(format!(
+                            "cell {} ended while booting ({})",
+                            view.id, cell.state
+                        )));
+                    }
+                    Ok(cell) if cell.management_ip.is_some() => {
+                        let price = view.summary.price_per_hour;
+                        let launch_type = view.summary.launch_type.clone();
+                        *view = self.view(&cell, price);
+                        view.summary.launch_type = launch_type;
+                    }
+                    Ok(cell) => {
+                        last_error = format!("the cell is {} without an address", cell.state)
+                    }
+                    Err(e) => last_error = e.to_string(),
+                }
+            }
+            if let Some(client) = &view.client {
+                let probe = client.clone().with_timeout(Duration::from_secs(3));
+                match probe.ping().await {
+                    Ok(()) => return Ok(client.clone()),
+                    Err(e) => last_error = e.to_string(),
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(ProviderError::Transient(format!(
+                    "the agent on cell {} did not answer within the boot timeout ({}s): {last_error}",
+                    view.id,
+                    self.settings.boot_timeout.as_secs()
+                )));
+            }
+            tokio::select! {
+                () = self.shutdown.cancelled() => {
+                    return Err(ProviderError::Transient("the provider is shutting down".into()));
+                }
+                () = tokio::time::sleep(self.settings.retry_interval.min(Duration::from_secs(1))) => {}
+            }
+        }
+    }
+
+    async fn terminate(&self, id: &CellId) -> Result<(), ProviderError> {
+        match self.backend.terminate(id).await {
+            Ok(()) | Err(BackendError::NotFound { .. }) => Ok(()),
+            Err(e) => Err(backend_error(&format!("terminating cell {id}"), e)),
+        }
+    }
+
+    /// Makes sure `tracked` has a cell whose agent runs `resolved`: reuses the current or a
+    /// listed cell, else starts one; waits for the agent; applies the pod; starts the watcher.
+    async fn ensure_running(
+        self: &Arc<Self>,
+        tracked: &Arc<TrackedPod>,
+        resolved: &ResolvedPod,
+    ) -> Result<(), ProviderError> {
+        let uid = tracked.pod.uid.clone();
+        let current = {
+            let mut state = lock(&tracked.state);
+            state.resolved = Some(resolved.clone());
+            state.cell.clone()
+        };
+        let mut view = match current {
+            Some(view) => view,
+            None => {
+                let listed = self.listed_cells(&uid).await?;
+                match listed.first() {
+                    Some(cell) => self.view(cell, None),
+                    None => {
+                        let attempt = lock(&tracked.state).attempt;
+                        let view = match self.start_cell(resolved, attempt).await {
+                            Ok(view) => view,
+                            Err(e) => {
+                                if e.is_transient() {
+                                    lock(&tracked.state).attempt += 1;
+                                }
+                                return Err(e);
+                            }
+                        };
+                        self.set_status(tracked, starting_status(&view.summary));
+                        view
+                    }
+                }
+            }
+        };
+        lock(&tracked.state).cell = Some(view.clone());
+        self.refresh_metrics();
+        let client = match self.wait_ready(&mut view).await {
+            Ok(client) => client,
+            Err(e) => {
+                tracing::warn!(pod = %tracked.pod, cell = %view.id, "{e}; terminating the cell");
+                self.terminate(&view.id).await?;
+                let mut state = lock(&tracked.state);
+                state.cell = None;
+                state.attempt += 1;
+                drop(state);
+                self.refresh_metrics();
+                return Err(e);
+            }
+        };
+        lock(&tracked.state).cell = Some(view.clone());
+        let request = apply_request(resolved, self.settings.pod_network.as_ref(), view.pod_ip);
+        client
+            .apply_pod(&request)
+            .await
+            .map_err(|e| client_error(&format!("delivering the pod to cell {}", view.id), e))?;
+        let watching = {
+            let mut state = lock(&tracked.state);
+            state.applied = true;
+            state.retired = false;
+            state.watcher.is_some()
+        };
+        if !watching {
+            self.spawn_watcher(tracked);
+        }
+        Ok(())
+    }
+
+    fn spawn_watcher(self: &Arc<Self>, tracked: &Arc<TrackedPod>) {
+        let token = self.shutdown.child_token();
+        {
+            let mut state = lock(&tracked.state);
+            if let Some(old) = state.watcher.replace(token.clone()) {
+                old.cancel();
+            }
+        }
+        let inner = Arc::downgrade(self);
+        let tracked = tracked.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = token.cancelled() => {}
+                () = watch_cell(inner, tracked, token.clone()) => {}
+            }
+        });
+    }
+
+    /// Handles a lost cell: says so in the status, terminates it, and restarts the pod on a
+    /// new cell or fails it.
+    async fn cell_lost(self: &Arc<Self>, tracked: &Arc<TrackedPod>, cell: &CellView, why: String) {
+        let (resolved, last) = {
+            let mut state = lock(&tracked.state);
+            if state.cell.as_ref().map(|c| &c.id) != Some(&cell.id) {
+                return;
+            }
+            state.cell = None;
+            state.watcher = None;
+            (state.resolved.clone(), state.status.clone())
+        };
+        let replace = !tracked.restart_never && resolved.is_some();
+        let message = if replace {
+            format!(
+                "cell {} was lost ({why}); starting a replacement cell",
+                cell.id
+            )
+        } else if tracked.restart_never {
+            format!(
+                "cell {} was lost ({why}); restartPolicy Never: the pod failed",
+                cell.id
+            )
+        } else {
+            format!(
+                "cell {} was lost ({why}); the pod was adopted after a restart, so its inputs are unknown here: the pod failed and its controller replaces it",
+                cell.id
+            )
+        };
+        tracing::warn!(pod = %tracked.pod, "{message}");
+        self.set_status(tracked, lost_status(last.as_ref(), !replace, message));
+        if let Err(e) = self.terminate(&cell.id).await {
+            tracing::warn!(cell = %cell.id, "terminating a lost cell: {e}; the garbage collector retries");
+        }
+        self.refresh_metrics();
+        let Some(resolved) = resolved.filter(|_| replace) else {
+            return;
+        };
+        lock(&tracked.state).attempt += 1;
+        let inner = self.clone();
+        let tracked = tracked.clone();
+        tokio::spawn(async move {
+            let mut delay = Duration::from_secs(1);
+            loop {
+                let guard = inner.lock_pod(&tracked.pod.uid).await;
+                if inner.tracked(&tracked.pod.uid).is_none() {
+                    return; // deleted meanwhile
+                }
+                let result = inner.ensure_running(&tracked, &resolved).await;
+                drop(guard);
+                match result {
+                    Ok(()) => return,
+                    Err(e) if e.is_transient() => {
+                        tracing::warn!(pod = %tracked.pod, "starting a replacement cell: {e}");
+                    }
+                    Err(e) => {
+                        let last = lock(&tracked.state).status.clone();
+                        inner.set_status(
+                            &tracked,
+                            lost_status(last.as_ref(), true, format!("no replacement cell: {e}")),
+                        );
+                        return;
+                    }
+                }
+                tokio::select! {
+                    () = inner.shutdown.cancelled() => return,
+                    () = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(60));
+            }
+        });
+    }
+
+    pub(crate) fn refresh_metrics(&self) {
+        let cells: Vec<CellSummary> = lock(&self.pods)
+            .values()
+            .filter_map(|t| lock(&t.state).cell.as_ref().map(|c| c.summary.clone()))
+            .collect();
+        self.metrics.set(&cells);
+    }
+
+    /// One pass of the garbage collector.
+    async fn collect_garbage(self: &Arc<Self>) {
+        let cells = match self.backend.list(&self.settings.controller_id).await {
+            Ok(cells) => {
+                *lock(&self.backend_healthy) = Ok(());
+                cells
+            }
+            Err(e) => {
+                tracing::warn!("garbage collection: listing cells: {e}");
+                *lock(&self.backend_healthy) =
+                    Err(format!("the cells backend does not answer: {e}"));
+                return;
+            }
+        };
+        self.adopt_untracked(&cells);
+        let grace = self.settings.gc_grace_period;
+        for cell in &cells {
+            let Some(identity) = &cell.identity else {
+                continue;
+            };
+            if identity.node != self.settings.node_name || cell.state.is_ending() {
+                continue;
+            }
+            let Some(tracked) = self.tracked(&identity.pod_uid) else {
+                continue;
+            };
+            let old_enough = cell
+                .launch_time
+                .and_then(|t| t.elapsed().ok())
+                .is_none_or(|age| age >= grace);
+            let (current, finished_for, retired) = {
+                let state = lock(&tracked.state);
+                (
+                    state.cell.as_ref().map(|c| c.id.clone()),
+                    state.finished_since.map(|t| t.elapsed()),
+                    state.retired,
+                )
+            };
+            let duplicate = current.as_ref().is_some_and(|id| id != &cell.id);
+            if duplicate && old_enough {
+                tracing::warn!(pod = %tracked.pod, cell = %cell.id, "terminating a second cell of one pod");
+                if let Err(e) = self.terminate(&cell.id).await {
+                    tracing::warn!(cell = %cell.id, "{e}");
+                }
+                continue;
+            }
+            let finished_long_ago =
+                finished_for.is_some_and(|d| d >= self.settings.finished_pod_retention);
+            if (finished_long_ago || retired) && current.as_ref() == Some(&cell.id) {
+                let _guard = self.lock_pod(&identity.pod_uid).await;
+                {
+                    let mut state = lock(&tracked.state);
+                    state.retired = true;
+                    state.cell = None;
+                    if let Some(w) = state.watcher.take() {
+                        w.cancel();
+                    }
+                }
+                tracing::info!(pod = %tracked.pod, cell = %cell.id, "the pod finished: terminating its cell");
+                if let Err(e) = self.terminate(&cell.id).await {
+                    tracing::warn!(cell = %cell.id, "{e}");
+                }
+            } else if retired && current.is_none() {
+                // A retired pod whose termination failed earlier.
+                let _ = self.terminate(&cell.id).await;
+            }
+        }
+        self.refresh_metrics();
+    }
+}
+
+/// Follows one cell's agent with long-polls until cancelled or the cell is lost.
+async fn watch_cell(
+    inner: std::sync::Weak<Inner>,
+    tracked: Arc<TrackedPod>,
+    token: CancellationToken,
+) {
+    let mut after: Option<u64> = None;
+    let mut last_ok = Instant::now();
+    loop {
+        let Some(this) = inner.upgrade() else { return };
+        let Some(cell) = lock(&tracked.state).cell.clone() else {
+            return;
+        };
+        let wait = this.settings.status_wait;
+        let retry = this.settings.retry_interval;
+        let answer = match &cell.client {
+            Some(client) => Some(client.pod_status(after, wait).await),
+            None => None,
+        };
+        match answer {
+            Some(Ok(response)) => {
+                last_ok = Instant::now();
+                after = Some(response.version);
+                if response.uid.as_deref() == Some(tracked.pod.uid.as_str()) {
+                    lock(&tracked.state).applied = true;
+                    let status =
+                        running_status(&response.status, &cell.summary, tracked.host_network);
+                    this.set_status(&tracked, status);
+                }
+                continue;
+            }
+            Some(Err(error)) => {
+                if token.is_cancelled() {
+                    return;
+                }
+                tracing::debug!(pod = %tracked.pod, cell = %cell.id, "agent status: {error}");
+            }
+            None => {}
+        }
+        // No answer: ask the backend whether the cell still exists.
+        let gone = match this.backend.describe(&cell.id).await {
+            Ok(described) if described.state.is_ending() => {
+                Some(format!("the backend reports it {}", described.state))
+            }
+            Ok(described) => {
+                if cell.client.is_none() && described.management_ip.is_some() {
+                    let view = this.view(&described, cell.summary.price_per_hour);
+                    let mut state = lock(&tracked.state);
+                    if state.cell.as_ref().map(|c| &c.id) == Some(&cell.id) {
+                        state.cell = Some(view);
+                    }
+                }
+                None
+            }
+            Err(BackendError::NotFound { .. }) => Some("the backend no longer knows it".to_owned()),
+            Err(_) => None,
+        };
+        let unreachable_for = last_ok.elapsed();
+        let why = gone.or_else(|| {
+            (unreachable_for >= this.settings.health_timeout).then(|| {
+                format!(
+                    "its agent did not answer for {}s",
+                    unreachable_for.as_secs()
+                )
+            })
+        });
+        if let Some(why) = why {
+            if token.is_cancelled() || lock(&tracked.state).retired {
+                return;
+            }
+            this.cell_lost(&tracked, &cell, why).await;
+            return;
+        }
+        drop(this);
+        tokio::time::sleep(retry).await;
+    }
+}
+
+#[async_trait::async_trait]
+impl Provider for CellsProvider {
+    async fn create_pod(&self, pod: &ResolvedPod) -> updraft_provider::Result<()> {
+        let pod_ref = PodRef::of(&pod.pod);
+        if pod_ref.uid.is_empty() {
+            return Err(ProviderError::InvalidInput("the pod has no UID".into()));
+        }
+        let inner = &self.inner;
+        let _guard = inner.lock_pod(&pod_ref.uid).await;
+        let spec = pod.pod.spec.clone().unwrap_or_default();
+        let tracked = {
+            let mut pods = lock(&inner.pods);
+            pods.entry(pod_ref.uid.clone())
+                .or_insert_with(|| {
+                    Arc::new(TrackedPod {
+                        pod: pod_ref.clone(),
+                        host_network: spec.host_network == Some(true),
+                        restart_never: spec.restart_policy.as_deref() == Some("Never"),
+                        state: Mutex::new(PodState::default()),
+                    })
+                })
+                .clone()
+        };
+        let result = inner.ensure_running(&tracked, pod).await;
+        if let Err(e) = &result
+            && !e.is_transient()
+        {
+            // Nothing was started (the type could not be chosen, the bootstrap is invalid):
+            // forget the pod so that it is not listed as running.
+            let has_cell = lock(&tracked.state).cell.is_some();
+            if !has_cell {
+                lock(&inner.pods).remove(&pod_ref.uid);
+            }
+        }
+        result
+    }
+
+    async fn update_pod(&self, pod: &ResolvedPod) -> updraft_provider::Result<()> {
+        let pod_ref = PodRef::of(&pod.pod);
+        let inner = &self.inner;
+        let _guard = inner.lock_pod(&pod_ref.uid).await;
+        let Some(tracked) = inner.tracked(&pod_ref.uid) else {
+            return Err(ProviderError::NotFound(format!(
+                "pod {pod_ref} has no cell"
+            )));
+        };
+        let cell = {
+            let mut state = lock(&tracked.state);
+            state.resolved = Some(pod.clone());
+            state.cell.clone()
+        };
+        let Some(client) = cell.as_ref().and_then(|c| c.client.clone()) else {
+            return Err(ProviderError::Transient(format!(
+                "pod {pod_ref}: its cell is not reachable yet"
+            )));
+        };
+        let request = apply_request(
+            pod,
+            inner.settings.pod_network.as_ref(),
+            cell.as_ref().and_then(|c| c.pod_ip),
+        );
+        client
+            .apply_pod(&request)
+            .await
+            .map_err(|e| client_error("updating the pod on its cell", e))?;
+        Ok(())
+    }
+
+    async fn delete_pod(
+        &self,
+        pod: &PodRef,
+        grace_period_seconds: i64,
+    ) -> updraft_provider::Result<()> {
+        let inner = &self.inner;
+        let _guard = inner.lock_pod(&pod.uid).await;
+        let tracked = inner.tracked(&pod.uid);
+        let mut cells: Vec<CellId> = Vec::new();
+        if let Some(tracked) = &tracked {
+            let cell = {
+                let mut state = lock(&tracked.state);
+                if let Some(w) = state.watcher.take() {
+                    w.cancel();
+                }
+                state.cell.clone()
+            };
+            if let Some(cell) = cell {
+                if let Some(client) = &cell.client {
+                    let grace =
+                        Duration::from_secs(u64::try_from(grace_period_seconds).unwrap_or(0));
+                    // The agent stops the containers (preStop, SIGTERM, grace, SIGKILL) before
+                    // the cell goes; an unreachable agent does not keep the cell alive.
+                    let stop = tokio::time::timeout(
+                        grace + Duration::from_secs(30),
+                        client.delete_pod(Some(grace)),
+                    )
+                    .await;
+                    match stop {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => {
+                            tracing::info!(pod = %pod, "stopping the pod on its cell: {e}")
+                        }
+                        Err(_) => {
+                            tracing::info!(pod = %pod, "stopping the pod on its cell timed out")
+                        }
+                    }
+                }
+                cells.push(cell.id.clone());
+            }
+        }
+        for cell in inner.listed_cells(&pod.uid).await? {
+            if !cells.contains(&cell.id) {
+                cells.push(cell.id);
+            }
+        }
+        for id in &cells {
+            tracing::info!(pod = %pod, cell = %id, "terminating the pod's cell");
+            inner.terminate(id).await?;
+        }
+        lock(&inner.pods).remove(&pod.uid);
+        lock(&inner.pod_locks).remove(&pod.uid);
+        inner.refresh_metrics();
+        Ok(())
+    }
+
+    async fn pod_status(&self, pod: &PodRef) -> updraft_provider::Result<Option<PodStatus>> {
+        let Some(tracked) = self.inner.tracked(&pod.uid) else {
+            return Ok(None);
+        };
+        let state = lock(&tracked.state);
+        if !state.applied {
+            return Ok(None);
+        }
+        Ok(Some(state.status.clone().unwrap_or_default()))
+    }
+
+    async fn list_pods(&self) -> updraft_provider::Result<Vec<ProviderPod>> {
+        let cells = self
+            .inner
+            .backend
+            .list(&self.inner.settings.controller_id)
+            .await
+            .map_err(|e| backend_error("listing cells", e))?;
+        self.inner.adopt_untracked(&cells);
+        let pods = lock(&self.inner.pods).values().cloned().collect::<Vec<_>>();
+        Ok(pods
+            .into_iter()
+            .map(|tracked| {
+                let status = lock(&tracked.state).status.clone().unwrap_or_default();
+                ProviderPod {
+                    pod: tracked.pod.clone(),
+                    status,
+                }
+            })
+            .collect())
+    }
+
+    fn status_updates(&self) -> Option<BoxStream<'static, PodStatusUpdate>> {
+        let receiver = self.inner.updates.subscribe();
+        let weak = Arc::downgrade(&self.inner);
+        let stream = futures::stream::unfold(
+            (receiver, weak, Vec::<PodStatusUpdate>::new()),
+            |(mut receiver, weak, mut backlog)| async move {
+                loop {
+                    if let Some(update) = backlog.pop() {
+                        return Some((update, (receiver, weak, backlog)));
+                    }
+                    match receiver.recv().await {
+                        Ok(update) => return Some((update, (receiver, weak, backlog))),
+                        Err(broadcast::error::RecvError::Closed) => return None,
+                        Err(broadcast::error::RecvError::Lagged(_)) => {
+                            // Updates were dropped: send every pod's current status instead.
+                            let inner = weak.upgrade()?;
+                            backlog = lock(&inner.pods)
+                                .values()
+                                .filter_map(|t| {
+                                    lock(&t.state).status.clone().map(|status| PodStatusUpdate {
+                                        pod: t.pod.clone(),
+                                        status,
+                                    })
+                                })
+                                .collect();
+                        }
+                    }
+                }
+            },
+        );
+        Some(Box::pin(stream))
+    }
+
+    fn node_health(&self) -> Option<&dyn updraft_provider::NodeHealth> {
+        Some(self)
+    }
+    fn logs(&self) -> Option<&dyn updraft_provider::ContainerLogs> {
+        Some(self)
+    }
+    fn exec(&self) -> Option<&dyn updraft_provider::ContainerExec> {
+        Some(self)
+    }
+    fn attach(&self) -> Option<&dyn updraft_provider::ContainerAttach> {
+        Some(self)
+    }
+    fn port_forward(&self) -> Option<&dyn updraft_provider::PortForward> {
+        Some(self)
+    }
+    fn stats(&self) -> Option<&dyn updraft_provider::ProviderStats> {
+        Some(self)
+    }
+}
+
+impl CellsProvider {
+    /// The agent client of a pod's cell, for the capabilities.
+    pub(crate) fn client_of(&self, pod: &PodRef) -> updraft_provider::Result<CellClient> {
+        let tracked = self
+            .inner
+            .tracked(&pod.uid)
+            .ok_or_else(|| ProviderError::NotFound(format!("pod {pod} runs on no cell")))?;
+        let state = lock(&tracked.state);
+        state
+            .cell
+            .as_ref()
+            .and_then(|c| c.client.clone())
+            .ok_or_else(|| ProviderError::NotFound(format!("pod {pod}: its cell is not running")))
+    }
+
+    /// The pods with a reachable cell, with their last status.
+    pub(crate) fn running_pods(&self) -> Vec<(PodRef, CellClient, Option<PodStatus>)> {
+        lock(&self.inner.pods)
+            .values()
+            .filter_map(|t| {
+                let state = lock(&t.state);
+                let client = state.cell.as_ref()?.client.clone()?;
+                state
+                    .applied
+                    .then(|| (t.pod.clone(), client, state.status.clone()))
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[test]
+    fn cell_names_are_dns_friendly() {
+        let pod = PodRef {
+            namespace: "Team_A".into(),
+            name: "web.0".into(),
+            uid: "u".into(),
+        };
+        assert_eq!(cell_name("updraft", &pod), "updraft-team-a-web-0");
+        let long = PodRef {
+            namespace: "n".repeat(60),
+            name: "p".into(),
+            uid: "u".into(),
+        };
+        assert_eq!(cell_name("updraft", &long).len(), 63);
+    }
+}

@@ -1,0 +1,344 @@
+//! Unit tests of selection, restart recovery, deletion and garbage collection against an
+//! in-memory backend (no agent answers: cells never get past booting here; the integration
+//! test runs real agents on local cells).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use k8s_openapi::api::core::v1::Pod;
+use updraft_cells_backend::{
+    BackendError, Cell, CellBackend, CellId, CellIdentity, CellSpec, CellState, LaunchType,
+    StartedCell,
+};
+use updraft_cells_catalog::{Catalog, SelectionPolicy, Selector};
+use updraft_provider::{PodRef, Provider, ProviderError, ResolvedPod};
+
+use crate::config::AgentSettings;
+use crate::pki::CellsPki;
+use crate::provider::{CellsProvider, ProviderSettings};
+
+/// Cells in memory; `address` is given to every started cell (none: they stay without one).
+#[derive(Default)]
+struct FakeBackend {
+    cells: Mutex<Vec<Cell>>,
+    started: Mutex<Vec<CellSpec>>,
+    terminated: Mutex<Vec<CellId>>,
+    address: Option<IpAddr>,
+}
+
+impl FakeBackend {
+    fn add(&self, id: &str, controller: &str, node: &str, uid: &str, age: Duration) {
+        self.cells.lock().unwrap().push(Cell {
+            id: CellId(id.into()),
+            name: id.into(),
+            state: CellState::Running,
+            instance_type: "local.small".into(),
+            launch_type: LaunchType::OnDemand,
+            management_ip: None,
+            pod_ip: None,
+            public_ip: None,
+            launch_time: Some(SystemTime::now() - age),
+            identity: Some(CellIdentity {
+                controller_id: controller.into(),
+                node: node.into(),
+                namespace: "ns".into(),
+                pod_name: format!("pod-{uid}"),
+                pod_uid: uid.into(),
+                pod_labels: BTreeMap::new(),
+            }),
+            tags: BTreeMap::new(),
+        });
+    }
+
+    fn live(&self) -> Vec<String> {
+        self.cells
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|c| !c.state.is_ending())
+            .map(|c| c.id.0.clone())
+            .collect()
+    }
+}
+
+#[async_trait::async_trait]
+impl CellBackend for FakeBackend {
+    fn kind(&self) -> &'static str {
+        "fake"
+    }
+
+    async fn start(&self, spec: &CellSpec) -> Result<StartedCell, BackendError> {
+        let mut started = self.started.lock().unwrap();
+        // Idempotency: the same token names the same cell.
+        if let Some(index) = started
+            .iter()
+            .position(|s| s.idempotency_token == spec.idempotency_token)
+        {
+            return Ok(StartedCell {
+                id: CellId(format!("cell-{index}")),
+                launch_type: spec.launch_type,
+            });
+        }
+        let id = CellId(format!("cell-{}", started.len()));
+        started.push(spec.clone());
+        self.cells.lock().unwrap().push(Cell {
+            id: id.clone(),
+            name: spec.name.clone(),
+            state: CellState::Running,
+            instance_type: spec.instance_type.clone(),
+            launch_type: spec.launch_type,
+            management_ip: self.address,
+            pod_ip: None,
+            public_ip: None,
+            launch_time: Some(SystemTime::now()),
+            identity: Some(spec.identity.clone()),
+            tags: BTreeMap::new(),
+        });
+        Ok(StartedCell {
+            id,
+            launch_type: spec.launch_type,
+        })
+    }
+
+    async fn describe(&self, id: &CellId) -> Result<Cell, BackendError> {
+        self.cells
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|c| &c.id == id)
+            .cloned()
+            .ok_or(BackendError::NotFound { id: id.0.clone() })
+    }
+
+    async fn list(&self, controller_id: &str) -> Result<Vec<Cell>, BackendError> {
+        Ok(self
+            .cells
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|c| {
+                !c.state.is_ending()
+                    && c.identity
+                        .as_ref()
+                        .is_some_and(|i| i.controller_id == controller_id)
+            })
+            .cloned()
+            .collect())
+    }
+
+    async fn terminate(&self, id: &CellId) -> Result<(), BackendError> {
+        let mut cells = self.cells.lock().unwrap();
+        let cell = cells
+            .iter_mut()
+            .find(|c| &c.id == id)
+            .ok_or(BackendError::NotFound { id: id.0.clone() })?;
+        cell.state = CellState::Terminated;
+        self.terminated.lock().unwrap().push(id.clone());
+        Ok(())
+    }
+}
+
+fn settings(node: &str) -> ProviderSettings {
+    ProviderSettings {
+        node_name: node.into(),
+        controller_id: "ctl".into(),
+        name_tag: "updraft".into(),
+        boot_timeout: Duration::from_millis(300),
+        health_timeout: Duration::from_secs(60),
+        gc_grace_period: Duration::from_secs(60),
+        gc_interval: Duration::from_secs(3600),
+        finished_pod_retention: Duration::from_secs(300),
+        agent: AgentSettings::default(),
+        extra_security_groups: vec!["sg-extra".into()],
+        pod_network: None,
+        default_launch_type: LaunchType::OnDemand,
+        user_data_limit: 1 << 20,
+        status_wait: Duration::from_secs(1),
+        retry_interval: Duration::from_millis(50),
+    }
+}
+
+async fn provider(backend: Arc<FakeBackend>, pki_dir: &std::path::Path) -> CellsProvider {
+    let selector = Selector::new(
+        Catalog::local().unwrap(),
+        SelectionPolicy::new("local.small"),
+    )
+    .unwrap();
+    CellsProvider::with_parts(
+        settings("node-a"),
+        backend,
+        selector,
+        None,
+        CellsPki::open(pki_dir).unwrap(),
+    )
+    .await
+    .unwrap()
+}
+
+fn pod(uid: &str, yaml_extra: &str) -> ResolvedPod {
+    let yaml = format!(
+        "metadata: {{name: web, namespace: ns, uid: {uid}{yaml_extra}}}\nspec:\n  containers:\n  - name: app\n    image: busybox\n    resources: {{requests: {{cpu: 1500m, memory: 1Gi}}}}\n"
+    );
+    ResolvedPod::unresolved(serde_yaml::from_str::<Pod>(&yaml).unwrap())
+}
+
+#[tokio::test]
+async fn a_bad_annotation_or_an_impossible_request_starts_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Arc::new(FakeBackend::default());
+    let provider = provider(backend.clone(), dir.path()).await;
+
+    let annotated = pod(
+        "u1",
+        ", annotations: {cells.updraft.dev/launch-type: reserved}",
+    );
+    let err = provider.create_pod(&annotated).await.unwrap_err();
+    assert!(matches!(err, ProviderError::InvalidInput(_)), "{err:?}");
+    assert!(err.to_string().contains("launch-type"), "{err}");
+
+    let mut huge = pod("u2", "");
+    let spec = huge.pod.spec.as_mut().unwrap();
+    spec.containers[0].resources = serde_yaml::from_str("{requests: {cpu: '200'}}").unwrap();
+    let err = provider.create_pod(&huge).await.unwrap_err();
+    assert!(matches!(err, ProviderError::Permanent(_)), "{err:?}");
+    assert!(err.to_string().contains("vCPU"), "{err}");
+
+    assert!(backend.started.lock().unwrap().is_empty());
+    assert!(provider.list_pods().await.unwrap().is_empty());
+    assert_eq!(
+        provider.pod_status(&PodRef::of(&huge.pod)).await.unwrap(),
+        None
+    );
+}
+
+#[tokio::test]
+async fn a_cell_that_never_answers_is_terminated_and_the_retry_starts_a_new_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Arc::new(FakeBackend {
+        // Nothing listens there: the agent never answers.
+        address: Some("127.0.0.1".parse().unwrap()),
+        ..FakeBackend::default()
+    });
+    let provider = provider(backend.clone(), dir.path()).await;
+    let web = pod("u1", "");
+    let err = provider.create_pod(&web).await.unwrap_err();
+    assert!(err.is_transient(), "{err:?}");
+    assert!(err.to_string().contains("boot timeout"), "{err}");
+    {
+        let started = backend.started.lock().unwrap();
+        assert_eq!(started.len(), 1);
+        let spec = &started[0];
+        // The cheapest type for 1.5 CPU / 1 GiB in the local catalog.
+        assert_eq!(spec.instance_type, "local.medium");
+        assert_eq!(spec.identity.pod_uid, "u1");
+        assert_eq!(spec.identity.node, "node-a");
+        assert_eq!(spec.identity.controller_id, "ctl");
+        assert_eq!(spec.security_groups, vec!["sg-extra".to_string()]);
+        assert_eq!(spec.idempotency_token, "u1-0");
+        let text = String::from_utf8(spec.user_data.clone()).unwrap();
+        assert!(
+            text.contains("updraft-cell") && text.contains("--client-ca"),
+            "{text}"
+        );
+    }
+    assert!(backend.live().is_empty(), "the silent cell was terminated");
+    // Not running for the node: it will call create again.
+    assert_eq!(
+        provider.pod_status(&PodRef::of(&web.pod)).await.unwrap(),
+        None
+    );
+    let _ = provider.create_pod(&web).await.unwrap_err();
+    let started = backend.started.lock().unwrap();
+    assert_eq!(started.len(), 2);
+    assert_eq!(started[1].idempotency_token, "u1-1");
+}
+
+#[tokio::test]
+async fn after_a_restart_cells_are_adopted_and_never_started_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Arc::new(FakeBackend::default());
+    backend.add("old-1", "ctl", "node-a", "u1", Duration::from_secs(600));
+    backend.add(
+        "other-controller",
+        "ctl-b",
+        "node-a",
+        "u2",
+        Duration::from_secs(600),
+    );
+    backend.add(
+        "other-node",
+        "ctl",
+        "node-b",
+        "u3",
+        Duration::from_secs(600),
+    );
+    let provider = provider(backend.clone(), dir.path()).await;
+    let listed = provider.list_pods().await.unwrap();
+    let uids: Vec<&str> = listed.iter().map(|p| p.pod.uid.as_str()).collect();
+    assert_eq!(uids, vec!["u1"]);
+    assert_eq!(listed[0].pod.name, "pod-u1");
+    // The node asks to create the pod (its agent has not confirmed it yet): the adopted
+    // cell is used, no second one is started.
+    let mut web = pod("u1", "");
+    web.pod.metadata.name = Some("pod-u1".into());
+    let _ = provider.create_pod(&web).await;
+    assert!(backend.started.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn deleting_a_pod_terminates_every_cell_listed_for_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Arc::new(FakeBackend::default());
+    backend.add("c1", "ctl", "node-a", "u1", Duration::from_secs(600));
+    backend.add("c2", "ctl", "node-a", "u1", Duration::from_secs(600));
+    backend.add("c3", "ctl", "node-a", "u2", Duration::from_secs(600));
+    let provider = provider(backend.clone(), dir.path()).await;
+    let pod_ref = PodRef {
+        namespace: "ns".into(),
+        name: "pod-u1".into(),
+        uid: "u1".into(),
+    };
+    provider.delete_pod(&pod_ref, 0).await.unwrap();
+    assert_eq!(backend.live(), vec!["c3".to_string()]);
+    // Deleting again (a repeated call after a restart) succeeds.
+    provider.delete_pod(&pod_ref, 0).await.unwrap();
+    let uids: Vec<String> = provider
+        .list_pods()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|p| p.pod.uid)
+        .collect();
+    assert_eq!(uids, vec!["u2".to_string()]);
+}
+
+#[tokio::test]
+async fn garbage_collection_terminates_a_second_cell_of_one_pod_after_the_grace_period() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Arc::new(FakeBackend::default());
+    backend.add("first", "ctl", "node-a", "u1", Duration::from_secs(600));
+    let provider = provider(backend.clone(), dir.path()).await;
+    // A second cell appears for the same pod (a start another process retried): young ones
+    // are left alone during the grace period, old ones go.
+    backend.add("young", "ctl", "node-a", "u1", Duration::from_secs(1));
+    backend.add("old", "ctl", "node-a", "u1", Duration::from_secs(600));
+    provider.collect_garbage().await;
+    let mut live = backend.live();
+    live.sort();
+    assert_eq!(live, vec!["first".to_string(), "young".to_string()]);
+    // A cell that appears for an unknown pod is adopted (the node's orphan sweep deletes it
+    // if the pod no longer exists).
+    backend.add("stray", "ctl", "node-a", "u9", Duration::from_secs(600));
+    provider.collect_garbage().await;
+    let uids: Vec<String> = provider
+        .list_pods()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|p| p.pod.uid)
+        .collect();
+    assert!(uids.contains(&"u9".to_string()), "{uids:?}");
+}
