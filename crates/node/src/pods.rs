@@ -155,19 +155,7 @@ impl<P: Provider> PodController<P> {
         let (pod_tx, pod_rx) = tokio::sync::mpsc::unbounded_channel::<Pod>();
         let mut background = tokio::task::JoinSet::new();
         background.spawn(watch_services);
-        background.spawn(async move {
-            let mut changes = reflector(writer, watch).applied_objects().boxed();
-            while let Some(change) = changes.next().await {
-                match change {
-                    Ok(pod) => {
-                        if pod_tx.send(pod).is_err() {
-                            break;
-                        }
-                    }
-                    Err(err) => tracing::debug!("watching the node's pods: {err}"),
-                }
-            }
-        });
+        background.spawn(forward_pod_changes(reflector(writer, watch), pod_tx));
         let pod_changes = tokio_stream::wrappers::UnboundedReceiverStream::new(pod_rx)
             .map(Ok::<Pod, watcher::Error>)
             .take_until(stopped());
@@ -198,6 +186,45 @@ impl<P: Provider> PodController<P> {
             })
             .await;
         background.abort_all();
+    }
+}
+
+/// Sends the controller every pod the reflector has stored, once it is in the store.
+///
+/// The pods of a (re)list arrive as `InitApply` events, but the reflector's store only shows
+/// them at `InitDone`; a reconcile triggered earlier finds nothing in the store and is dropped
+/// (kube-runtime's "not found in local store"). So the pods of a list are sent at `InitDone`:
+/// after a restart every pod already bound to the node is reconciled.
+async fn forward_pod_changes(
+    events: impl futures::Stream<Item = Result<watcher::Event<Pod>, watcher::Error>>,
+    pod_tx: tokio::sync::mpsc::UnboundedSender<Pod>,
+) {
+    let mut events = std::pin::pin!(events);
+    let mut listed = Vec::new();
+    while let Some(event) = events.next().await {
+        let ready = match event {
+            Ok(watcher::Event::Apply(pod)) => vec![pod],
+            Ok(watcher::Event::Init) => {
+                listed.clear();
+                continue;
+            }
+            Ok(watcher::Event::InitApply(pod)) => {
+                listed.push(pod);
+                continue;
+            }
+            Ok(watcher::Event::InitDone) => std::mem::take(&mut listed),
+            // A deleted pod is gone from the API: the orphan sweep ends it in the provider.
+            Ok(watcher::Event::Delete(_)) => continue,
+            Err(err) => {
+                tracing::warn!("watching the node's pods (retrying with backoff): {err}");
+                continue;
+            }
+        };
+        for pod in ready {
+            if pod_tx.send(pod).is_err() {
+                return;
+            }
+        }
     }
 }
 

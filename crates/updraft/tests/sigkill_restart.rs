@@ -51,6 +51,7 @@ fn start(files: &NodeFiles, node: &str, port: u16) -> NodeProcess {
         .arg("--client-ca-file")
         .arg(&files.client_ca)
         .args(["--kubelet-port", &port.to_string()])
+        .env("RUST_LOG", "info,updraft_node=debug")
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log)
