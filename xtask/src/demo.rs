@@ -32,11 +32,20 @@ pub async fn run(layout: &Layout) -> anyhow::Result<()> {
     let pods = Api::<Pod>::namespaced(client, "default");
     let pod = serde_json::json!({
         "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": "hello-updraft", "namespace": "default"},
+        "metadata": {
+            "name": "hello-updraft", "namespace": "default",
+            // The mock runs the container's command as a host process, so logs and exec
+            // have something to show.
+            "annotations": {"mock.updraft.dev/run": "true"}
+        },
         "spec": {
             "nodeSelector": {"kubernetes.io/hostname": NODE},
             "tolerations": [{"key": "virtual-kubelet.io/provider", "operator": "Exists", "effect": "NoSchedule"}],
-            "containers": [{"name": "hello", "image": "busybox"}]
+            "containers": [{
+                "name": "hello", "image": "busybox",
+                "command": ["sh", "-c", "while true; do echo \"hello from $HOSTNAME at $(date)\"; sleep 5; done"],
+                "env": [{"name": "HOSTNAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]
+            }]
         }
     });
     pods.patch(
@@ -62,11 +71,17 @@ pub async fn run(layout: &Layout) -> anyhow::Result<()> {
     };
     kubectl(&["get", "nodes", "-o", "wide"])?;
     kubectl(&["get", "pods", "-o", "wide"])?;
+    println!("\n$ kubectl logs hello-updraft --tail 1");
+    kubectl(&["logs", "hello-updraft", "--tail", "1"])?;
+    println!("$ kubectl exec hello-updraft -- sh -c 'echo exec works in $PWD'");
+    kubectl(&["exec", "hello-updraft", "--", "sh", "-c", "echo exec works in $PWD"])?;
     println!(
         "\nThe pod runs on the virtual node {NODE} (mock provider until local cells land). Try:"
     );
     println!("  eval \"$(cargo xtask cluster env)\"");
     println!("  kubectl describe node {NODE}");
+    println!("  kubectl logs -f hello-updraft");
+    println!("  kubectl exec -it hello-updraft -- sh");
     println!("  kubectl get lease -n kube-node-lease {NODE}");
     println!("Stop everything with: cargo xtask cluster down");
     Ok(())
