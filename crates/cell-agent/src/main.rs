@@ -33,8 +33,9 @@ struct Args {
     /// CA whose client certificates are accepted (the provider's).
     #[arg(long, env = "UPDRAFT_CELL_CLIENT_CA")]
     client_ca: PathBuf,
-    /// cgroup path for the pod.
-    #[arg(long, default_value = "updraft-cell")]
+    /// cgroup path for the pod (relative to the hierarchy root; the local cells backend sets
+    /// the environment variable to a cgroup inside the cell's).
+    #[arg(long, env = "UPDRAFT_CELL_CGROUP_ROOT", default_value = "updraft-cell")]
     cgroup_root: PathBuf,
     /// Directory images `name=/path/to/rootfs` (repeatable) instead of pulling OCI images
     /// from registries (air-gapped cells, tests).

@@ -279,6 +279,12 @@ impl LocalBackend {
         self.inner.scan()
     }
 
+    /// Terminates a cell without an async runtime (CLIs, cleanup in `Drop`); the same as
+    /// [`CellBackend::terminate`].
+    pub fn terminate_blocking(&self, id: &CellId) -> Result<(), LocalError> {
+        self.inner.terminate(&id.0)
+    }
+
     /// Deletes the host bridge when no cell (other than terminated ones) is left; true when it
     /// was deleted. The bridge is shared by all cells, so terminate leaves it.
     pub fn remove_bridge_if_unused(&self) -> Result<bool, LocalError> {
