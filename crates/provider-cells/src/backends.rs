@@ -2,10 +2,13 @@
 
 use std::sync::Arc;
 
+use updraft_cell_api::PodInterface;
 use updraft_cells_aws::{AwsBackend, AwsConfig, BootImage};
-use updraft_cells_backend::CellBackend;
+use updraft_cells_backend::{Cell, CellBackend};
+use updraft_cells_local::LocalBackend;
 
 use crate::config::{BackendKind, BootImageSettings, CellsConfig};
+use crate::provider::load_catalog;
 
 /// The backend could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -102,9 +105,85 @@ pub async fn connect_backend(
     }
 }
 
-fn local_backend(_config: &CellsConfig) -> Result<Arc<dyn CellBackend>, BackendSetupError> {
-    Err(BackendSetupError::Config {
+fn local_backend(config: &CellsConfig) -> Result<Arc<dyn CellBackend>, BackendSetupError> {
+    Ok(Arc::new(local(config)?))
+}
+
+/// The local backend of `config` (its `local` section, defaults when absent).
+pub fn local(config: &CellsConfig) -> Result<LocalBackend, BackendSetupError> {
+    let mut settings = config.local.clone().unwrap_or_default();
+    settings.agent_port = config.agent.port;
+    let catalog = load_catalog(config).map_err(|e| BackendSetupError::Config {
         backend: "local",
-        message: "the local backend (updraft-cells-local) is not built into this binary yet".into(),
+        message: e.to_string(),
+    })?;
+    LocalBackend::new(settings, catalog).map_err(|e| BackendSetupError::Config {
+        backend: "local",
+        message: e.to_string(),
     })
+}
+
+/// How the pod's interface on a cell is derived from the cell (see [`PodWiring`]).
+pub(crate) fn pod_wiring(config: &CellsConfig, backend: Option<LocalBackend>) -> PodWiring {
+    if let Some(local) = backend {
+        return PodWiring::new(move |cell: &Cell| {
+            local.pod_network(cell).map(|w| PodInterface {
+                host_netns: None,
+                bridge: w.bridge,
+                host_veth: w.host_veth,
+                address: w.address,
+                prefix_len: w.prefix_len,
+                gateway: Some(w.gateway),
+            })
+        });
+    }
+    let Some(settings) = config.pod_network.clone() else {
+        return PodWiring::none();
+    };
+    PodWiring::new(move |cell: &Cell| match cell.pod_ip {
+        Some(std::net::IpAddr::V4(address)) => Some(PodInterface {
+            host_netns: settings.host_netns.clone(),
+            bridge: settings.bridge.clone(),
+            host_veth: settings.host_veth.clone(),
+            address,
+            prefix_len: settings.prefix_len,
+            gateway: settings.gateway,
+        }),
+        _ => None,
+    })
+}
+
+/// Computes a pod interface from a cell.
+type WiringFn = dyn Fn(&Cell) -> Option<PodInterface> + Send + Sync;
+
+/// The pod's interface on a cell (the agent's `PodNetworkConfig.interface`), derived from the
+/// cell: the local backend knows its bridge; other backends use the `podNetwork` section.
+#[derive(Clone)]
+pub struct PodWiring(Option<Arc<WiringFn>>);
+
+impl PodWiring {
+    /// Wiring computed by `f`.
+    pub fn new(f: impl Fn(&Cell) -> Option<PodInterface> + Send + Sync + 'static) -> PodWiring {
+        PodWiring(Some(Arc::new(f)))
+    }
+
+    /// No pod interface: the pod has loopback only (unless it uses the host network).
+    pub fn none() -> PodWiring {
+        PodWiring(None)
+    }
+
+    /// The interface for `cell`.
+    pub fn interface(&self, cell: &Cell) -> Option<PodInterface> {
+        self.0.as_ref().and_then(|f| f(cell))
+    }
+}
+
+impl std::fmt::Debug for PodWiring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "PodWiring(..)"
+        } else {
+            "PodWiring(none)"
+        })
+    }
 }

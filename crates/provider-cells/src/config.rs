@@ -248,9 +248,9 @@ fn default_host_veth() -> String {
 pub struct CellsConfig {
     /// Where cells run.
     pub backend: BackendKind,
-    /// The local backend's settings (with `backend: local`); passed to `updraft-cells-local`.
+    /// The local backend's settings (with `backend: local`; defaults when absent).
     #[serde(default)]
-    pub local: Option<serde_yaml::Value>,
+    pub local: Option<updraft_cells_local::LocalConfig>,
     /// The AWS backend's settings (with `backend: aws`).
     #[serde(default)]
     pub aws: Option<AwsSettings>,
@@ -379,13 +379,19 @@ impl CellsConfig {
             ));
         }
         match (self.backend, &self.aws, &self.local) {
-            (BackendKind::Aws, None, _) => {
+            (BackendKind::Aws, _, Some(_)) => {
+                return Err(invalid(
+                    "local",
+                    "set only with backend: local (the backend is aws)".into(),
+                ));
+            }
+            (BackendKind::Aws, None, None) => {
                 return Err(invalid(
                     "aws",
                     "backend: aws needs an aws section (subnetId, bootImage)".into(),
                 ));
             }
-            (BackendKind::Aws, Some(aws), _) => {
+            (BackendKind::Aws, Some(aws), None) => {
                 if aws.boot_image.id.is_none() && aws.boot_image.filters.is_empty() {
                     return Err(invalid(
                         "aws.bootImage",
@@ -405,12 +411,26 @@ impl CellsConfig {
                     ));
                 }
             }
-            (BackendKind::Local, _, _) => {
+            (BackendKind::Local, _, local) => {
                 if self.aws.is_some() {
                     return Err(invalid(
                         "aws",
                         "set only with backend: aws (the backend is local)".into(),
                     ));
+                }
+                if let Some(local) = local {
+                    if local.agent_port != self.agent.port {
+                        return Err(invalid(
+                            "local.agentPort",
+                            format!(
+                                "{} differs from agent.port {}: set the port once, as agent.port",
+                                local.agent_port, self.agent.port
+                            ),
+                        ));
+                    }
+                    local
+                        .validate()
+                        .map_err(|e| invalid("local", e.to_string()))?;
                 }
             }
         }
@@ -544,6 +564,10 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("controllerId"), "{err}");
+        let err = CellsConfig::from_yaml_str(&format!("{MINIMAL}local: {{bridgeName: x}}\n"), "t")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("local") && err.contains("bridgeName"), "{err}");
     }
 
     #[test]

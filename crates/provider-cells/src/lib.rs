@@ -26,7 +26,9 @@ mod provider;
 mod streams;
 pub mod translate;
 
-pub use backends::{BackendSetupError, aws_config, connect_backend};
+pub use backends::{
+    BackendSetupError, PodWiring, aws_config, connect_backend, local as local_backend,
+};
 pub use config::{BackendKind, CellsConfig, ConfigError};
 pub use listing::{CellRow, list_cells};
 pub use metrics::{CellTypeLabels, CellsMetrics};

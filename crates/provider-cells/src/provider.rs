@@ -15,7 +15,7 @@
 //! pod goes `Pending` → `Running` again.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -23,7 +23,7 @@ use futures::stream::BoxStream;
 use k8s_openapi::api::core::v1::PodStatus;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
-use updraft_cell_api::{CellClient, ClientError};
+use updraft_cell_api::{CellClient, ClientError, PodInterface};
 use updraft_cells_backend::cloud_init::{CloudConfig, EC2_USER_DATA_LIMIT, UserData};
 use updraft_cells_backend::{
     BackendError, Cell, CellBackend, CellId, CellIdentity, CellSpec, CellState, LaunchType,
@@ -64,6 +64,9 @@ pub enum SetupError {
     /// The CA could not be loaded or created.
     #[error(transparent)]
     Pki(#[from] crate::pki::PkiError),
+    /// The backend could not be set up.
+    #[error(transparent)]
+    Backend(#[from] crate::backends::BackendSetupError),
     /// The backend's listing failed at start-up.
     #[error("listing the cells of controller {controller_id}: {source}")]
     List {
@@ -108,6 +111,11 @@ pub struct ProviderSettings {
     pub status_wait: Duration,
     /// Pause between attempts while an agent does not answer.
     pub retry_interval: Duration,
+    /// The pod's interface on each cell.
+    pub pod_wiring: crate::backends::PodWiring,
+    /// Whether the bootstrap passes `--listen 0.0.0.0:<port>` (the local backend gives the
+    /// agent its management address itself).
+    pub agent_listen_flag: bool,
 }
 
 impl ProviderSettings {
@@ -132,6 +140,8 @@ impl ProviderSettings {
             },
             status_wait: Duration::from_secs(30),
             retry_interval: Duration::from_secs(2),
+            pod_wiring: crate::backends::PodWiring::none(),
+            agent_listen_flag: config.backend != BackendKind::Local,
         }
     }
 }
@@ -161,7 +171,7 @@ pub fn selector(config: &CellsConfig) -> Result<Selector, SetupError> {
 struct CellView {
     summary: CellSummary,
     id: CellId,
-    pod_ip: Option<IpAddr>,
+    interface: Option<PodInterface>,
     client: Option<CellClient>,
 }
 
@@ -274,12 +284,42 @@ fn cell_name(prefix: &str, pod: &PodRef) -> String {
 }
 
 impl CellsProvider {
+    /// The provider of `config` for node `node_name`: connects the configured backend, then
+    /// [`CellsProvider::start`].
+    pub async fn from_config(
+        config: &CellsConfig,
+        node_name: &str,
+    ) -> Result<CellsProvider, SetupError> {
+        let (backend, wiring): (Arc<dyn CellBackend>, _) = match config.backend {
+            BackendKind::Local => {
+                let local = crate::backends::local(config)?;
+                let wiring = crate::backends::pod_wiring(config, Some(local.clone()));
+                (Arc::new(local), wiring)
+            }
+            BackendKind::Aws => (
+                crate::backends::connect_backend(config).await?,
+                crate::backends::pod_wiring(config, None),
+            ),
+        };
+        Self::start_with_wiring(config, node_name, backend, wiring).await
+    }
+
     /// Loads the CA, the catalog and the cloud-init file, adopts the cells `backend` already
     /// runs for this controller and node, and starts the garbage collector.
     pub async fn start(
         config: &CellsConfig,
         node_name: &str,
         backend: Arc<dyn CellBackend>,
+    ) -> Result<CellsProvider, SetupError> {
+        let wiring = crate::backends::pod_wiring(config, None);
+        Self::start_with_wiring(config, node_name, backend, wiring).await
+    }
+
+    async fn start_with_wiring(
+        config: &CellsConfig,
+        node_name: &str,
+        backend: Arc<dyn CellBackend>,
+        wiring: crate::backends::PodWiring,
     ) -> Result<CellsProvider, SetupError> {
         let selector = selector(config)?;
         let cloud_init = match &config.cloud_init_file {
@@ -294,7 +334,8 @@ impl CellsProvider {
             None => None,
         };
         let pki = CellsPki::open(&config.certificate_dir)?;
-        let settings = ProviderSettings::from_config(config, node_name);
+        let mut settings = ProviderSettings::from_config(config, node_name);
+        settings.pod_wiring = wiring;
         Self::with_parts(settings, backend, selector, cloud_init, pki).await
     }
 
@@ -422,7 +463,7 @@ impl Inner {
         CellView {
             summary: self.summary(cell, price),
             id: cell.id.clone(),
-            pod_ip: cell.pod_ip,
+            interface: self.settings.pod_wiring.interface(cell),
             client,
         }
     }
@@ -551,7 +592,12 @@ impl Inner {
         let server = self.pki.issue_server_certificate().map_err(|e| {
             ProviderError::Transient(format!("issuing the agent's certificate: {e}"))
         })?;
-        let bootstrap = bootstrap(&self.settings.agent, self.pki.ca_pem(), &server);
+        let bootstrap = bootstrap(
+            &self.settings.agent,
+            self.settings.agent_listen_flag,
+            self.pki.ca_pem(),
+            &server,
+        );
         let user_data = UserData::build(
             &bootstrap,
             self.cloud_init.as_ref(),
@@ -724,7 +770,11 @@ impl Inner {
             }
         };
         lock(&tracked.state).cell = Some(view.clone());
-        let request = apply_request(resolved, self.settings.pod_network.as_ref(), view.pod_ip);
+        let request = apply_request(
+            resolved,
+            view.interface.clone(),
+            self.settings.pod_network.as_ref(),
+        );
         client
             .apply_pod(&request)
             .await
@@ -1047,8 +1097,8 @@ impl Provider for CellsProvider {
         };
         let request = apply_request(
             pod,
+            cell.as_ref().and_then(|c| c.interface.clone()),
             inner.settings.pod_network.as_ref(),
-            cell.as_ref().and_then(|c| c.pod_ip),
         );
         client
             .apply_pod(&request)

@@ -158,6 +158,8 @@ fn settings(node: &str) -> ProviderSettings {
         user_data_limit: 1 << 20,
         status_wait: Duration::from_secs(1),
         retry_interval: Duration::from_millis(50),
+        pod_wiring: crate::backends::PodWiring::none(),
+        agent_listen_flag: true,
     }
 }
 

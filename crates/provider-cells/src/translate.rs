@@ -25,11 +25,11 @@ pub const REASON_CELL_STARTING: &str = "CellStarting";
 /// Reason of the cell condition once the agent runs the pod.
 pub const REASON_CELL_RUNNING: &str = "CellRunning";
 
-/// The agent's request for `resolved` on a cell whose pod address is `pod_ip`.
+/// The agent's request for `resolved`, with the pod's interface on the cell.
 pub fn apply_request(
     resolved: &ResolvedPod,
+    interface: Option<PodInterface>,
     network: Option<&PodNetworkSettings>,
-    pod_ip: Option<IpAddr>,
 ) -> ApplyPodRequest {
     let mut pod = resolved.pod.clone();
     pod.status = None;
@@ -63,17 +63,6 @@ pub fn apply_request(
             (name.clone(), VolumeContent { files })
         })
         .collect();
-    let interface = match (network, pod_ip) {
-        (Some(settings), Some(IpAddr::V4(address))) => Some(PodInterface {
-            host_netns: settings.host_netns.clone(),
-            bridge: settings.bridge.clone(),
-            host_veth: settings.host_veth.clone(),
-            address,
-            prefix_len: settings.prefix_len,
-            gateway: settings.gateway,
-        }),
-        _ => None,
-    };
     let dns = network.map_or_else(DnsSettings::default, |settings| DnsSettings {
         nameservers: settings.nameservers.clone(),
         searches: settings.searches.clone(),
@@ -101,7 +90,12 @@ pub struct AgentFiles {
 }
 
 /// The files and the command that start the agent on a new cell.
-pub fn bootstrap(agent: &AgentSettings, ca_pem: &str, server: &ServerCertificate) -> Bootstrap {
+pub fn bootstrap(
+    agent: &AgentSettings,
+    listen_flag: bool,
+    ca_pem: &str,
+    server: &ServerCertificate,
+) -> Bootstrap {
     let dir = agent.tls_dir.trim_end_matches('/');
     let files = AgentFiles {
         ca: format!("{dir}/client-ca.crt"),
@@ -109,9 +103,10 @@ pub fn bootstrap(agent: &AgentSettings, ca_pem: &str, server: &ServerCertificate
         key: format!("{dir}/server.key"),
     };
     let mut command = agent.command.clone();
+    if listen_flag {
+        command.extend(["--listen".to_owned(), format!("0.0.0.0:{}", agent.port)]);
+    }
     command.extend([
-        "--listen".to_owned(),
-        format!("0.0.0.0:{}", agent.port),
         "--dir".to_owned(),
         agent.dir.clone(),
         "--tls-cert".to_owned(),
@@ -322,7 +317,15 @@ mod tests {
             nameservers: vec!["10.0.0.53".into()],
             searches: vec![],
         };
-        let request = apply_request(&resolved, Some(&network), "10.1.0.7".parse().ok());
+        let interface = PodInterface {
+            host_netns: None,
+            bridge: network.bridge.clone(),
+            host_veth: network.host_veth.clone(),
+            address: "10.1.0.7".parse().unwrap(),
+            prefix_len: 24,
+            gateway: None,
+        };
+        let request = apply_request(&resolved, Some(interface), Some(&network));
         assert_eq!(request.env["app"][0].value, "1");
         assert_eq!(request.volumes["cfg"].files[0].content, b"v");
         assert_eq!(request.volumes["cfg"].files[0].mode, Some(0o600));
