@@ -16,6 +16,19 @@ use updraft_node::NodeConfig;
 pub enum ProviderKind {
     /// In-process pods for tests, demos and benchmarks.
     Mock,
+    /// One cell (an instance running the cell agent) per pod: local network namespaces or
+    /// EC2, per `--provider-config`.
+    Cells,
+}
+
+impl ProviderKind {
+    /// The provider's name (the default taint's value).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderKind::Mock => "mock",
+            ProviderKind::Cells => "cells",
+        }
+    }
 }
 
 /// Where the kubelet port's certificate comes from.
@@ -133,6 +146,18 @@ pub struct MockProviderFile {
     pub capacity: BTreeMap<String, String>,
 }
 
+/// Reads the cells provider's config file (required with `--provider cells`).
+pub fn read_cells_config(
+    path: Option<&PathBuf>,
+) -> anyhow::Result<updraft_provider_cells::CellsConfig> {
+    let Some(path) = path else {
+        bail!(
+            "--provider cells needs --provider-config cells.yaml (backend, controllerId, certificateDir, …)"
+        );
+    };
+    Ok(updraft_provider_cells::CellsConfig::load(path)?)
+}
+
 /// Reads the provider config file, with errors that name the file, the field and the line.
 pub fn read_mock_config(path: Option<&PathBuf>) -> anyhow::Result<MockProviderFile> {
     let Some(path) = path else {
@@ -154,11 +179,9 @@ pub fn read_mock_config(path: Option<&PathBuf>) -> anyhow::Result<MockProviderFi
 }
 
 impl RunArgs {
-    /// The node's configuration from the flags and the provider file.
-    pub fn node_config(&self, provider_file: &MockProviderFile) -> NodeConfig {
-        let provider = match self.provider {
-            ProviderKind::Mock => "mock",
-        };
+    /// The node's configuration from the flags and the provider file's capacity.
+    pub fn node_config(&self, capacity: &BTreeMap<String, String>) -> NodeConfig {
+        let provider = self.provider.as_str();
         let mut config = NodeConfig::new(&self.node_name, provider);
         config.internal_ip = self.node_ip.clone();
         config.kubelet_port = self.kubelet_port;
@@ -174,7 +197,7 @@ impl RunArgs {
             effect: self.taint_effect.clone(),
             time_added: None,
         });
-        for (resource, value) in &provider_file.capacity {
+        for (resource, value) in capacity {
             config
                 .capacity
                 .insert(resource.clone(), Quantity(value.clone()));

@@ -29,7 +29,13 @@ pub struct Metrics {
 impl Metrics {
     /// A registry with every metric registered.
     pub fn new() -> Self {
+        Self::with_extra(|_| {})
+    }
+
+    /// A registry with every metric registered, plus what `extra` registers (a provider's).
+    pub fn with_extra(extra: impl FnOnce(&mut Registry)) -> Self {
         let mut registry = Registry::with_prefix("updraft");
+        extra(&mut registry);
         let api_requests = Family::<RequestLabels, Counter>::default();
         registry.register(
             "api_requests",

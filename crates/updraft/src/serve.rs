@@ -11,9 +11,13 @@ use updraft_kubelet_api::routes::{KubeletState, routes};
 use updraft_kubelet_api::server::{protect, serve};
 use updraft_kubelet_api::tls::{ServingCertificate, server_config};
 use updraft_node::VirtualNode;
+use updraft_provider::Provider;
+use updraft_provider_cells::CellsProvider;
 use updraft_provider_mock::{MockConfig, MockProvider};
 
-use crate::config::{RunArgs, ServingCertificateSource, read_mock_config};
+use crate::config::{
+    ProviderKind, RunArgs, ServingCertificateSource, read_cells_config, read_mock_config,
+};
 use crate::metrics::Metrics;
 
 async fn kube_client(args: &RunArgs, metrics: &Metrics) -> anyhow::Result<kube::Client> {
@@ -111,16 +115,42 @@ async fn shutdown_signal() {
 
 /// Runs the node until SIGTERM or SIGINT.
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let provider_file = read_mock_config(args.provider_config.as_ref())?;
-    let metrics = Metrics::new();
+    match args.provider {
+        ProviderKind::Mock => {
+            let provider_file = read_mock_config(args.provider_config.as_ref())?;
+            let provider = Arc::new(MockProvider::new(MockConfig {
+                host_ip: args.node_ip.clone(),
+                ..MockConfig::default()
+            }));
+            let node_config = args.node_config(&provider_file.capacity);
+            run_with(args, provider, node_config, Metrics::new()).await
+        }
+        ProviderKind::Cells => {
+            let config = read_cells_config(args.provider_config.as_ref())?;
+            let provider = CellsProvider::from_config(&config, &args.node_name)
+                .await
+                .context("starting the cells provider")?;
+            let metrics = Metrics::with_extra(|registry| provider.register_metrics(registry));
+            let node_config = args.node_config(&config.capacity);
+            let provider = Arc::new(provider);
+            let result = run_with(args, provider.clone(), node_config, metrics).await;
+            // Cells keep running: the next start adopts them.
+            provider.shutdown();
+            result
+        }
+    }
+}
+
+/// Runs the node with `provider` until SIGTERM or SIGINT.
+async fn run_with<P: Provider>(
+    args: RunArgs,
+    provider: Arc<P>,
+    node_config: updraft_node::NodeConfig,
+    metrics: Metrics,
+) -> anyhow::Result<()> {
     let client = kube_client(&args, &metrics).await?;
     let pod_metrics = metrics.pods.clone();
     let listen = args.listen_address()?;
-    let provider = Arc::new(MockProvider::new(MockConfig {
-        host_ip: args.node_ip.clone(),
-        ..MockConfig::default()
-    }));
-    let node_config = args.node_config(&provider_file);
 
     let serving = serving_certificate(&args, &client).await?;
     let client_ca = match &args.client_ca_file {
