@@ -273,7 +273,9 @@ mod tests {
         assert_eq!(config.agent_port, 7000);
         assert_eq!(config.bridge, "updraft-cells0");
         config.validate().expect("valid");
-        LocalConfig::default().validate().expect("defaults are valid");
+        LocalConfig::default()
+            .validate()
+            .expect("defaults are valid");
 
         let unknown = serde_yaml::from_str::<LocalConfig>("bridgeName: x\n")
             .expect_err("unknown key")

@@ -114,7 +114,10 @@ pub enum LocalError {
 }
 
 /// Shorthand for [`LocalError::Io`].
-pub(crate) fn io(action: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> LocalError {
+pub(crate) fn io(
+    action: &'static str,
+    path: impl Into<PathBuf>,
+) -> impl FnOnce(std::io::Error) -> LocalError {
     let path = path.into();
     move |source| LocalError::Io {
         action,

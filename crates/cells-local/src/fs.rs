@@ -47,7 +47,9 @@ pub(crate) fn check_mount_target(dir: &Path, state_dir: &Path) -> Result<(), Str
         return Err(format!("{} must be an absolute path", dir.display()));
     }
     if dir == Path::new("/") {
-        return Err("/ cannot be given to a cell; write below a directory such as /etc or /var/lib".into());
+        return Err(
+            "/ cannot be given to a cell; write below a directory such as /etc or /var/lib".into(),
+        );
     }
     for system in ["/proc", "/sys", "/dev", "/run/netns"] {
         if dir.starts_with(system) {
@@ -99,7 +101,9 @@ pub fn plan(
             message,
         };
         if file.path.is_dir() {
-            return Err(refuse("is a directory on the host; write_files needs a file path".into()));
+            return Err(refuse(
+                "is a directory on the host; write_files needs a file path".into(),
+            ));
         }
         let missing = file
             .path
@@ -156,7 +160,10 @@ pub fn plan(
     let host_mountpoints = outer_binds
         .iter()
         .filter(|bind| {
-            !bind.exists() && !outer_overlays.iter().any(|overlay| bind.starts_with(overlay))
+            !bind.exists()
+                && !outer_overlays
+                    .iter()
+                    .any(|overlay| bind.starts_with(overlay))
         })
         .cloned()
         .collect();
@@ -186,8 +193,11 @@ fn create_like_host(root: &Path, path: &Path) -> Result<(), LocalError> {
         std::fs::create_dir(&copy).map_err(io("create directory", &copy))?;
         match std::fs::metadata(ancestor) {
             Ok(host) if host.is_dir() => {
-                std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(host.mode() & 0o7777))
-                    .map_err(io("chmod", &copy))?;
+                std::fs::set_permissions(
+                    &copy,
+                    std::fs::Permissions::from_mode(host.mode() & 0o7777),
+                )
+                .map_err(io("chmod", &copy))?;
                 std::os::unix::fs::chown(&copy, Some(host.uid()), Some(host.gid()))
                     .map_err(io("chown", &copy))?;
             }
@@ -284,7 +294,10 @@ mod tests {
             0o600
         );
         assert!(in_root(&root, &p("etc/ssl")).is_dir());
-        assert!(p("opt").is_dir() && !p("opt/new").exists(), "host mount point only, empty");
+        assert!(
+            p("opt").is_dir() && !p("opt/new").exists(),
+            "host mount point only, empty"
+        );
         assert!(!p("etc/motd").exists(), "nothing written on the host");
     }
 
@@ -295,7 +308,10 @@ mod tests {
             ("/", "cannot be given"),
             ("/proc/sys", "below /proc"),
             ("/var/lib", "contains the local backend's stateDir"),
-            ("/var/lib/updraft/local-cells/x", "inside the local backend's stateDir"),
+            (
+                "/var/lib/updraft/local-cells/x",
+                "inside the local backend's stateDir",
+            ),
         ] {
             let message = check_mount_target(Path::new(dir), state).expect_err(dir);
             assert!(message.contains(expected), "{dir}: {message}");

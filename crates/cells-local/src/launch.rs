@@ -91,7 +91,9 @@ pub struct InitSpec<'a> {
 /// The init script.
 pub fn script(spec: &InitSpec<'_>) -> String {
     let paths = spec.paths;
-    let mut s = String::from("#!/bin/sh\n# The init of an Updraft local cell, written by updraft-cells-local.\n");
+    let mut s = String::from(
+        "#!/bin/sh\n# The init of an Updraft local cell, written by updraft-cells-local.\n",
+    );
     s.push_str("fail() { echo \"updraft-cells-local: $*\" >&2; exit 1; }\n");
     for procs in spec.cgroup_procs {
         let _ = writeln!(
@@ -101,7 +103,10 @@ pub fn script(spec: &InitSpec<'_>) -> String {
         );
     }
     let init_pid = quote_path(&paths.init_pid());
-    let _ = writeln!(s, "echo $$ > {init_pid}.tmp && mv {init_pid}.tmp {init_pid}");
+    let _ = writeln!(
+        s,
+        "echo $$ > {init_pid}.tmp && mv {init_pid}.tmp {init_pid}"
+    );
     for (index, dir) in spec.plan.overlays.iter().enumerate() {
         let upper = in_root(&paths.root(), dir);
         let work = paths.work().join(index.to_string());
@@ -233,14 +238,24 @@ pub fn start_init(
         .arg("nsenter")
         .arg(format!("--net={}", netns.display()))
         .arg("--")
-        .args(["unshare", "--mount", "--uts", "--propagation", "private", "--"])
+        .args([
+            "unshare",
+            "--mount",
+            "--uts",
+            "--propagation",
+            "private",
+            "--",
+        ])
         .arg("/bin/sh")
         .arg(&script_path)
         .stdin(Stdio::null())
         .stdout(console)
         .stderr(console_err)
         .env_clear()
-        .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
         .env("HOME", "/root");
     let status = command.status().map_err(|error| LocalError::Command {
         command: "setsid --fork nsenter … unshare … /bin/sh init.sh".into(),
@@ -311,7 +326,9 @@ mod tests {
             paths: &paths,
             plan: &plan,
             hostname: "web-1",
-            cgroup_procs: &[PathBuf::from("/sys/fs/cgroup/pids/updraft-cells/cell-00000001/init/cgroup.procs")],
+            cgroup_procs: &[PathBuf::from(
+                "/sys/fs/cgroup/pids/updraft-cells/cell-00000001/init/cgroup.procs",
+            )],
             commands: &commands,
             agent_binary: Path::new("/opt/bin/updraft-cell"),
             env: &[("UPDRAFT_CELL_LISTEN".into(), "10.0.0.2:6421".into())],
@@ -332,10 +349,14 @@ mod tests {
         ];
         let mut at = 0;
         for needle in order {
-            let found = text[at..].find(needle).unwrap_or_else(|| panic!("{needle:?} after {at} in\n{text}"));
+            let found = text[at..]
+                .find(needle)
+                .unwrap_or_else(|| panic!("{needle:?} after {at} in\n{text}"));
             at += found + needle.len();
         }
-        assert!(is_agent_command(&RunCommand::Argv(vec!["/usr/local/bin/updraft-cell".into()])));
+        assert!(is_agent_command(&RunCommand::Argv(vec![
+            "/usr/local/bin/updraft-cell".into()
+        ])));
         assert!(!is_agent_command(&RunCommand::Shell("updraft-cell".into())));
     }
 }

@@ -157,9 +157,8 @@ fn now_ms() -> u64 {
 }
 
 fn on_path(program: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|path| {
-        std::env::split_paths(&path).any(|dir| dir.join(program).is_file())
-    })
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
 }
 
 fn random_id() -> Result<String, LocalError> {
@@ -179,7 +178,11 @@ fn hostname_from(name: &str, id: &str) -> String {
         .collect();
     host.truncate(63);
     let host = host.trim_matches('-').to_string();
-    if host.is_empty() { id.to_string() } else { host }
+    if host.is_empty() {
+        id.to_string()
+    } else {
+        host
+    }
 }
 
 impl LocalBackend {
@@ -211,7 +214,10 @@ impl LocalBackend {
             });
         }
         let driver = CgroupDriver::detect()?;
-        for dir in [config.state_dir.join("records"), config.state_dir.join("cells")] {
+        for dir in [
+            config.state_dir.join("records"),
+            config.state_dir.join("cells"),
+        ] {
             std::fs::create_dir_all(&dir).map_err(io("create directory", &dir))?;
         }
         Ok(LocalBackend {
@@ -291,8 +297,8 @@ impl LocalBackend {
         let inner = self.inner.clone();
         let _lock = inner.lock()?;
         let scan = inner.scan()?;
-        let busy = scan.cells.iter().any(|c| c.state != CellState::Terminated)
-            || !scan.broken.is_empty();
+        let busy =
+            scan.cells.iter().any(|c| c.state != CellState::Terminated) || !scan.broken.is_empty();
         if busy {
             return Ok(false);
         }
@@ -403,9 +409,7 @@ impl Inner {
                 match found.agent {
                     Some(agent) if agent.alive() => CellState::Running,
                     Some(_) => CellState::Stopped,
-                    None if init_alive
-                        && !self.paths(&found.id).agent_pid().exists() =>
-                    {
+                    None if init_alive && !self.paths(&found.id).agent_pid().exists() => {
                         CellState::Pending
                     }
                     None => CellState::Stopped,
@@ -418,7 +422,10 @@ impl Inner {
         let identity = &found.identity;
         let mut tags = BTreeMap::from([
             (tags::NAME.to_string(), found.name.clone()),
-            (tags::CONTROLLER_ID.to_string(), identity.controller_id.clone()),
+            (
+                tags::CONTROLLER_ID.to_string(),
+                identity.controller_id.clone(),
+            ),
             (tags::NODE.to_string(), identity.node.clone()),
             (tags::NAMESPACE.to_string(), identity.namespace.clone()),
             (tags::POD.to_string(), identity.pod_name.clone()),
@@ -507,8 +514,7 @@ impl Inner {
         }
         for (id, _) in broken {
             if net::netns_exists(id)
-                && let Some(addresses) =
-                    net::addresses(Some(&net::netns_name(id)), CELL_BRIDGE)?
+                && let Some(addresses) = net::addresses(Some(&net::netns_name(id)), CELL_BRIDGE)?
             {
                 used.extend(addresses.into_iter().map(|(address, _)| address));
             }
@@ -699,7 +705,11 @@ impl Inner {
         let init = rel.join("init");
         let tree = self.cgroup_tree(&rel);
         let mut first_error: Option<LocalError> = None;
-        for cgroup in tree.iter().filter(|c| **c == init).chain(tree.iter().filter(|c| **c != init)) {
+        for cgroup in tree
+            .iter()
+            .filter(|c| **c == init)
+            .chain(tree.iter().filter(|c| **c != init))
+        {
             let mut handle = Cgroup::create(&self.driver, cgroup)?;
             handle.keep();
             if let Err(error) = handle.kill_all(Duration::from_secs(10)) {
@@ -811,7 +821,10 @@ mod tests {
 
     #[test]
     fn hostnames_come_from_names() {
-        assert_eq!(hostname_from("burst-default-Web_1", "cell-1"), "burst-default-web-1");
+        assert_eq!(
+            hostname_from("burst-default-Web_1", "cell-1"),
+            "burst-default-web-1"
+        );
         assert_eq!(hostname_from("---", "cell-00000001"), "cell-00000001");
         assert_eq!(hostname_from(&"a".repeat(80), "x").len(), 63);
     }
@@ -829,11 +842,19 @@ mod tests {
             path: "/nope/updraft-cell".into(),
         }
         .into();
-        assert!(missing.to_string().contains("updraft-cell binary not found at /nope/updraft-cell"));
+        assert!(
+            missing
+                .to_string()
+                .contains("updraft-cell binary not found at /nope/updraft-cell")
+        );
         assert!(matches!(
             BackendError::from(LocalError::NotFound { id: "cell-x".into() }),
             BackendError::NotFound { id } if id == "cell-x"
         ));
-        assert!(BackendError::from(LocalError::NotRoot).to_string().contains("not authorized: local cells need root"));
+        assert!(
+            BackendError::from(LocalError::NotRoot)
+                .to_string()
+                .contains("not authorized: local cells need root")
+        );
     }
 }

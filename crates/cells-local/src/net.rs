@@ -77,7 +77,8 @@ pub fn addresses(
     let mut found = Vec::new();
     for link in parsed.as_array().into_iter().flatten() {
         for info in link["addr_info"].as_array().into_iter().flatten() {
-            if let (Some(local), Some(prefix)) = (info["local"].as_str(), info["prefixlen"].as_u64())
+            if let (Some(local), Some(prefix)) =
+                (info["local"].as_str(), info["prefixlen"].as_u64())
                 && let Ok(address) = local.parse()
             {
                 found.push((address, prefix as u8));
@@ -146,11 +147,29 @@ pub fn create_cell_network(
     ip(&["netns", "add", &ns])?;
     ip(&["-n", &ns, "link", "set", "lo", "up"])?;
     ip(&[
-        "link", "add", &veth, "type", "veth", "peer", "name", CELL_UPLINK, "netns", &ns,
+        "link",
+        "add",
+        &veth,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        CELL_UPLINK,
+        "netns",
+        &ns,
     ])?;
     ip(&["link", "set", &veth, "master", bridge, "up"])?;
     ip(&["-n", &ns, "link", "add", CELL_BRIDGE, "type", "bridge"])?;
-    ip(&["-n", &ns, "link", "set", CELL_UPLINK, "master", CELL_BRIDGE, "up"])?;
+    ip(&[
+        "-n",
+        &ns,
+        "link",
+        "set",
+        CELL_UPLINK,
+        "master",
+        CELL_BRIDGE,
+        "up",
+    ])?;
     ip(&[
         "-n",
         &ns,
@@ -188,5 +207,7 @@ pub fn delete_cell_network(id: &str) -> Result<(), LocalError> {
 
 /// Whether the cell's named namespace exists.
 pub fn netns_exists(id: &str) -> bool {
-    std::path::Path::new("/run/netns").join(netns_name(id)).exists()
+    std::path::Path::new("/run/netns")
+        .join(netns_name(id))
+        .exists()
 }

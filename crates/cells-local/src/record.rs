@@ -241,9 +241,18 @@ mod tests {
         };
         write(&path, &record).expect("write");
         assert_eq!(read(&path, "cell-00000001").expect("read"), Some(record));
-        assert!(read(&tmp.path().join("none.json"), "x").expect("missing").is_none());
+        assert!(
+            read(&tmp.path().join("none.json"), "x")
+                .expect("missing")
+                .is_none()
+        );
         std::fs::write(&path, b"{ not json").expect("write");
-        let message = read(&path, "cell-00000001").expect_err("garbage").to_string();
-        assert!(message.contains("cell-00000001.json is unreadable"), "{message}");
+        let message = read(&path, "cell-00000001")
+            .expect_err("garbage")
+            .to_string();
+        assert!(
+            message.contains("cell-00000001.json is unreadable"),
+            "{message}"
+        );
     }
 }

@@ -81,8 +81,8 @@ pub fn parse(user_data: &[u8]) -> Result<CellUserData, LocalError> {
     } else {
         user_data.to_vec()
     };
-    let text = String::from_utf8(plain)
-        .map_err(|_| LocalError::UserData("not UTF-8 text".into()))?;
+    let text =
+        String::from_utf8(plain).map_err(|_| LocalError::UserData("not UTF-8 text".into()))?;
     if !text.starts_with("#cloud-config") {
         return Err(LocalError::UserData(
             "not a #cloud-config document (local cells run only #cloud-config user data, not scripts or MIME multipart)".into(),
@@ -193,7 +193,10 @@ pub fn normalize(path: &str) -> Option<PathBuf> {
 fn write_file(file: Value, index: usize) -> Result<WriteFile, LocalError> {
     let field = |name: &str| format!("write_files[{index}].{name}");
     let Value::Mapping(entry) = file else {
-        return Err(invalid(format!("write_files[{index}]"), "must be a mapping"));
+        return Err(invalid(
+            format!("write_files[{index}]"),
+            "must be a mapping",
+        ));
     };
     let path = match entry.get("path") {
         Some(Value::String(path)) => normalize(path).ok_or_else(|| {
@@ -216,16 +219,20 @@ fn write_file(file: Value, index: usize) -> Result<WriteFile, LocalError> {
     };
     let decode_b64 = |text: &str| {
         let compact: String = text.chars().filter(|c| !c.is_whitespace()).collect();
-        BASE64
-            .decode(compact)
-            .map_err(|_| invalid(field("content"), format!("is not valid base64 ({encoding})")))
+        BASE64.decode(compact).map_err(|_| {
+            invalid(
+                field("content"),
+                format!("is not valid base64 ({encoding})"),
+            )
+        })
     };
     let contents = match encoding.as_str() {
         "text/plain" | "" => content.into_bytes(),
         "b64" | "base64" => decode_b64(&content)?,
         "gz" | "gzip" | "gz+b64" | "gz+base64" | "gzip+b64" | "gzip+base64" => {
-            gunzip(&decode_b64(&content)?)
-                .ok_or_else(|| invalid(field("content"), "is not gzip data after base64 decoding"))?
+            gunzip(&decode_b64(&content)?).ok_or_else(|| {
+                invalid(field("content"), "is not gzip data after base64 decoding")
+            })?
         }
         other => {
             return Err(invalid(
@@ -302,7 +309,10 @@ mod tests {
             assert_eq!(data.hostname.as_deref(), Some("web-1"));
             assert_eq!(data.ignored_keys, vec!["users".to_string()]);
             assert_eq!(data.files.len(), 3);
-            assert_eq!(data.files[0].path, PathBuf::from("/etc/updraft-cell/server.key"));
+            assert_eq!(
+                data.files[0].path,
+                PathBuf::from("/etc/updraft-cell/server.key")
+            );
             assert_eq!(data.files[0].contents, b"secret key");
             assert_eq!(data.files[0].mode, 0o600);
             assert_eq!(data.files[1].mode, 0o644);

@@ -523,11 +523,19 @@ async fn a_cell_boots_the_agent_from_cloud_init_and_runs_a_pod_within_its_limits
         "{agent_cgroups}"
     );
     let nano = Catalog::local().unwrap().get("local.nano").unwrap().clone();
-    let read = |path: PathBuf| std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let read = |path: PathBuf| {
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    };
     if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
         let dir = Path::new("/sys/fs/cgroup").join(&cgroup);
-        assert_eq!(read(dir.join("memory.max")).trim(), nano.memory_bytes().to_string());
-        assert_eq!(read(dir.join("cpu.max")).trim(), format!("{} 100000", nano.vcpus * 100_000));
+        assert_eq!(
+            read(dir.join("memory.max")).trim(),
+            nano.memory_bytes().to_string()
+        );
+        assert_eq!(
+            read(dir.join("cpu.max")).trim(),
+            format!("{} 100000", nano.vcpus * 100_000)
+        );
     } else {
         let memory = Path::new("/sys/fs/cgroup/memory").join(&cgroup);
         assert_eq!(
@@ -544,12 +552,24 @@ async fn a_cell_boots_the_agent_from_cloud_init_and_runs_a_pod_within_its_limits
     // write_files: visible to the cell at their paths with their modes, never on the host.
     let key = env.path("tls/server.key");
     let inside = format!("/proc/{agent}/root{}", key.display());
-    assert_eq!(std::fs::read(&inside).unwrap(), env.pki.server_key.as_bytes());
-    assert_eq!(std::fs::metadata(&inside).unwrap().permissions().mode() & 0o7777, 0o600);
+    assert_eq!(
+        std::fs::read(&inside).unwrap(),
+        env.pki.server_key.as_bytes()
+    );
+    assert_eq!(
+        std::fs::metadata(&inside).unwrap().permissions().mode() & 0o7777,
+        0o600
+    );
     assert!(!key.exists(), "the key must not appear on the host");
     let motd = env.path("existing/motd");
-    assert_eq!(read_in_cell(agent, &motd).unwrap(), b"hello from cloud-init\n");
-    assert!(!motd.exists(), "the overlaid file must not appear on the host");
+    assert_eq!(
+        read_in_cell(agent, &motd).unwrap(),
+        b"hello from cloud-init\n"
+    );
+    assert!(
+        !motd.exists(),
+        "the overlaid file must not appear on the host"
+    );
     assert_eq!(
         read_in_cell(agent, &env.path("existing/host.txt")).unwrap(),
         b"from the host\n",
@@ -562,7 +582,11 @@ async fn a_cell_boots_the_agent_from_cloud_init_and_runs_a_pod_within_its_limits
         if let Ok(bytes) = read_in_cell(agent, &marker) {
             break String::from_utf8(bytes).unwrap();
         }
-        assert!(tokio::time::Instant::now() < deadline, "runcmd never wrote {}", marker.display());
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "runcmd never wrote {}",
+            marker.display()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert_eq!(marker_text, format!("ran on cell-test with {pod_ip}\n"));
@@ -576,7 +600,10 @@ async fn a_cell_boots_the_agent_from_cloud_init_and_runs_a_pod_within_its_limits
     let pod_cgroups: Vec<_> = std::fs::read_dir(&pods_dir)
         .unwrap_or_else(|e| panic!("{}: {e} (is updraft-cell built from this tree? it must read UPDRAFT_CELL_CGROUP_ROOT)", pods_dir.display()))
         .collect();
-    assert!(!pod_cgroups.is_empty(), "the pod's cgroup is inside the cell's");
+    assert!(
+        !pod_cgroups.is_empty(),
+        "the pod's cgroup is inside the cell's"
+    );
 }
 
 #[tokio::test]
@@ -597,13 +624,25 @@ async fn pods_on_two_cells_reach_each_other() {
     assert_eq!(code, 0, "b → a ping: {out}");
     let (out, code) = exec(
         &client_a,
-        &["wget", "-q", "-O", "-", &format!("http://{ip_b}:8080/index.html")],
+        &[
+            "wget",
+            "-q",
+            "-O",
+            "-",
+            &format!("http://{ip_b}:8080/index.html"),
+        ],
     )
     .await;
     assert_eq!((out.trim(), code), ("hello-b", 0));
     let (out, code) = exec(
         &client_b,
-        &["wget", "-q", "-O", "-", &format!("http://{ip_a}:8080/index.html")],
+        &[
+            "wget",
+            "-q",
+            "-O",
+            "-",
+            &format!("http://{ip_a}:8080/index.html"),
+        ],
     )
     .await;
     assert_eq!((out.trim(), code), ("hello-a", 0));
@@ -649,16 +688,31 @@ async fn terminate_leaves_nothing_behind_and_is_idempotent() {
             pod_pids.extend(text.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
         }
     }
-    assert!(!pod_pids.is_empty(), "the pod's processes are in the cell's cgroup");
+    assert!(
+        !pod_pids.is_empty(),
+        "the pod's processes are in the cell's cgroup"
+    );
     let pod_netns = netns_inode(pod_pids[0]);
     let cell_netns = netns_inode(agent.pid);
-    assert_ne!(pod_netns, cell_netns, "the pod has its own network namespace");
-    let pod_processes: Vec<ProcessRef> =
-        pod_pids.iter().filter_map(|pid| ProcessRef::current(*pid)).collect();
+    assert_ne!(
+        pod_netns, cell_netns,
+        "the pod has its own network namespace"
+    );
+    let pod_processes: Vec<ProcessRef> = pod_pids
+        .iter()
+        .filter_map(|pid| ProcessRef::current(*pid))
+        .collect();
     let netns_file = PathBuf::from(format!("/run/netns/updraft-{id}"));
     let veth = format!("uc{}", id.0.trim_start_matches("cell-"));
     assert!(netns_file.exists());
-    assert!(std::process::Command::new("ip").args(["link", "show", &veth]).output().unwrap().status.success());
+    assert!(
+        std::process::Command::new("ip")
+            .args(["link", "show", &veth])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    );
     let cell_dir = env.config.state_dir.join("cells").join(&id.0);
     assert!(cell_dir.exists());
 
@@ -669,16 +723,34 @@ async fn terminate_leaves_nothing_behind_and_is_idempotent() {
     for process in &pod_processes {
         assert!(!process.alive(), "pod process {} is gone", process.pid);
     }
-    assert_eq!(processes_in_netns(cell_netns), Vec::<i32>::new(), "no process in the cell's netns");
-    assert_eq!(processes_in_netns(pod_netns), Vec::<i32>::new(), "no process in the pod's netns");
+    assert_eq!(
+        processes_in_netns(cell_netns),
+        Vec::<i32>::new(),
+        "no process in the cell's netns"
+    );
+    assert_eq!(
+        processes_in_netns(pod_netns),
+        Vec::<i32>::new(),
+        "no process in the pod's netns"
+    );
     assert!(!netns_file.exists(), "{} removed", netns_file.display());
-    let link = std::process::Command::new("ip").args(["link", "show", &veth]).output().unwrap();
+    let link = std::process::Command::new("ip")
+        .args(["link", "show", &veth])
+        .output()
+        .unwrap();
     assert!(!link.status.success(), "veth {veth} removed");
     for base in cgroup_bases() {
-        assert!(!base.join(&cgroup).exists(), "cgroup {} removed", base.join(&cgroup).display());
+        assert!(
+            !base.join(&cgroup).exists(),
+            "cgroup {} removed",
+            base.join(&cgroup).display()
+        );
     }
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    assert!(!mounts.contains(&id.0), "no mount of the cell on the host:\n{mounts}");
+    assert!(
+        !mounts.contains(&id.0),
+        "no mount of the cell on the host:\n{mounts}"
+    );
     assert!(!cell_dir.exists(), "{} removed", cell_dir.display());
     assert!(
         std::fs::read_dir(env.path("tls")).unwrap().next().is_none(),
@@ -687,13 +759,24 @@ async fn terminate_leaves_nothing_behind_and_is_idempotent() {
 
     // Idempotent, and visible as Terminated; unknown ids are NotFound.
     env.backend.terminate(&id).await.unwrap();
-    assert_eq!(env.backend.describe(&id).await.unwrap().state, CellState::Terminated);
+    assert_eq!(
+        env.backend.describe(&id).await.unwrap().state,
+        CellState::Terminated
+    );
     assert!(env.backend.list("ctl").await.unwrap().is_empty());
     let unknown = CellId("cell-0badc0de".into());
-    assert!(matches!(env.backend.terminate(&unknown).await, Err(BackendError::NotFound { .. })));
-    assert!(matches!(env.backend.describe(&unknown).await, Err(BackendError::NotFound { .. })));
     assert!(matches!(
-        env.backend.describe(&CellId("../../etc/passwd".into())).await,
+        env.backend.terminate(&unknown).await,
+        Err(BackendError::NotFound { .. })
+    ));
+    assert!(matches!(
+        env.backend.describe(&unknown).await,
+        Err(BackendError::NotFound { .. })
+    ));
+    assert!(matches!(
+        env.backend
+            .describe(&CellId("../../etc/passwd".into()))
+            .await,
         Err(BackendError::NotFound { .. })
     ));
 }
@@ -731,12 +814,18 @@ async fn starts_are_idempotent_and_a_new_backend_finds_the_cells_despite_a_garba
     // A new backend over the same state directory (Updraft restarted).
     let restarted = LocalBackend::new(env.config.clone(), Catalog::local().unwrap()).unwrap();
     assert_eq!(restarted.list("ctl").await.unwrap(), vec![one.clone()]);
-    assert_eq!(restarted.list("other-ctl").await.unwrap(), vec![two.clone()]);
+    assert_eq!(
+        restarted.list("other-ctl").await.unwrap(),
+        vec![two.clone()]
+    );
     let scan = restarted.scan().unwrap();
     assert_eq!(scan.broken.len(), 1);
     assert_eq!(scan.broken[0].0, "cell-deadbeef");
     let message = scan.broken[0].1.to_string();
-    assert!(message.contains("cell-deadbeef.json is unreadable"), "{message}");
+    assert!(
+        message.contains("cell-deadbeef.json is unreadable"),
+        "{message}"
+    );
     let described = restarted.describe(&CellId("cell-deadbeef".into())).await;
     assert!(
         matches!(&described, Err(BackendError::InvalidRequest { detail }) if detail.contains("cell-deadbeef.json")),
@@ -752,10 +841,16 @@ async fn starts_are_idempotent_and_a_new_backend_finds_the_cells_despite_a_garba
         .unwrap();
     let three = restarted.describe(&third.id).await.unwrap();
     let held = [one.management_ip, one.pod_ip, two.management_ip, two.pod_ip];
-    assert!(!held.contains(&three.management_ip) && !held.contains(&three.pod_ip), "{three:?}");
+    assert!(
+        !held.contains(&three.management_ip) && !held.contains(&three.pod_ip),
+        "{three:?}"
+    );
 
     // Terminating the garbage record's cell cleans up by id and removes the record.
-    restarted.terminate(&CellId("cell-deadbeef".into())).await.unwrap();
+    restarted
+        .terminate(&CellId("cell-deadbeef".into()))
+        .await
+        .unwrap();
     assert!(!garbage.exists());
     assert!(restarted.scan().unwrap().broken.is_empty());
 }
@@ -765,8 +860,16 @@ async fn bad_requests_are_refused_clearly_and_leave_nothing() {
     let env = Env::with_cidr_len(29);
     let mut unknown_type = env.spec("ctl", "x", env.plain_user_data());
     unknown_type.instance_type = "m5.large".into();
-    let error = env.backend.start(&unknown_type).await.unwrap_err().to_string();
-    assert!(error.contains("\"m5.large\" is not in the local catalog; known types: local.nano"), "{error}");
+    let error = env
+        .backend
+        .start(&unknown_type)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("\"m5.large\" is not in the local catalog; known types: local.nano"),
+        "{error}"
+    );
 
     let mut script = env.spec("ctl", "y", b"#!/bin/sh\necho hi\n".to_vec());
     script.idempotency_token = "y".into();
@@ -780,11 +883,17 @@ async fn bad_requests_are_refused_clearly_and_leave_nothing() {
     );
     let error = env.backend.start(&proc_file).await.unwrap_err().to_string();
     assert!(error.contains("below /proc"), "{error}");
-    assert!(env.backend.scan().unwrap().cells.is_empty(), "refused starts leave no record");
+    assert!(
+        env.backend.scan().unwrap().cells.is_empty(),
+        "refused starts leave no record"
+    );
 
     // A /29 holds two cells (5 addresses after the gateway); the third is refused.
     for pod in ["p1", "p2"] {
-        env.backend.start(&env.spec("ctl", pod, env.plain_user_data())).await.unwrap();
+        env.backend
+            .start(&env.spec("ctl", pod, env.plain_user_data()))
+            .await
+            .unwrap();
     }
     let error = env
         .backend
@@ -805,9 +914,10 @@ async fn helper_start_a_cell_then_wait() {
         return;
     };
     let config: LocalConfig = serde_json::from_str(&config).unwrap();
-    let user_data = std::fs::read(std::env::var("UPDRAFT_LOCAL_CELLS_TEST_USER_DATA").unwrap()).unwrap();
+    let user_data =
+        std::fs::read(std::env::var("UPDRAFT_LOCAL_CELLS_TEST_USER_DATA").unwrap()).unwrap();
     let backend = LocalBackend::new(config, Catalog::local().unwrap()).unwrap();
-    let mut spec = CellSpec {
+    let spec = CellSpec {
         name: "survivor".into(),
         instance_type: "local.nano".into(),
         launch_type: LaunchType::Spot,
@@ -827,7 +937,6 @@ async fn helper_start_a_cell_then_wait() {
         instance_profile: None,
         idempotency_token: "uid-survivor-1".into(),
     };
-    spec.name = "survivor".into();
     let started = backend.start(&spec).await.unwrap();
     println!("CELL {}", started.id);
     tokio::time::sleep(Duration::from_secs(3600)).await;
@@ -840,26 +949,47 @@ async fn cells_outlive_the_process_that_started_them_and_a_killed_agent_stops_th
     let user_data = env.path("user-data");
     std::fs::write(&user_data, env.agent_user_data()).unwrap();
     let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "helper_start_a_cell_then_wait", "--ignored", "--nocapture", "--test-threads=1"])
-        .env("UPDRAFT_LOCAL_CELLS_TEST_CONFIG", serde_json::to_string(&env.config).unwrap())
+        .args([
+            "--exact",
+            "helper_start_a_cell_then_wait",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(
+            "UPDRAFT_LOCAL_CELLS_TEST_CONFIG",
+            serde_json::to_string(&env.config).unwrap(),
+        )
         .env("UPDRAFT_LOCAL_CELLS_TEST_USER_DATA", &user_data)
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
-    let id = tokio::task::spawn_blocking(move || {
+    let reader = tokio::task::spawn_blocking(move || {
+        let mut seen = Vec::new();
         for line in std::io::BufReader::new(stdout).lines() {
             let line = line.unwrap();
-            if let Some(id) = line.strip_prefix("CELL ") {
+            // libtest prints "test <name> ... " on the same line before the test's output.
+            if let Some((_, id)) = line.split_once("CELL ") {
                 return CellId(id.trim().to_string());
             }
+            seen.push(line);
         }
-        panic!("the helper process ended without starting a cell");
-    })
-    .await
-    .unwrap();
+        panic!("the helper process ended without starting a cell: {seen:?}");
+    });
+    let id = match tokio::time::timeout(Duration::from_secs(120), reader).await {
+        Ok(id) => id.unwrap(),
+        Err(_) => {
+            let _ = child.kill();
+            panic!("the helper process did not start a cell within 120 s");
+        }
+    };
     // SIGKILL the process that started the cell (as `updraft` killed mid-burst).
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
     child.wait().unwrap();
 
     let cell = env.wait_state(&id, CellState::Running).await;
@@ -867,16 +997,26 @@ async fn cells_outlive_the_process_that_started_them_and_a_killed_agent_stops_th
     let client = env.client(&cell);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while let Err(error) = client.ping().await {
-        assert!(tokio::time::Instant::now() < deadline, "agent unreachable after its starter died: {error}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "agent unreachable after its starter died: {error}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
     // The agent killed from outside: the cell is Stopped (still listed, until terminated).
     let agent = env.agent_pid(&id);
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(agent), nix::sys::signal::Signal::SIGKILL).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
     env.wait_state(&id, CellState::Stopped).await;
     let listed = env.backend.list("ctl").await.unwrap();
-    assert_eq!(listed.iter().map(|c| (&c.id, c.state)).collect::<Vec<_>>(), vec![(&id, CellState::Stopped)]);
+    assert_eq!(
+        listed.iter().map(|c| (&c.id, c.state)).collect::<Vec<_>>(),
+        vec![(&id, CellState::Stopped)]
+    );
     env.backend.terminate(&id).await.unwrap();
     assert!(env.backend.list("ctl").await.unwrap().is_empty());
 }
