@@ -11,13 +11,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt as _;
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
 use kube::api::{Api, DeleteParams, PostParams};
 use kube::runtime::watcher::{self, Event};
 use updraft_devcluster::pki::{CertificateAuthority, Identity};
 use updraft_devcluster::{Layout, cluster};
 
-use crate::node_process::{build_updraft, node_files, start_node, wait_node_ready};
+use crate::node_process::{build_updraft, node_files, start_node, wait, wait_node_ready};
 
 const NODE: &str = "updraft-bench";
 const PORT: u16 = 10251;
@@ -31,14 +31,17 @@ pub struct PodBench {
 }
 
 /// Peak RSS (KiB) and CPU seconds of a process, from /proc.
-fn process_usage(pid: u32) -> anyhow::Result<(u64, f64)> {
+fn process_usage(pid: u32) -> anyhow::Result<(u64, u64, f64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let peak_kib = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+    let kib = |field: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let (peak_kib, now_kib) = (kib("VmHWM:"), kib("VmRSS:"));
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     let fields: Vec<&str> = stat
         .rsplit(')')
@@ -52,7 +55,7 @@ fn process_usage(pid: u32) -> anyhow::Result<(u64, f64)> {
         .ok()
         .flatten()
         .unwrap_or(100);
-    Ok((peak_kib, ticks as f64 / per_second as f64))
+    Ok((peak_kib, now_kib, ticks as f64 / per_second as f64))
 }
 
 /// Updraft's API requests so far by (method, response code), from its own /metrics.
@@ -168,10 +171,21 @@ pub async fn run(layout: &Layout, bench: PodBench) -> anyhow::Result<()> {
     Api::<Namespace>::all(client.clone())
         .create(&PostParams::default(), &ns)
         .await?;
+    // A real namespace has its `default` ServiceAccount long before pods arrive; a fresh one
+    // gets it from the controller manager a moment later, and pods created before that would
+    // measure the controller manager, not Updraft.
+    wait(
+        &Api::<ServiceAccount>::namespaced(client.clone(), &namespace),
+        "default",
+        "the namespace's default ServiceAccount",
+        Duration::from_secs(60),
+        |_| true,
+    )
+    .await?;
     let pods = Api::<Pod>::namespaced(client.clone(), &namespace);
 
     let requests_before = api_requests(&metrics_client).await?;
-    let (_, cpu_before) = process_usage(pid)?;
+    let (_, _, cpu_before) = process_usage(pid)?;
     let created: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let mut ready_at: HashMap<String, Instant> = HashMap::new();
     let mut events = watcher::watcher(pods.clone(), watcher::Config::default()).boxed();
@@ -243,7 +257,7 @@ pub async fn run(layout: &Layout, bench: PodBench) -> anyhow::Result<()> {
         .filter(|r| !accepted(r))
         .map(|(_, n)| n)
         .sum();
-    let (peak_kib, cpu_after) = process_usage(pid)?;
+    let (peak_kib, rss_kib, cpu_after) = process_usage(pid)?;
     let created = created.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let mut latencies: Vec<Duration> = ready_at
         .iter()
@@ -280,6 +294,10 @@ pub async fn run(layout: &Layout, bench: PodBench) -> anyhow::Result<()> {
         .map(|((method, code), n)| format!("{method} {code}: {n}"))
         .collect();
     println!("API requests by method and code: {}", breakdown.join(", "));
+    println!(
+        "Updraft RSS with every pod Ready: {:.1} MiB",
+        rss_kib as f64 / 1024.0
+    );
     if ready_at.len() < bench.count {
         println!(
             "only {} of {} pods became Ready",

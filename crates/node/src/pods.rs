@@ -122,7 +122,7 @@ impl<P: Provider> PodController<P> {
         let (services, watch_services) = Services::watch(self.client.clone());
         let context = Arc::new(Context {
             services,
-            references: ReferenceWatches::new(self.client.clone(), trigger),
+            references: ReferenceWatches::new(self.client.clone(), trigger.clone()),
             handed: Mutex::new(HashMap::new()),
             client: self.client.clone(),
             provider: self.provider.clone(),
@@ -151,19 +151,20 @@ impl<P: Provider> PodController<P> {
             }
         };
         // The reflector runs in a task of its own, so the cache fills (and becomes ready)
-        // whether or not the controller is currently asking for work.
-        let (pod_tx, pod_rx) = tokio::sync::mpsc::unbounded_channel::<Pod>();
+        // whether or not the controller is currently asking for work. It hands the controller
+        // references, not pods: while every worker is busy (a burst) the queue holds names,
+        // and the reconcile reads the pod from the store.
         let mut background = tokio::task::JoinSet::new();
         background.spawn(watch_services);
-        background.spawn(forward_pod_changes(reflector(writer, watch), pod_tx));
-        let pod_changes = tokio_stream::wrappers::UnboundedReceiverStream::new(pod_rx)
-            .map(Ok::<Pod, watcher::Error>)
-            .take_until(stopped());
-        let reference_changes =
+        background.spawn(forward_pod_changes(reflector(writer, watch), trigger));
+        let changes =
             tokio_stream::wrappers::UnboundedReceiverStream::new(triggered).take_until(stopped());
-        let controller = Controller::for_stream(pod_changes, store.clone())
-            .with_config(controller::Config::default().concurrency(self.config.pod_workers))
-            .reconcile_on(reference_changes);
+        let controller = Controller::for_stream(
+            futures::stream::pending::<Result<Pod, watcher::Error>>().take_until(stopped()),
+            store.clone(),
+        )
+        .with_config(controller::Config::default().concurrency(self.config.pod_workers))
+        .reconcile_on(changes);
         self.metrics.observe_pods(store.clone());
         if let Some(updates) = status_updates {
             background.spawn(write_status_updates(
@@ -189,7 +190,7 @@ impl<P: Provider> PodController<P> {
     }
 }
 
-/// Sends the controller every pod the reflector has stored, once it is in the store.
+/// Hands the controller every pod the reflector has stored, once it is in the store.
 ///
 /// The pods of a (re)list arrive as `InitApply` events, but the reflector's store only shows
 /// them at `InitDone`; a reconcile triggered earlier finds nothing in the store and is dropped
@@ -197,7 +198,7 @@ impl<P: Provider> PodController<P> {
 /// after a restart every pod already bound to the node is reconciled.
 async fn forward_pod_changes(
     events: impl futures::Stream<Item = Result<watcher::Event<Pod>, watcher::Error>>,
-    pod_tx: tokio::sync::mpsc::UnboundedSender<Pod>,
+    trigger: tokio::sync::mpsc::UnboundedSender<ObjectRef<Pod>>,
 ) {
     let mut events = std::pin::pin!(events);
     let mut listed = Vec::new();
@@ -221,7 +222,7 @@ async fn forward_pod_changes(
             }
         };
         for pod in ready {
-            if pod_tx.send(pod).is_err() {
+            if trigger.send(ObjectRef::from_obj(&pod)).is_err() {
                 return;
             }
         }

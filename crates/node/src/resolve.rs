@@ -77,8 +77,8 @@ pub struct Resolution {
     pub token_lifetime: Option<std::time::Duration>,
 }
 
-/// The first and the last pause before asking for a token again after a 403 that the Node
-/// authorizer's lag may explain (50, 100, 200, 400 ms: under a second in all).
+/// The first and the last pause before asking for a token again after a 403 or 404 that a
+/// control-plane lag may explain (50, 100, 200, 400 ms: under a second in all).
 const AUTHORIZER_LAG_FIRST_RETRY: std::time::Duration = std::time::Duration::from_millis(50);
 const AUTHORIZER_LAG_LAST_RETRY: std::time::Duration = std::time::Duration::from_millis(400);
 
@@ -580,10 +580,13 @@ impl Resolver {
                 .await
             {
                 // The Node authorizer learns that a pod is bound to this node from its own
-                // watch, which may lag behind ours by a moment right after binding. Ask again
-                // shortly instead of failing the reconciliation into a seconds-long backoff.
+                // watch, which may lag behind ours by a moment right after binding (403); in a
+                // namespace created a moment ago, the controller manager may not have created
+                // the `default` ServiceAccount yet (404). Ask again shortly instead of failing
+                // the reconciliation into a seconds-long backoff with a warning Event.
                 Err(kube::Error::Api(status))
-                    if status.code == 403 && retry_in <= AUTHORIZER_LAG_LAST_RETRY =>
+                    if matches!(status.code, 403 | 404)
+                        && retry_in <= AUTHORIZER_LAG_LAST_RETRY =>
                 {
                     tokio::time::sleep(retry_in).await;
                     retry_in *= 2;
