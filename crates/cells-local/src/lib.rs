@@ -320,6 +320,9 @@ impl LocalBackend {
     }
 }
 
+/// `(cell id, error)` of each unreadable record.
+type BrokenRecords = Vec<(String, LocalError)>;
+
 /// Holds the state directory's lock file (flock) while alive.
 struct StateLock {
     _lock: nix::fcntl::Flock<std::fs::File>,
@@ -357,7 +360,7 @@ impl Inner {
     }
 
     /// Reads every record: good ones and the errors of the unreadable ones.
-    fn read_records(&self) -> Result<(Vec<CellRecord>, Vec<(String, LocalError)>), LocalError> {
+    fn read_records(&self) -> Result<(Vec<CellRecord>, BrokenRecords), LocalError> {
         let dir = self.config.state_dir.join("records");
         let mut good = Vec::new();
         let mut broken = Vec::new();
