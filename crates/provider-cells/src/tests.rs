@@ -181,10 +181,14 @@ async fn provider(backend: Arc<FakeBackend>, pki_dir: &std::path::Path) -> Cells
 }
 
 fn pod(uid: &str, yaml_extra: &str) -> ResolvedPod {
+    ResolvedPod::unresolved(api_pod(uid, yaml_extra))
+}
+
+fn api_pod(uid: &str, yaml_extra: &str) -> Pod {
     let yaml = format!(
         "metadata: {{name: web, namespace: ns, uid: {uid}{yaml_extra}}}\nspec:\n  containers:\n  - name: app\n    image: busybox\n    resources: {{requests: {{cpu: 1500m, memory: 1Gi}}}}\n"
     );
-    ResolvedPod::unresolved(serde_yaml::from_str::<Pod>(&yaml).unwrap())
+    serde_yaml::from_str::<Pod>(&yaml).unwrap()
 }
 
 #[tokio::test]
@@ -201,9 +205,10 @@ async fn a_bad_annotation_or_an_impossible_request_starts_nothing() {
     assert!(matches!(err, ProviderError::InvalidInput(_)), "{err:?}");
     assert!(err.to_string().contains("launch-type"), "{err}");
 
-    let mut huge = pod("u2", "");
-    let spec = huge.pod.spec.as_mut().unwrap();
+    let mut huge = api_pod("u2", "");
+    let spec = huge.spec.as_mut().unwrap();
     spec.containers[0].resources = serde_yaml::from_str("{requests: {cpu: '200'}}").unwrap();
+    let huge = ResolvedPod::unresolved(huge);
     let err = provider.create_pod(&huge).await.unwrap_err();
     assert!(matches!(err, ProviderError::Permanent(_)), "{err:?}");
     assert!(err.to_string().contains("vCPU"), "{err}");
@@ -284,8 +289,9 @@ async fn after_a_restart_cells_are_adopted_and_never_started_twice() {
     assert_eq!(listed[0].pod.name, "pod-u1");
     // The node asks to create the pod (its agent has not confirmed it yet): the adopted
     // cell is used, no second one is started.
-    let mut web = pod("u1", "");
-    web.pod.metadata.name = Some("pod-u1".into());
+    let mut api = api_pod("u1", "");
+    api.metadata.name = Some("pod-u1".into());
+    let web = ResolvedPod::unresolved(api);
     let _ = provider.create_pod(&web).await;
     assert!(backend.started.lock().unwrap().is_empty());
 }

@@ -4,7 +4,7 @@
 use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::{
-    ContainerState, ContainerStateTerminated, PodCondition, PodStatus,
+    ContainerState, ContainerStateTerminated, Pod, PodCondition, PodStatus,
 };
 use updraft_cell_api::{
     ApplyPodRequest, DnsSettings, EnvValue, PodInterface, PodNetworkConfig, VolumeContent,
@@ -31,7 +31,8 @@ pub fn apply_request(
     interface: Option<PodInterface>,
     network: Option<&PodNetworkSettings>,
 ) -> ApplyPodRequest {
-    let mut pod = resolved.pod.clone();
+    // Works whether the node hands the pod by value or shared.
+    let mut pod = Pod::clone(&resolved.pod);
     pod.status = None;
     pod.metadata.managed_fields = None;
     let env = resolved
