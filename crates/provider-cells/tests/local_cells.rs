@@ -1,7 +1,7 @@
 //! The cells provider against the real control plane with real local cells: a pod gets its
 //! own cell (a network namespace running the real `updraft-cell` agent), becomes Running,
 //! `kubectl logs` and `kubectl exec` reach it through the kubelet API, and deleting it
-//! terminates the cell.
+//! terminates the cell; a restarted provider adopts the running cell and starts no second one.
 //!
 //! Needs root, the control plane (`cargo xtask cluster up`) and the agent binary next to this
 //! test's (`cargo build -p updraft-cell-agent` with the same target directory).
@@ -145,51 +145,7 @@ capacity: {{cpu: "16", memory: 64Gi, pods: "20"}}
     };
     assert_eq!(cells_of_controller().await, 0);
 
-    // The node with its kubelet API, on loopback.
-    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .await
-        .unwrap();
-    let local = listener.local_addr().unwrap();
-    let ca = CertificateAuthority::load(&cluster.layout().pki()).unwrap();
-    let serving = ca
-        .issue(&Identity {
-            common_name: node_name.clone(),
-            dns_names: vec![node_name.clone()],
-            ip_addresses: vec![local.ip()],
-            server: true,
-            ..Identity::default()
-        })
-        .unwrap();
-    let serving =
-        ServingCertificate::from_pem(serving.cert_pem.as_bytes(), serving.key_pem.as_bytes())
-            .unwrap();
-    let tls = server_config(serving, Some(ca.cert_pem().as_bytes())).unwrap();
-    let client = cluster.node_client(&node_name).await;
-    let provider = Arc::new(
-        CellsProvider::from_config(&config, &node_name)
-            .await
-            .unwrap(),
-    );
-    let auth = Arc::new(Auth::new(client.clone(), AuthConfig::new(&node_name)));
-    let app = protect(
-        routes(KubeletState {
-            provider: provider.clone(),
-            client: client.clone(),
-            node_name: node_name.clone(),
-            metrics: Arc::new(String::new),
-        }),
-        auth,
-    );
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let until_stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
-    tokio::spawn(serve(listener, tls, app, until_stopped(stopped.clone())));
-    let mut node_config = NodeConfig::new(&node_name, "cells");
-    node_config.internal_ip = local.ip().to_string();
-    node_config.kubelet_port = local.port();
-    let node = VirtualNode::new(client, node_config, provider.clone());
-    tokio::spawn(node.run(until_stopped(stopped)));
+    let (provider, stop) = start_node(&cluster, &node_name, &config).await;
 
     // A pod with the toleration, pinned to the node.
     let pods = Api::<Pod>::namespaced(cluster.client(), namespace.name());
@@ -273,6 +229,27 @@ capacity: {{cpu: "16", memory: 64Gi, pods: "20"}}
     );
     assert_eq!(exec.status.code(), Some(3), "the exit code comes through");
 
+    // Updraft restarts: a new provider over the same state adopts the cell (its agent still
+    // runs the pod) and starts nothing twice.
+    let _ = stop.send(true);
+    provider.shutdown();
+    drop(provider);
+    let (provider, stop) = start_node(&cluster, &node_name, &config).await;
+    let pod_ref = updraft_provider::PodRef::of(&pods.get("hello").await.unwrap());
+    eventually(TIMEOUT, || async {
+        use updraft_provider::Provider as _;
+        match provider.pod_status(&pod_ref).await {
+            Ok(Some(status)) if status.phase.as_deref() == Some("Running") => Ok(()),
+            other => Err(format!("the restarted provider reports {other:?}")),
+        }
+    })
+    .await;
+    assert_eq!(
+        cells_of_controller().await,
+        1,
+        "the restarted provider started no second cell"
+    );
+
     // Deleting the pod terminates its cell.
     pods.delete("hello", &DeleteParams::default())
         .await
@@ -297,6 +274,61 @@ capacity: {{cpu: "16", memory: 64Gi, pods: "20"}}
         }
     });
     drop(cleanup);
+}
+
+/// Starts the node (and its kubelet API on a loopback port) with a cells provider from
+/// `config`; the sender stops both.
+async fn start_node(
+    cluster: &TestCluster,
+    node_name: &str,
+    config: &CellsConfig,
+) -> (Arc<CellsProvider>, tokio::sync::watch::Sender<bool>) {
+    let node_name = node_name.to_owned();
+    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .await
+        .unwrap();
+    let local = listener.local_addr().unwrap();
+    let ca = CertificateAuthority::load(&cluster.layout().pki()).unwrap();
+    let serving = ca
+        .issue(&Identity {
+            common_name: node_name.clone(),
+            dns_names: vec![node_name.clone()],
+            ip_addresses: vec![local.ip()],
+            server: true,
+            ..Identity::default()
+        })
+        .unwrap();
+    let serving =
+        ServingCertificate::from_pem(serving.cert_pem.as_bytes(), serving.key_pem.as_bytes())
+            .unwrap();
+    let tls = server_config(serving, Some(ca.cert_pem().as_bytes())).unwrap();
+    let client = cluster.node_client(&node_name).await;
+    let provider = Arc::new(
+        CellsProvider::from_config(config, &node_name)
+            .await
+            .unwrap(),
+    );
+    let auth = Arc::new(Auth::new(client.clone(), AuthConfig::new(&node_name)));
+    let app = protect(
+        routes(KubeletState {
+            provider: provider.clone(),
+            client: client.clone(),
+            node_name: node_name.clone(),
+            metrics: Arc::new(String::new),
+        }),
+        auth,
+    );
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let until_stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    tokio::spawn(serve(listener, tls, app, until_stopped(stopped.clone())));
+    let mut node_config = NodeConfig::new(&node_name, "cells");
+    node_config.internal_ip = local.ip().to_string();
+    node_config.kubelet_port = local.port();
+    let node = VirtualNode::new(client, node_config, provider.clone());
+    tokio::spawn(node.run(until_stopped(stopped)));
+    (provider, stop)
 }
 
 fn nix_is_root() -> bool {
