@@ -100,37 +100,7 @@ async fn a_pod_runs_on_its_own_local_cell_and_deleting_it_terminates_the_cell() 
     let namespace = cluster.namespace("cells").await;
     let node_name = unique_name("cells-node");
     let tmp = tempfile::tempdir().unwrap();
-    let rootfs = tmp.path().join("busybox-image");
-    busybox_rootfs(&rootfs);
-    let pid = std::process::id();
-    let config_text = format!(
-        r#"backend: local
-controllerId: test-{pid}
-certificateDir: {dir}/pki
-bootTimeout: 60s
-healthTimeout: 30s
-agent:
-  dir: {dir}/agent
-  tlsDir: {dir}/tls
-  extraArgs: ["--image-dir", "busybox={rootfs}"]
-local:
-  stateDir: {dir}/state
-  cidr: 10.216.{third}.0/24
-  bridge: upc{short}
-  agentBinary: {agent}
-  cgroupParent: updraft-provider-cells-test-{pid}
-  privateDirs: [{dir}/agent]
-capacity: {{cpu: "16", memory: 64Gi, pods: "20"}}
-"#,
-        dir = tmp.path().display(),
-        rootfs = rootfs.display(),
-        third = pid % 250 + 1,
-        short = pid % 100_000,
-        agent = agent_binary().display(),
-    );
-    let config_path = tmp.path().join("cells.yaml");
-    std::fs::write(&config_path, &config_text).unwrap();
-    let config = CellsConfig::load(&config_path).unwrap();
+    let config = write_config(tmp.path(), 0);
     let cleanup = CellsCleanup(local_backend(&config).unwrap());
     let backend = cleanup.0.clone();
     let controller_id = config.controller_id.clone();
@@ -263,6 +233,137 @@ capacity: {{cpu: "16", memory: 64Gi, pods: "20"}}
     })
     .await;
 
+    let _ = stop.send(true);
+    provider.shutdown();
+    updraft_testing::cleanup_as_admin({
+        let name = node_name.clone();
+        move |client| async move {
+            let _ = Api::<Node>::all(client)
+                .delete(&name, &DeleteParams::default())
+                .await;
+        }
+    });
+    drop(cleanup);
+}
+
+/// A cells config for a test: its own state, CIDR, bridge, cgroup and controller id.
+fn write_config(dir: &Path, n: u32) -> CellsConfig {
+    let rootfs = dir.join("busybox-image");
+    busybox_rootfs(&rootfs);
+    let pid = std::process::id();
+    let config_text = format!(
+        r#"backend: local
+controllerId: test-{pid}-{n}
+certificateDir: {dir}/pki
+bootTimeout: 60s
+healthTimeout: 30s
+agent:
+  dir: {dir}/agent
+  tlsDir: {dir}/tls
+  extraArgs: ["--image-dir", "busybox={rootfs}"]
+local:
+  stateDir: {dir}/state
+  cidr: 10.216.{third}.0/24
+  bridge: upc{short}x{n}
+  agentBinary: {agent}
+  cgroupParent: updraft-provider-cells-test-{pid}-{n}
+  privateDirs: [{dir}/agent]
+capacity: {{cpu: "16", memory: 64Gi, pods: "20"}}
+"#,
+        dir = dir.display(),
+        rootfs = rootfs.display(),
+        third = (pid * 2 + n) % 250 + 1,
+        short = pid % 100_000,
+        agent = agent_binary().display(),
+    );
+    let config_path = dir.join("cells.yaml");
+    std::fs::write(&config_path, &config_text).unwrap();
+    CellsConfig::load(&config_path).unwrap()
+}
+
+/// The cell id in a pod's `cells.updraft.dev/Cell` condition (`cell <id> (…): …`).
+fn cell_of(pod: &Pod) -> Option<String> {
+    let condition = pod
+        .status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == "cells.updraft.dev/Cell" && c.status == "True")?;
+    let message = condition.message.as_deref()?;
+    Some(message.strip_prefix("cell ")?.split(' ').next()?.to_owned())
+}
+
+fn running_and_ready(pod: &Pod) -> bool {
+    pod.status.as_ref().is_some_and(|s| {
+        s.phase.as_deref() == Some("Running")
+            && s.container_statuses
+                .as_ref()
+                .is_some_and(|cs| cs.iter().all(|c| c.ready))
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cell_killed_from_outside_is_replaced_per_restart_policy() {
+    assert!(nix_is_root(), "this test must run as root");
+    let cluster = TestCluster::connect().await;
+    let namespace = cluster.namespace("cells-lost").await;
+    let node_name = unique_name("cells-lost");
+    let tmp = tempfile::tempdir().unwrap();
+    let config = write_config(tmp.path(), 1);
+    let cleanup = CellsCleanup(local_backend(&config).unwrap());
+    let backend = cleanup.0.clone();
+    let (provider, stop) = start_node(&cluster, &node_name, &config).await;
+    let pods = Api::<Pod>::namespaced(cluster.client(), namespace.name());
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "survivor"},
+        "spec": {
+            "nodeSelector": {"kubernetes.io/hostname": node_name},
+            "tolerations": [{"key": "virtual-kubelet.io/provider", "operator": "Exists", "effect": "NoSchedule"}],
+            "terminationGracePeriodSeconds": 1,
+            "containers": [{
+                "name": "app",
+                "image": "busybox",
+                "command": ["/bin/sleep", "3600"],
+            }]
+        }
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    let first = wait_for(&pods, "survivor", "the pod to run", TIMEOUT, |p| {
+        running_and_ready(p) && cell_of(p).is_some()
+    })
+    .await;
+    let first_cell = cell_of(&first).unwrap();
+    // Killed from outside (an operator, a spot interruption).
+    backend
+        .terminate(&updraft_cells_backend::CellId(first_cell.clone()))
+        .await
+        .unwrap();
+    let second = wait_for(
+        &pods,
+        "survivor",
+        "the pod to run again on a new cell",
+        TIMEOUT,
+        |p| running_and_ready(p) && cell_of(p).is_some_and(|c| c != first_cell),
+    )
+    .await;
+    assert_eq!(
+        second.metadata.uid, first.metadata.uid,
+        "the same pod, restarted on a new cell"
+    );
+    let live: Vec<_> = backend
+        .list(&config.controller_id)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|c| !c.state.is_ending())
+        .collect();
+    assert_eq!(live.len(), 1, "exactly the replacement cell: {live:?}");
+    pods.delete("survivor", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_for_deletion(&pods, "survivor", TIMEOUT).await;
     let _ = stop.send(true);
     provider.shutdown();
     updraft_testing::cleanup_as_admin({
