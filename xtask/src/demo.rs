@@ -74,7 +74,14 @@ pub async fn run(layout: &Layout) -> anyhow::Result<()> {
     println!("\n$ kubectl logs hello-updraft --tail 1");
     kubectl(&["logs", "hello-updraft", "--tail", "1"])?;
     println!("$ kubectl exec hello-updraft -- sh -c 'echo exec works in $PWD'");
-    kubectl(&["exec", "hello-updraft", "--", "sh", "-c", "echo exec works in $PWD"])?;
+    kubectl(&[
+        "exec",
+        "hello-updraft",
+        "--",
+        "sh",
+        "-c",
+        "echo exec works in $PWD",
+    ])?;
     println!(
         "\nThe pod runs on the virtual node {NODE} (mock provider until local cells land). Try:"
     );

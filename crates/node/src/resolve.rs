@@ -5,6 +5,7 @@
 //! objects that pods bound to it reference, which is all this needs.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{
@@ -100,7 +101,7 @@ impl Resolver {
     /// may refer to them.
     pub async fn resolve(
         client: kube::Client,
-        pod: &Pod,
+        pod: &Arc<Pod>,
         service_env: &[EnvVar],
     ) -> Result<Resolution, ResolveError> {
         let mut resolver = Self {
@@ -135,7 +136,7 @@ impl Resolver {
         }
         Ok(Resolution {
             pod: ResolvedPod {
-                pod: pod.clone(),
+                pod: Arc::clone(pod),
                 env,
                 volumes,
             },

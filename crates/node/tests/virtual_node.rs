@@ -188,7 +188,13 @@ async fn a_restarted_node_neither_loses_nor_duplicates_pods_and_deletes_orphans(
         )
         .await;
     }
-    let uid_b = provider.resolved(ns.name(), "b").unwrap().pod.metadata.uid;
+    let uid_b = provider
+        .resolved(ns.name(), "b")
+        .unwrap()
+        .pod
+        .metadata
+        .uid
+        .clone();
 
     // Updraft goes away; meanwhile pod "c" is force-deleted, so nothing tells the provider.
     vnode.stop().await;

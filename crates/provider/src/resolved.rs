@@ -1,4 +1,5 @@
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Pod;
 
@@ -36,8 +37,9 @@ pub type VolumeFiles = BTreeMap<String, VolumeFile>;
 /// A pod with everything the provider needs resolved by the node.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ResolvedPod {
-    /// The pod as in the API server.
-    pub pod: Pod,
+    /// The pod as in the API server: the node's cached copy, shared rather than copied
+    /// (a provider that keeps it costs no second copy per pod).
+    pub pod: Arc<Pod>,
     /// Environment per container name (init and app containers), in definition order.
     pub env: BTreeMap<String, Vec<EnvVar>>,
     /// The files of every configMap, secret, downwardAPI and projected volume, by volume name.
@@ -46,9 +48,9 @@ pub struct ResolvedPod {
 
 impl ResolvedPod {
     /// A pod whose containers get no environment and whose volumes have no files.
-    pub fn unresolved(pod: Pod) -> Self {
+    pub fn unresolved(pod: impl Into<Arc<Pod>>) -> Self {
         Self {
-            pod,
+            pod: pod.into(),
             env: BTreeMap::new(),
             volumes: BTreeMap::new(),
         }
