@@ -34,6 +34,10 @@ struct Current {
 pub struct ContainerLog {
     dir: PathBuf,
     current: Mutex<Current>,
+    /// Held by whoever moves bytes from the container's pipes into this log, for one
+    /// non-blocking read and its write: an instance's end waits for a read in flight, so
+    /// output read before the end can never land in the next instance's file.
+    reading: Mutex<()>,
     /// Bumped on every write and when an instance ends; followers wait on it.
     changed: watch::Sender<(u32, u64, bool)>,
 }
@@ -54,8 +58,14 @@ impl ContainerLog {
                 size: 0,
                 partial: [Vec::new(), Vec::new()],
             }),
+            reading: Mutex::new(()),
             changed: watch::channel((0, 0, false)).0,
         })
+    }
+
+    /// Exclusive right to move pipe output into the log (see the field's comment).
+    pub fn reading(&self) -> std::sync::MutexGuard<'_, ()> {
+        lock(&self.reading)
     }
 
     fn path(&self, instance: u32) -> PathBuf {

@@ -14,7 +14,6 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use serde::{Deserialize, Serialize};
-use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use updraft_cell_api::{ApplyPodRequest, PodStatusResponse};
@@ -647,7 +646,9 @@ impl Pod {
     ) {
         let _ = std::fs::remove_file(record_path);
         if let Some(log) = self.logs.get(&c.name) {
-            // Output still in the pipes belongs to this instance, not to the next one.
+            // Output still in the pipes belongs to this instance, not to the next one; the
+            // pumps cannot be between a read and its write while this drains.
+            let _reading = log.reading();
             for (suffix, stream) in [("out", LogStream::Stdout), ("err", LogStream::Stderr)] {
                 let path = self.dir.join("fifo").join(format!("{}.{suffix}", c.name));
                 drain_fifo(&path, |data| log.write(stream, data));
@@ -789,7 +790,7 @@ impl Pod {
                 continue;
             }
             let handle = tokio::spawn(async move {
-                let Ok(mut rx) = tokio::net::unix::pipe::OpenOptions::new()
+                let Ok(rx) = tokio::net::unix::pipe::OpenOptions::new()
                     .read_write(true)
                     .open_receiver(&path)
                 else {
@@ -798,12 +799,20 @@ impl Pod {
                 let mut buf = vec![0u8; 64 << 10];
                 loop {
                     tokio::select! {
-                        r = rx.read(&mut buf) => match r {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => log.write(stream, &buf[..n]),
-                        },
+                        r = rx.readable() => if r.is_err() { return },
                         () = stop.cancelled() => return,
                         () = detach.cancelled() => return,
+                    }
+                    // Read and write under the log's reading guard, so an instance's end
+                    // (which drains the pipe under the same guard) never splits them.
+                    let _reading = log.reading();
+                    loop {
+                        match rx.try_read(&mut buf) {
+                            Ok(0) => return,
+                            Ok(n) => log.write(stream, &buf[..n]),
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                            Err(_) => return,
+                        }
                     }
                 }
             });
