@@ -48,13 +48,14 @@ use aws_sdk_ec2::types::{
 use base64::Engine;
 use tokio::sync::OnceCell;
 use updraft_cells_backend::{
-    BackendError, Cell, CellBackend, CellId, CellSpec, CellState, LaunchType, StartedCell,
+    BackendError, Cell, CellBackend, CellId, CellIdentity, CellSpec, CellState, LaunchType,
+    StartedCell,
 };
 
 pub use errors::{classify, spot_refused};
 pub use tags::{
     LABEL_PREFIX, MAX_POD_LABELS, TAG_CONTROLLER_ID, TAG_NAME, TAG_NAMESPACE, TAG_NODE, TAG_POD,
-    TAG_POD_UID, identity_from_tags, identity_tags,
+    TAG_POD_UID, TAG_STANDBY, identity_from_tags, identity_tags,
 };
 
 /// The port the cell agent listens on (Kip's itzo used the same).
@@ -898,6 +899,57 @@ impl CellBackend for AwsBackend {
                 .build(),
         ];
         self.describe_many(filters, Vec::new()).await
+    }
+
+    async fn assign(
+        &self,
+        id: &CellId,
+        name: &str,
+        identity: &CellIdentity,
+    ) -> Result<(), BackendError> {
+        // EC2 has no conditional tagging: the provider serializes claims in memory (one Updraft
+        // per controller id); this check catches a cell claimed before a restart.
+        let cell = self.describe(id).await?;
+        let current = cell.identity.as_ref();
+        let ours = current.is_some_and(|c| c.controller_id == identity.controller_id);
+        let already_this_pod =
+            current.is_some_and(|c| !c.is_standby() && c.pod_uid == identity.pod_uid);
+        if already_this_pod && ours {
+            return Ok(());
+        }
+        if !ours || !current.is_some_and(CellIdentity::is_standby) || cell.state.is_ending() {
+            return Err(BackendError::InvalidRequest {
+                detail: format!(
+                    "cell {id} is not a standby cell of controller {} (it is {}{})",
+                    identity.controller_id,
+                    cell.state,
+                    current.map_or(", without an Updraft identity".to_owned(), |c| {
+                        if c.is_standby() {
+                            String::new()
+                        } else {
+                            format!(", assigned to pod {}/{}", c.namespace, c.pod_name)
+                        }
+                    })
+                ),
+            });
+        }
+        // Pod tags first, then the standby tag goes: an interruption in between still reads
+        // as the pod's cell (pod tags win).
+        self.client
+            .create_tags()
+            .resources(&id.0)
+            .set_tags(Some(identity_tags(name, identity)))
+            .send()
+            .await
+            .map_err(|error| classify("CreateTags", error))?;
+        self.client
+            .delete_tags()
+            .resources(&id.0)
+            .tags(tags::tag(TAG_STANDBY, "true"))
+            .send()
+            .await
+            .map_err(|error| classify("DeleteTags", error))?;
+        Ok(())
     }
 
     async fn terminate(&self, id: &CellId) -> Result<(), BackendError> {

@@ -17,6 +17,8 @@ pub const TAG_NAMESPACE: &str = "updraft:namespace";
 pub const TAG_POD: &str = "updraft:pod";
 /// The pod's UID.
 pub const TAG_POD_UID: &str = "updraft:pod-uid";
+/// `true` on a standby cell (pre-started, owned by no pod yet); removed when a pod takes it.
+pub const TAG_STANDBY: &str = "updraft:standby";
 /// Prefix of the tags that copy pod labels: `updraft:label:app.kubernetes.io/name`.
 pub const LABEL_PREFIX: &str = "updraft:label:";
 /// At most this many pod labels are copied (EC2 allows 50 tags per resource; 6 are ours).
@@ -37,9 +39,18 @@ fn tag_text_ok(text: &str) -> bool {
 }
 
 /// The tags of a cell: name, identity, and the pod labels that fit (sorted by key; labels whose
-/// key or value EC2 would refuse are skipped).
+/// key or value EC2 would refuse are skipped). A standby identity gets [`TAG_STANDBY`] instead
+/// of pod tags.
 pub fn identity_tags(name: &str, identity: &CellIdentity) -> Vec<Tag> {
     let truncate = |text: &str| text.chars().take(MAX_VALUE).collect::<String>();
+    if identity.is_standby() {
+        return vec![
+            tag(TAG_NAME, &truncate(name)),
+            tag(TAG_CONTROLLER_ID, &identity.controller_id),
+            tag(TAG_NODE, &identity.node),
+            tag(TAG_STANDBY, "true"),
+        ];
+    }
     let mut tags = vec![
         tag(TAG_NAME, &truncate(name)),
         tag(TAG_CONTROLLER_ID, &identity.controller_id),
@@ -65,9 +76,20 @@ pub fn identity_tags(name: &str, identity: &CellIdentity) -> Vec<Tag> {
 }
 
 /// The identity stored in a cell's tags; `None` unless controller id, namespace, pod name and
-/// pod UID are all present.
+/// pod UID are all present, or the cell is a standby cell (controller id, [`TAG_STANDBY`] and no
+/// pod tags). Pod tags win over a leftover standby tag (a claim interrupted between its two
+/// tag calls still names the pod).
 pub fn identity_from_tags(tags: &BTreeMap<String, String>) -> Option<CellIdentity> {
     let get = |key: &str| tags.get(key).filter(|v| !v.is_empty()).cloned();
+    let no_pod_tags = [TAG_NAMESPACE, TAG_POD, TAG_POD_UID]
+        .iter()
+        .all(|key| get(key).is_none());
+    if no_pod_tags && tags.get(TAG_STANDBY).map(String::as_str) == Some("true") {
+        return Some(CellIdentity::standby(
+            &get(TAG_CONTROLLER_ID)?,
+            &get(TAG_NODE).unwrap_or_default(),
+        ));
+    }
     Some(CellIdentity {
         controller_id: get(TAG_CONTROLLER_ID)?,
         node: get(TAG_NODE).unwrap_or_default(),
@@ -126,5 +148,34 @@ mod tests {
         let mut partial = map.clone();
         partial.remove(TAG_POD_UID);
         assert!(identity_from_tags(&partial).is_none());
+    }
+
+    #[test]
+    fn standby_identity_round_trips_and_pod_tags_win() {
+        let standby = CellIdentity::standby("ctl", "burst");
+        let tags = identity_tags("updraft-standby", &standby);
+        let mut map: BTreeMap<String, String> = tags
+            .iter()
+            .map(|t| {
+                (
+                    t.key().unwrap_or("").to_string(),
+                    t.value().unwrap_or("").to_string(),
+                )
+            })
+            .collect();
+        assert_eq!(map[TAG_STANDBY], "true");
+        assert!(!map.contains_key(TAG_POD_UID));
+        assert_eq!(identity_from_tags(&map), Some(standby));
+        // A claim interrupted after the pod tags were written: the pod's.
+        map.insert(TAG_NAMESPACE.into(), "ns".into());
+        map.insert(TAG_POD.into(), "web".into());
+        map.insert(TAG_POD_UID.into(), "uid-1".into());
+        let claimed = identity_from_tags(&map).expect("identity");
+        assert!(!claimed.is_standby());
+        assert_eq!(claimed.pod_uid, "uid-1");
+        // Without the standby tag, missing pod tags are an incomplete identity.
+        map.remove(TAG_STANDBY);
+        map.remove(TAG_POD_UID);
+        assert!(identity_from_tags(&map).is_none());
     }
 }

@@ -51,6 +51,24 @@ pub struct CellIdentity {
     pub pod_labels: BTreeMap<String, String>,
 }
 
+impl CellIdentity {
+    /// The identity of a **standby** cell: pre-started for this controller and node, owned by
+    /// no pod yet (namespace, pod name, UID and labels empty). A pod takes it with
+    /// [`CellBackend::assign`].
+    pub fn standby(controller_id: &str, node: &str) -> CellIdentity {
+        CellIdentity {
+            controller_id: controller_id.to_owned(),
+            node: node.to_owned(),
+            ..CellIdentity::default()
+        }
+    }
+
+    /// Whether this identity names no pod: a standby cell.
+    pub fn is_standby(&self) -> bool {
+        self.namespace.is_empty() && self.pod_name.is_empty() && self.pod_uid.is_empty()
+    }
+}
+
 /// Everything needed to start one cell.
 #[derive(Clone, PartialEq, Eq)]
 pub struct CellSpec {
@@ -175,7 +193,8 @@ pub struct Cell {
     /// When the cell was launched.
     pub launch_time: Option<SystemTime>,
     /// The owner identity read back from the cell; `None` when the cell carries an incomplete
-    /// identity (not started by Updraft, or tags edited by hand).
+    /// identity (not started by Updraft, or tags edited by hand). A standby cell has an
+    /// identity without pod ([`CellIdentity::is_standby`]).
     pub identity: Option<CellIdentity>,
     /// All tags/labels of the cell as stored by the cloud.
     pub tags: BTreeMap<String, String>,
@@ -254,4 +273,26 @@ pub trait CellBackend: Send + Sync {
     /// Terminates a cell. Terminating a cell that is already terminating or gone succeeds;
     /// an id the backend never knew is [`BackendError::NotFound`].
     async fn terminate(&self, id: &CellId) -> Result<(), BackendError>;
+
+    /// Hands the standby cell `id` to a pod: stamps `identity` (and the new `name`) on it in
+    /// place of its standby identity, so that a listing after a restart shows it as the pod's.
+    ///
+    /// Must fail with [`BackendError::InvalidRequest`] when the cell is not a standby cell of
+    /// `identity.controller_id` any more (already assigned to another pod, or gone), so that two
+    /// pods never get one cell; assigning it again to the same pod UID succeeds. Backends that
+    /// keep no standby cells need not implement it.
+    async fn assign(
+        &self,
+        id: &CellId,
+        name: &str,
+        identity: &CellIdentity,
+    ) -> Result<(), BackendError> {
+        let _ = (id, name, identity);
+        Err(BackendError::InvalidRequest {
+            detail: format!(
+                "the {} backend cannot hand standby cells to pods: remove standbyPool from the config",
+                self.kind()
+            ),
+        })
+    }
 }

@@ -111,6 +111,16 @@ pub enum LocalError {
         /// The id asked for.
         id: String,
     },
+    /// A cell to hand to a pod is not (any more) a standby cell of the controller.
+    #[error("cell {id} is not a standby cell of controller {controller_id}: {now}")]
+    NotStandby {
+        /// The cell id.
+        id: String,
+        /// The controller that asked.
+        controller_id: String,
+        /// What the cell is instead.
+        now: String,
+    },
 }
 
 /// Shorthand for [`LocalError::Io`].
@@ -143,7 +153,8 @@ impl From<LocalError> for BackendError {
             | LocalError::UserData(_)
             | LocalError::Filesystem { .. }
             | LocalError::Record { .. }
-            | LocalError::BootFailed { .. } => BackendError::InvalidRequest { detail },
+            | LocalError::BootFailed { .. }
+            | LocalError::NotStandby { .. } => BackendError::InvalidRequest { detail },
         }
     }
 }

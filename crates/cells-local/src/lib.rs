@@ -65,7 +65,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use updraft_cell_runtime::{Cgroup, CgroupDriver, Resources};
 use updraft_cells_backend::{
-    BackendError, Cell, CellBackend, CellId, CellSpec, CellState, StartedCell,
+    BackendError, Cell, CellBackend, CellId, CellIdentity, CellSpec, CellState, StartedCell,
 };
 use updraft_cells_catalog::Catalog;
 
@@ -73,6 +73,8 @@ pub use config::{DEFAULT_AGENT_PORT, Ipv4Cidr, LocalConfig};
 pub use error::LocalError;
 pub use net::{CELL_BRIDGE, POD_HOST_VETH};
 pub use record::{CellRecord, Phase, ProcessRef};
+
+use record::IdentityRecord;
 
 use error::io;
 use launch::{CellPaths, InitSpec};
@@ -737,6 +739,44 @@ impl Inner {
         first_error.map_or(Ok(()), Err)
     }
 
+    /// Stamps a pod's identity on a standby cell, under the state lock: of two claims of one
+    /// cell only the first finds it standby.
+    fn assign(&self, id: &str, name: &str, identity: &CellIdentity) -> Result<(), LocalError> {
+        if !record::valid_id(id) {
+            return Err(LocalError::NotFound { id: id.to_string() });
+        }
+        let path = self.record_path(id);
+        let _lock = self.lock()?;
+        let mut found =
+            record::read(&path, id)?.ok_or_else(|| LocalError::NotFound { id: id.to_string() })?;
+        let current = found.identity.identity();
+        let not_standby = |now: String| LocalError::NotStandby {
+            id: id.to_string(),
+            controller_id: identity.controller_id.clone(),
+            now,
+        };
+        if found.phase == Phase::Terminating || found.phase == Phase::Terminated {
+            return Err(not_standby("it is terminated".into()));
+        }
+        match current {
+            Some(current) if current.controller_id != identity.controller_id => Err(not_standby(
+                format!("it belongs to controller {}", current.controller_id),
+            )),
+            Some(current) if current.is_standby() => {
+                found.identity = IdentityRecord::from(identity);
+                found.name = name.to_string();
+                record::write(&path, &found)?;
+                Ok(())
+            }
+            Some(current) if current.pod_uid == identity.pod_uid => Ok(()),
+            Some(current) => Err(not_standby(format!(
+                "it runs pod {}/{}",
+                current.namespace, current.pod_name
+            ))),
+            None => Err(not_standby("it has no complete identity".into())),
+        }
+    }
+
     fn terminate(&self, id: &str) -> Result<(), LocalError> {
         if !record::valid_id(id) {
             return Err(LocalError::NotFound { id: id.to_string() });
@@ -815,6 +855,17 @@ impl CellBackend for LocalBackend {
     async fn terminate(&self, id: &CellId) -> Result<(), BackendError> {
         let id = id.0.clone();
         self.blocking(move |inner| inner.terminate(&id)).await
+    }
+
+    async fn assign(
+        &self,
+        id: &CellId,
+        name: &str,
+        identity: &CellIdentity,
+    ) -> Result<(), BackendError> {
+        let (id, name, identity) = (id.0.clone(), name.to_string(), identity.clone());
+        self.blocking(move |inner| inner.assign(&id, &name, &identity))
+            .await
     }
 }
 

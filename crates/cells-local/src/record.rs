@@ -94,8 +94,16 @@ impl From<&CellIdentity> for IdentityRecord {
 }
 
 impl IdentityRecord {
-    /// The identity, when complete (controller id, namespace, pod name and UID present).
+    /// The identity, when complete (controller id, namespace, pod name and UID present), or a
+    /// standby identity (controller id and no pod fields; see `CellIdentity::standby`).
     pub fn identity(&self) -> Option<CellIdentity> {
+        let standby = !self.controller_id.is_empty()
+            && self.namespace.is_empty()
+            && self.pod_name.is_empty()
+            && self.pod_uid.is_empty();
+        if standby {
+            return Some(CellIdentity::standby(&self.controller_id, &self.node));
+        }
         let complete = !self.controller_id.is_empty()
             && !self.namespace.is_empty()
             && !self.pod_name.is_empty()

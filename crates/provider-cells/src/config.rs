@@ -12,6 +12,8 @@
 //!   port: 6421
 //!   command: [/usr/local/bin/updraft-cell]
 //! capacity: {cpu: "64", memory: 256Gi, pods: "50"}
+//! standbyPool:               # pre-started idle cells a pod of that type takes at once
+//!   - {instanceType: local.small, count: 2}
 //! aws:                        # only with backend: aws
 //!   subnetId: subnet-0123
 //!   bootImage: {id: ami-0123}
@@ -242,6 +244,34 @@ fn default_host_veth() -> String {
     "veth-pod".into()
 }
 
+/// One entry of the standby pool: keep `count` pre-started, idle cells of `instanceType` so
+/// that a pod selecting that type starts in seconds instead of a cell's boot time.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct StandbySettings {
+    /// The instance type (must be in the catalog).
+    pub instance_type: String,
+    /// How many idle cells of this type to keep (0 drains the pool of this type).
+    pub count: u32,
+    /// `on-demand` (default) or `spot`: a pod takes a standby cell only when its launch type
+    /// matches.
+    #[serde(default)]
+    pub launch_type: Option<String>,
+}
+
+/// Most idle cells one pool entry may keep: a typo like `count: 1000` must not start a fleet.
+pub const MAX_STANDBY_PER_TYPE: u32 = 100;
+
+impl StandbySettings {
+    /// The launch type of the entry's cells.
+    pub fn launch_type(&self) -> LaunchType {
+        self.launch_type
+            .as_deref()
+            .and_then(LaunchType::parse)
+            .unwrap_or_default()
+    }
+}
+
 /// The whole provider config.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -313,6 +343,10 @@ pub struct CellsConfig {
     /// The node's advertised capacity, e.g. `{cpu: "64", memory: 256Gi, pods: "50"}`.
     #[serde(default)]
     pub capacity: BTreeMap<String, String>,
+    /// Pre-started idle cells per instance type, e.g.
+    /// `[{instanceType: t3.small, count: 2}]`; empty (default): no pool.
+    #[serde(default)]
+    pub standby_pool: Vec<StandbySettings>,
 }
 
 fn default_boot_timeout() -> ConfigDuration {
@@ -460,6 +494,46 @@ impl CellsConfig {
                 return Err(invalid(field, "must be longer than 0".into()));
             }
         }
+        for (index, entry) in self.standby_pool.iter().enumerate() {
+            let field = |name: &str| format!("standbyPool[{index}].{name}");
+            if entry.instance_type.trim().is_empty() {
+                return Err(invalid(
+                    &field("instanceType"),
+                    "must name an instance type of the catalog, e.g. t3.small".into(),
+                ));
+            }
+            if entry.count > MAX_STANDBY_PER_TYPE {
+                return Err(invalid(
+                    &field("count"),
+                    format!(
+                        "{} is more than {MAX_STANDBY_PER_TYPE} idle cells of one type; write a smaller number",
+                        entry.count
+                    ),
+                ));
+            }
+            if let Some(launch) = &entry.launch_type
+                && LaunchType::parse(launch).is_none()
+            {
+                return Err(invalid(
+                    &field("launchType"),
+                    format!("{launch:?} must be on-demand or spot"),
+                ));
+            }
+            let duplicate = self.standby_pool[..index].iter().any(|earlier| {
+                earlier.instance_type == entry.instance_type
+                    && earlier.launch_type() == entry.launch_type()
+            });
+            if duplicate {
+                return Err(invalid(
+                    &field("instanceType"),
+                    format!(
+                        "{} ({}) is listed twice; give each type one entry with the total count",
+                        entry.instance_type,
+                        entry.launch_type().as_str()
+                    ),
+                ));
+            }
+        }
         for (resource, value) in &self.capacity {
             if updraft_cells_catalog::quantity::bytes(value).is_err()
                 && updraft_cells_catalog::quantity::cpu_millis(value).is_err()
@@ -568,6 +642,58 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("local") && err.contains("bridgeName"), "{err}");
+    }
+
+    #[test]
+    fn standby_pool_is_parsed_and_bad_entries_are_named() {
+        let config = CellsConfig::from_yaml_str(
+            &format!(
+                "{MINIMAL}standbyPool:\n- {{instanceType: local.small, count: 2}}\n- {{instanceType: local.small, count: 1, launchType: spot}}\n"
+            ),
+            "t",
+        )
+        .unwrap();
+        assert_eq!(config.standby_pool.len(), 2);
+        assert_eq!(config.standby_pool[0].count, 2);
+        assert_eq!(config.standby_pool[0].launch_type(), LaunchType::OnDemand);
+        assert_eq!(config.standby_pool[1].launch_type(), LaunchType::Spot);
+        for (entry, field) in [
+            (
+                "{instanceType: local.small, count: 101}",
+                "standbyPool[0].count",
+            ),
+            (
+                "{instanceType: '', count: 1}",
+                "standbyPool[0].instanceType",
+            ),
+            (
+                "{instanceType: local.small, count: 1, launchType: cheap}",
+                "standbyPool[0].launchType",
+            ),
+            (
+                "{instanceType: local.small, count: -1}",
+                "standbyPool[0].count",
+            ),
+            ("{instanceType: local.small, size: 1}", "standbyPool[0]"),
+        ] {
+            let err =
+                CellsConfig::from_yaml_str(&format!("{MINIMAL}standbyPool: [{entry}]\n"), "t")
+                    .unwrap_err()
+                    .to_string();
+            assert!(err.contains(field), "{entry}: {err}");
+        }
+        let err = CellsConfig::from_yaml_str(
+            &format!(
+                "{MINIMAL}standbyPool: [{{instanceType: a, count: 1}}, {{instanceType: a, count: 2}}]\n"
+            ),
+            "t",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("standbyPool[1].instanceType") && err.contains("twice"),
+            "{err}"
+        );
     }
 
     #[test]

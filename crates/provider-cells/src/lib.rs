@@ -29,10 +29,12 @@ pub mod translate;
 pub use backends::{
     BackendSetupError, PodWiring, aws_config, connect_backend, local as local_backend,
 };
-pub use config::{BackendKind, CellsConfig, ConfigError};
+pub use config::{BackendKind, CellsConfig, ConfigError, StandbySettings};
 pub use listing::{CellRow, list_cells};
 pub use metrics::{CellTypeLabels, CellsMetrics};
-pub use provider::{CellsProvider, ProviderSettings, SetupError, load_catalog, selector};
+pub use provider::{
+    CellsProvider, ProviderSettings, SetupError, StandbyEntry, load_catalog, selector,
+};
 
 #[cfg(test)]
 mod tests;

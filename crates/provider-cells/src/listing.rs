@@ -9,7 +9,7 @@ use updraft_cells_catalog::Catalog;
 pub struct CellRow {
     /// The cell as the backend describes it (id, name, state, IPs, launch time, tags).
     pub cell: Cell,
-    /// `namespace/name` of the pod it runs, from its identity.
+    /// `namespace/name` of the pod it runs, from its identity (`None` for a standby cell).
     pub pod: Option<String>,
     /// The pod's UID.
     pub pod_uid: Option<String>,
@@ -39,12 +39,12 @@ pub async fn list_cells(
                         LaunchType::Spot => t.spot_per_hour,
                         LaunchType::OnDemand => Some(t.on_demand_per_hour),
                     });
+            // A standby cell runs no pod yet.
             let identity = cell.identity.clone();
+            let pod_identity = identity.as_ref().filter(|i| !i.is_standby());
             CellRow {
-                pod: identity
-                    .as_ref()
-                    .map(|i| format!("{}/{}", i.namespace, i.pod_name)),
-                pod_uid: identity.as_ref().map(|i| i.pod_uid.clone()),
+                pod: pod_identity.map(|i| format!("{}/{}", i.namespace, i.pod_name)),
+                pod_uid: pod_identity.map(|i| i.pod_uid.clone()),
                 node: identity.map(|i| i.node),
                 price_per_hour,
                 currency: catalog.currency.clone(),

@@ -24,7 +24,7 @@ use k8s_openapi::api::core::v1::PodStatus;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use updraft_cell_api::{CellClient, ClientError, PodInterface};
-use updraft_cells_backend::cloud_init::{CloudConfig, EC2_USER_DATA_LIMIT, UserData};
+use updraft_cells_backend::cloud_init::{CloudConfig, EC2_USER_DATA_LIMIT};
 use updraft_cells_backend::{
     BackendError, Cell, CellBackend, CellId, CellIdentity, CellSpec, CellState, LaunchType,
 };
@@ -33,12 +33,14 @@ use updraft_provider::{
     PodRef, PodStatusUpdate, Provider, ProviderError, ProviderPod, ResolvedPod,
 };
 
+mod standby;
+
+pub use standby::StandbyEntry;
+
 use crate::config::{BackendKind, CellsConfig, PodNetworkSettings};
 use crate::metrics::CellsMetrics;
 use crate::pki::CellsPki;
-use crate::translate::{
-    CellSummary, apply_request, bootstrap, lost_status, running_status, starting_status,
-};
+use crate::translate::{CellSummary, apply_request, lost_status, running_status, starting_status};
 
 /// The provider could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +69,14 @@ pub enum SetupError {
     /// The backend could not be set up.
     #[error(transparent)]
     Backend(#[from] crate::backends::BackendSetupError),
+    /// A standby pool entry cannot work with the catalog.
+    #[error("cells provider config: {field}: {message}")]
+    Standby {
+        /// The field, e.g. `standbyPool[0].instanceType`.
+        field: String,
+        /// What is wrong and what to write instead.
+        message: String,
+    },
     /// The backend's listing failed at start-up.
     #[error("listing the cells of controller {controller_id}: {source}")]
     List {
@@ -216,6 +226,7 @@ pub(crate) struct Inner {
     pub(crate) metrics: CellsMetrics,
     pub(crate) backend_healthy: Mutex<Result<(), String>>,
     shutdown: CancellationToken,
+    standby: standby::StandbyPool,
 }
 
 /// The cells provider. Cloning shares it.
@@ -336,7 +347,10 @@ impl CellsProvider {
         let pki = CellsPki::open(&config.certificate_dir)?;
         let mut settings = ProviderSettings::from_config(config, node_name);
         settings.pod_wiring = wiring;
-        Self::with_parts(settings, backend, selector, cloud_init, pki).await
+        let provider = Self::with_parts(settings, backend, selector, cloud_init, pki).await?;
+        // Also without entries: the loop drains standby cells an earlier config left.
+        provider.start_standby_pool(StandbyEntry::from_config(&config.standby_pool))?;
+        Ok(provider)
     }
 
     /// A provider from prepared parts (tests use a fake backend and short timings).
@@ -361,6 +375,7 @@ impl CellsProvider {
                 metrics: CellsMetrics::default(),
                 backend_healthy: Mutex::new(Ok(())),
                 shutdown: CancellationToken::new(),
+                standby: standby::StandbyPool::default(),
             }),
         };
         let cells = provider
@@ -406,6 +421,40 @@ impl CellsProvider {
     /// Registers the provider's metrics (cells by type, spend per hour) in `registry`.
     pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
         self.inner.metrics.register(registry);
+    }
+
+    /// Keeps the standby pool at `entries` (idle pre-started cells per instance type) from now
+    /// on: checks them against the catalog, then starts the pool's reconcile loop, or only
+    /// changes its entries when it runs already.
+    pub fn start_standby_pool(&self, entries: Vec<StandbyEntry>) -> Result<(), SetupError> {
+        let catalog = self.inner.selector.catalog();
+        for (index, entry) in entries.iter().enumerate() {
+            let Some(instance_type) = catalog.get(&entry.instance_type) else {
+                return Err(SetupError::Standby {
+                    field: format!("standbyPool[{index}].instanceType"),
+                    message: format!(
+                        "{:?} is not in the instance catalog; pick one of `updraft cells select`'s types",
+                        entry.instance_type
+                    ),
+                });
+            };
+            if entry.launch_type == LaunchType::Spot && instance_type.spot_per_hour.is_none() {
+                return Err(SetupError::Standby {
+                    field: format!("standbyPool[{index}].launchType"),
+                    message: format!(
+                        "the catalog has no spot price for {}: use on-demand",
+                        entry.instance_type
+                    ),
+                });
+            }
+        }
+        standby::start_pool(&self.inner, entries);
+        Ok(())
+    }
+
+    /// Runs one pass of the standby pool's reconcile loop now.
+    pub async fn reconcile_standby_pool(&self) {
+        self.inner.reconcile_standby().await;
     }
 
     /// Runs one garbage-collection pass now (the loop runs every `gcInterval`).
@@ -589,21 +638,7 @@ impl Inner {
             self.settings.default_launch_type,
         )
         .map_err(cost_error)?;
-        let server = self.pki.issue_server_certificate().map_err(|e| {
-            ProviderError::Transient(format!("issuing the agent's certificate: {e}"))
-        })?;
-        let bootstrap = bootstrap(
-            &self.settings.agent,
-            self.settings.agent_listen_flag,
-            self.pki.ca_pem(),
-            &server,
-        );
-        let user_data = UserData::build(
-            &bootstrap,
-            self.cloud_init.as_ref(),
-            self.settings.user_data_limit,
-        )
-        .map_err(|e| ProviderError::Permanent(format!("building the cell's user data: {e}")))?;
+        let user_data = self.cell_user_data()?;
         let mut security_groups = self.settings.extra_security_groups.clone();
         security_groups.extend(cell_annotations.security_groups.iter().cloned());
         let cell_spec = CellSpec {
@@ -611,7 +646,7 @@ impl Inner {
             instance_type: decision.chosen.instance_type.name.clone(),
             launch_type: decision.launch_type,
             image: None,
-            user_data: user_data.bytes,
+            user_data,
             identity: self.identity(resolved),
             security_groups,
             private_ip_only: cell_annotations.private_ip_only.unwrap_or(false),
@@ -737,20 +772,26 @@ impl Inner {
                 let listed = self.listed_cells(&uid).await?;
                 match listed.first() {
                     Some(cell) => self.view(cell, None),
-                    None => {
-                        let attempt = lock(&tracked.state).attempt;
-                        let view = match self.start_cell(resolved, attempt).await {
-                            Ok(view) => view,
-                            Err(e) => {
-                                if e.is_transient() {
-                                    lock(&tracked.state).attempt += 1;
+                    None => match self.take_standby(resolved).await {
+                        Some(view) => {
+                            self.set_status(tracked, starting_status(&view.summary));
+                            view
+                        }
+                        None => {
+                            let attempt = lock(&tracked.state).attempt;
+                            let view = match self.start_cell(resolved, attempt).await {
+                                Ok(view) => view,
+                                Err(e) => {
+                                    if e.is_transient() {
+                                        lock(&tracked.state).attempt += 1;
+                                    }
+                                    return Err(e);
                                 }
-                                return Err(e);
-                            }
-                        };
-                        self.set_status(tracked, starting_status(&view.summary));
-                        view
-                    }
+                            };
+                            self.set_status(tracked, starting_status(&view.summary));
+                            view
+                        }
+                    },
                 }
             }
         };
@@ -758,6 +799,9 @@ impl Inner {
         self.refresh_metrics();
         let client = match self.wait_ready(&mut view).await {
             Ok(client) => client,
+            // Updraft stops: the cell stays for the next run to adopt (terminating it would only
+            // make that run start the pod's cell a second time).
+            Err(e) if self.shutdown.is_cancelled() => return Err(e),
             Err(e) => {
                 tracing::warn!(pod = %tracked.pod, cell = %view.id, "{e}; terminating the cell");
                 self.terminate(&view.id).await?;
@@ -883,10 +927,12 @@ impl Inner {
     }
 
     pub(crate) fn refresh_metrics(&self) {
-        let cells: Vec<CellSummary> = lock(&self.pods)
+        let mut cells: Vec<CellSummary> = lock(&self.pods)
             .values()
             .filter_map(|t| lock(&t.state).cell.as_ref().map(|c| c.summary.clone()))
             .collect();
+        // Idle standby cells cost the same.
+        cells.extend(lock(&self.standby.summaries).iter().cloned());
         self.metrics.set(&cells);
     }
 

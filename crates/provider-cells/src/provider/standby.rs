@@ -1,0 +1,729 @@
+//! The standby pool: pre-started idle cells per instance type (config `standbyPool`), so that a
+//! pod whose selected type has one runs without waiting for a cell to boot.
+//!
+//! - A standby cell carries [`CellIdentity::standby`] (controller id and node, no pod). The
+//!   garbage collector and the node's orphan sweep see no pod on it and leave it alone.
+//! - **Claim**: a pod whose chosen instance type and launch type have a standby cell, and that
+//!   asks for nothing a pre-started cell cannot have (extra security groups, a root volume size,
+//!   an instance profile, private-IP-only), takes one. Under the pool's claim lock the cell is
+//!   re-stamped with the pod's identity through [`CellBackend::assign`], which refuses a cell
+//!   that is no longer standby: two pods never get one cell, and after a restart the backend's
+//!   listing says which cells were claimed (they are adopted like any pod's cell).
+//! - **Refill**: one reconcile loop (every `gcInterval`, and at once after a claim) compares the
+//!   listing with the config: it starts the missing cells, and terminates surplus ones (a count
+//!   lowered, a type removed from the config) and broken ones (stopped). Cells this run started
+//!   that a listing does not show yet are counted, so nothing is started twice.
+//! - Shutdown leaves the pool running: the next run finds it in the listing and starts nothing
+//!   that is already there.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use updraft_cells_backend::cloud_init::UserData;
+use updraft_cells_backend::{BackendError, Cell, CellId, CellIdentity, CellSpec, CellState};
+use updraft_cells_catalog::{LaunchType, decide};
+use updraft_provider::{PodRef, ProviderError, ResolvedPod};
+
+use super::{CellView, Inner, cell_name, lock};
+use crate::config::StandbySettings;
+use crate::translate::{CellSummary, bootstrap};
+
+/// One pool entry as the provider runs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StandbyEntry {
+    /// The instance type of the idle cells.
+    pub instance_type: String,
+    /// Their launch type; pods of another launch type do not take them.
+    pub launch_type: LaunchType,
+    /// How many to keep.
+    pub count: u32,
+}
+
+impl StandbyEntry {
+    /// The entries of the config's `standbyPool`.
+    pub fn from_config(settings: &[StandbySettings]) -> Vec<StandbyEntry> {
+        settings
+            .iter()
+            .map(|s| StandbyEntry {
+                instance_type: s.instance_type.clone(),
+                launch_type: s.launch_type(),
+                count: s.count,
+            })
+            .collect()
+    }
+
+    fn matches(&self, cell: &Cell) -> bool {
+        cell.instance_type == self.instance_type && cell.launch_type == self.launch_type
+    }
+}
+
+/// The pool's state in the provider: the desired entries and what this run is doing; the cells
+/// themselves are known only from the backend's listing.
+#[derive(Default)]
+pub(super) struct StandbyPool {
+    entries: Mutex<Vec<StandbyEntry>>,
+    /// Serializes claims with each other and with the refill's terminations.
+    claim_lock: tokio::sync::Mutex<()>,
+    /// Cells handed to pods that a listing may still show as standby (a cloud's listing can lag
+    /// behind its tag calls); dropped once a listing no longer does.
+    claimed: Mutex<HashSet<CellId>>,
+    /// Cells this run started (with the entry's type, launch type and when), counted until a
+    /// listing shows them.
+    started: Mutex<HashMap<CellId, (String, LaunchType, Instant)>>,
+    /// Wakes the refill loop (after a claim).
+    wake: Arc<Notify>,
+    /// Whether the refill loop runs.
+    running: AtomicBool,
+    /// Numbers the standby cells' idempotency tokens within this run.
+    starts: AtomicU64,
+    /// The standby cells of the last listing, for the spend metrics.
+    pub(super) summaries: Mutex<Vec<CellSummary>>,
+}
+
+/// How long a started cell missing from the listings still counts as part of the pool.
+const LISTING_LAG: Duration = Duration::from_secs(120);
+
+impl Inner {
+    /// The configured entries.
+    pub(super) fn standby_entries(&self) -> Vec<StandbyEntry> {
+        lock(&self.standby.entries).clone()
+    }
+
+    /// The standby cells of this node in `cells` that no pod has claimed.
+    fn idle_standby<'a>(&self, cells: &'a [Cell]) -> Vec<&'a Cell> {
+        let claimed = lock(&self.standby.claimed);
+        cells
+            .iter()
+            .filter(|cell| {
+                !cell.state.is_ending()
+                    && !claimed.contains(&cell.id)
+                    && cell.identity.as_ref().is_some_and(|identity| {
+                        identity.is_standby() && identity.node == self.settings.node_name
+                    })
+            })
+            .collect()
+    }
+
+    /// Fresh bootstrap user data: a new server certificate for the agent, the configured
+    /// cloud-init, size-checked for the backend.
+    pub(super) fn cell_user_data(&self) -> Result<Vec<u8>, ProviderError> {
+        let server = self.pki.issue_server_certificate().map_err(|e| {
+            ProviderError::Transient(format!("issuing the agent's certificate: {e}"))
+        })?;
+        let bootstrap = bootstrap(
+            &self.settings.agent,
+            self.settings.agent_listen_flag,
+            self.pki.ca_pem(),
+            &server,
+        );
+        let user_data = UserData::build(
+            &bootstrap,
+            self.cloud_init.as_ref(),
+            self.settings.user_data_limit,
+        )
+        .map_err(|e| ProviderError::Permanent(format!("building the cell's user data: {e}")))?;
+        Ok(user_data.bytes)
+    }
+
+    /// Takes an idle standby cell for `resolved` when the pool has one of the type (and launch
+    /// type) chosen for it; `None` when the pod must get a new cell.
+    pub(super) async fn take_standby(&self, resolved: &ResolvedPod) -> Option<CellView> {
+        let entries = self.standby_entries();
+        if entries.is_empty() {
+            return None;
+        }
+        let pod_ref = PodRef::of(&resolved.pod);
+        let spec = resolved.pod.spec.clone().unwrap_or_default();
+        let annotations = resolved
+            .pod
+            .metadata
+            .annotations
+            .clone()
+            .unwrap_or_default();
+        // A pod the selector refuses gets its error from the normal start.
+        let (decision, wanted) = decide(
+            &self.selector,
+            &spec,
+            &annotations,
+            self.settings.default_launch_type,
+        )
+        .ok()?;
+        let fits_a_standby_cell = wanted.security_groups.is_empty()
+            && wanted.volume_size_bytes.is_none()
+            && wanted.instance_profile.is_none()
+            && wanted.private_ip_only != Some(true);
+        let instance_type = decision.chosen.instance_type.name.clone();
+        let pooled = entries
+            .iter()
+            .any(|e| e.instance_type == instance_type && e.launch_type == decision.launch_type);
+        if !fits_a_standby_cell || !pooled {
+            return None;
+        }
+        let _claiming = self.standby.claim_lock.lock().await;
+        let cells = match self.backend.list(&self.settings.controller_id).await {
+            Ok(cells) => cells,
+            Err(e) => {
+                tracing::warn!(pod = %pod_ref, "listing standby cells: {e}; starting a new cell");
+                return None;
+            }
+        };
+        let mut candidates: Vec<&Cell> = self
+            .idle_standby(&cells)
+            .into_iter()
+            .filter(|cell| {
+                cell.instance_type == instance_type
+                    && cell.launch_type == decision.launch_type
+                    && matches!(cell.state, CellState::Running | CellState::Pending)
+            })
+            .collect();
+        // Running before pending, oldest first: the likeliest to have an agent that answers.
+        candidates.sort_by_key(|cell| (cell.state != CellState::Running, cell.launch_time));
+        let identity = self.identity(resolved);
+        let name = cell_name(&self.settings.name_tag, &pod_ref);
+        let mut taken = None;
+        for cell in candidates {
+            match self.backend.assign(&cell.id, &name, &identity).await {
+                Ok(()) => {
+                    lock(&self.standby.claimed).insert(cell.id.clone());
+                    taken = Some(cell.clone());
+                    break;
+                }
+                // Claimed or gone meanwhile: never take it; try the next one.
+                Err(e @ (BackendError::InvalidRequest { .. } | BackendError::NotFound { .. })) => {
+                    tracing::info!(pod = %pod_ref, cell = %cell.id, "standby cell not available: {e}");
+                    lock(&self.standby.claimed).insert(cell.id.clone());
+                }
+                Err(e) => {
+                    tracing::warn!(pod = %pod_ref, cell = %cell.id, "taking a standby cell: {e}; starting a new cell");
+                    break;
+                }
+            }
+        }
+        // Refill at once (also when the pool had none of this type left).
+        self.standby.wake.notify_one();
+        let mut cell = taken?;
+        cell.identity = Some(identity);
+        cell.name = name;
+        tracing::info!(
+            pod = %pod_ref,
+            cell = %cell.id,
+            instance_type = %cell.instance_type,
+            "took a standby cell"
+        );
+        Some(self.view(&cell, Some(decision.chosen.price_per_hour)))
+    }
+
+    /// One pass of the pool's reconcile loop: surplus and broken standby cells are terminated,
+    /// missing ones started.
+    pub(super) async fn reconcile_standby(&self) {
+        let entries = self.standby_entries();
+        let claiming = self.standby.claim_lock.lock().await;
+        let cells = match self.backend.list(&self.settings.controller_id).await {
+            Ok(cells) => cells,
+            Err(e) => {
+                tracing::warn!("standby pool: listing cells: {e}");
+                return;
+            }
+        };
+        let listed_standby: HashSet<&CellId> = cells
+            .iter()
+            .filter(|c| c.identity.as_ref().is_some_and(CellIdentity::is_standby))
+            .map(|c| &c.id)
+            .collect();
+        lock(&self.standby.claimed).retain(|id| listed_standby.contains(id));
+        lock(&self.standby.started).retain(|id, (_, _, at)| {
+            !cells.iter().any(|c| &c.id == id) && at.elapsed() < LISTING_LAG
+        });
+        let idle = self.idle_standby(&cells);
+        *lock(&self.standby.summaries) = idle.iter().map(|c| self.summary(c, None)).collect();
+
+        let mut surplus: Vec<CellId> = idle
+            .iter()
+            .filter(|c| matches!(c.state, CellState::Stopped | CellState::Stopping))
+            .map(|c| c.id.clone())
+            .collect();
+        let mut missing: Vec<(StandbyEntry, u32)> = Vec::new();
+        for entry in &entries {
+            let mut healthy: Vec<&Cell> = idle
+                .iter()
+                .copied()
+                .filter(|c| entry.matches(c) && !surplus.contains(&c.id))
+                .collect();
+            let pending = lock(&self.standby.started)
+                .values()
+                .filter(|(t, l, _)| *t == entry.instance_type && *l == entry.launch_type)
+                .count();
+            let have = u32::try_from(healthy.len() + pending).unwrap_or(u32::MAX);
+            if have < entry.count {
+                missing.push((entry.clone(), entry.count - have));
+            } else if have > entry.count {
+                // Keep the oldest (booted longest), drop the newest.
+                healthy.sort_by_key(|c| c.launch_time);
+                let extra = usize::try_from(have - entry.count).unwrap_or(usize::MAX);
+                surplus.extend(healthy.iter().rev().take(extra).map(|c| c.id.clone()));
+            }
+        }
+        // Types no entry names any more.
+        surplus.extend(
+            idle.iter()
+                .filter(|c| !entries.iter().any(|e| e.matches(c)))
+                .map(|c| c.id.clone()),
+        );
+        surplus.sort();
+        surplus.dedup();
+        for id in &surplus {
+            tracing::info!(cell = %id, "standby pool: terminating a surplus or broken standby cell");
+            if let Err(e) = self.terminate(id).await {
+                tracing::warn!(cell = %id, "standby pool: {e}");
+            }
+        }
+        // Claims may go on while new cells boot.
+        drop(claiming);
+        for (entry, count) in missing {
+            for _ in 0..count {
+                if self.shutdown.is_cancelled() {
+                    return;
+                }
+                if let Err(e) = self.start_standby(&entry).await {
+                    tracing::warn!(
+                        instance_type = %entry.instance_type,
+                        "standby pool: starting a cell: {e}; retrying on the next pass"
+                    );
+                    break;
+                }
+            }
+        }
+        self.refresh_metrics();
+    }
+
+    /// Starts one standby cell of `entry`.
+    async fn start_standby(&self, entry: &StandbyEntry) -> Result<CellId, ProviderError> {
+        let user_data = self.cell_user_data()?;
+        let sequence = self.standby.starts.fetch_add(1, Ordering::Relaxed);
+        let run = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        let spec = CellSpec {
+            name: cell_name(
+                &self.settings.name_tag,
+                &PodRef {
+                    namespace: "standby".into(),
+                    name: entry.instance_type.clone(),
+                    uid: String::new(),
+                },
+            ),
+            instance_type: entry.instance_type.clone(),
+            launch_type: entry.launch_type,
+            image: None,
+            user_data,
+            identity: CellIdentity::standby(&self.settings.controller_id, &self.settings.node_name),
+            security_groups: self.settings.extra_security_groups.clone(),
+            private_ip_only: false,
+            root_volume_bytes: None,
+            instance_profile: None,
+            // Unique per start: a retry is the next pass, which counts the listing first.
+            idempotency_token: format!("standby-{run:x}-{sequence}"),
+        };
+        let started = self
+            .backend
+            .start(&spec)
+            .await
+            .map_err(|e| super::backend_error("starting a standby cell", e))?;
+        tracing::info!(
+            cell = %started.id,
+            instance_type = %entry.instance_type,
+            "standby pool: started a standby cell"
+        );
+        lock(&self.standby.started).insert(
+            started.id.clone(),
+            (
+                entry.instance_type.clone(),
+                entry.launch_type,
+                Instant::now(),
+            ),
+        );
+        Ok(started.id)
+    }
+}
+
+/// Sets the pool's entries and starts its reconcile loop (once; later calls only change the
+/// entries and wake it).
+pub(super) fn start_pool(inner: &Arc<Inner>, entries: Vec<StandbyEntry>) {
+    *lock(&inner.standby.entries) = entries;
+    inner.standby.wake.notify_one();
+    if inner.standby.running.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    let weak = Arc::downgrade(inner);
+    let shutdown = inner.shutdown.clone();
+    let interval = inner.settings.gc_interval;
+    let wake = inner.standby.wake.clone();
+    tokio::spawn(run_pool(weak, shutdown, interval, wake));
+}
+
+async fn run_pool(
+    inner: Weak<Inner>,
+    shutdown: CancellationToken,
+    interval: Duration,
+    wake: Arc<Notify>,
+) {
+    loop {
+        {
+            let Some(this) = inner.upgrade() else { return };
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = this.reconcile_standby() => {}
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = wake.notified() => {}
+            () = tokio::time::sleep(interval) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The pool against an in-memory backend whose `assign` refuses non-standby cells like the
+    //! real ones, and whose listing can lag behind its starts like EC2's.
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+    use std::time::SystemTime;
+
+    use k8s_openapi::api::core::v1::Pod;
+    use updraft_cells_backend::{CellBackend, StartedCell};
+    use updraft_cells_catalog::{Catalog, SelectionPolicy, Selector};
+    use updraft_provider::Provider;
+
+    use super::*;
+    use crate::pki::CellsPki;
+    use crate::provider::{CellsProvider, ProviderSettings, SetupError};
+
+    #[derive(Default)]
+    struct PoolBackend {
+        cells: Mutex<Vec<Cell>>,
+        starts: Mutex<u32>,
+        /// Listings leave out cells started after this many starts (a lagging listing).
+        hide_from: Mutex<Option<u32>>,
+    }
+
+    impl PoolBackend {
+        fn live(&self) -> Vec<Cell> {
+            self.cells
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|c| !c.state.is_ending())
+                .cloned()
+                .collect()
+        }
+        fn standby(&self) -> Vec<Cell> {
+            self.live()
+                .into_iter()
+                .filter(|c| c.identity.as_ref().unwrap().is_standby())
+                .collect()
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl CellBackend for PoolBackend {
+        fn kind(&self) -> &'static str {
+            "pool-fake"
+        }
+        async fn start(&self, spec: &CellSpec) -> Result<StartedCell, BackendError> {
+            let mut starts = self.starts.lock().unwrap();
+            *starts += 1;
+            let id = CellId(format!("cell-{starts}"));
+            self.cells.lock().unwrap().push(Cell {
+                id: id.clone(),
+                name: spec.name.clone(),
+                state: CellState::Running,
+                instance_type: spec.instance_type.clone(),
+                launch_type: spec.launch_type,
+                management_ip: None,
+                pod_ip: None,
+                public_ip: None,
+                launch_time: Some(SystemTime::now()),
+                identity: Some(spec.identity.clone()),
+                tags: BTreeMap::new(),
+            });
+            Ok(StartedCell {
+                id,
+                launch_type: spec.launch_type,
+            })
+        }
+        async fn describe(&self, id: &CellId) -> Result<Cell, BackendError> {
+            self.cells
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|c| &c.id == id)
+                .cloned()
+                .ok_or(BackendError::NotFound { id: id.0.clone() })
+        }
+        async fn list(&self, controller_id: &str) -> Result<Vec<Cell>, BackendError> {
+            let hide_from = *self.hide_from.lock().unwrap();
+            Ok(self
+                .live()
+                .into_iter()
+                .filter(|c| c.identity.as_ref().unwrap().controller_id == controller_id)
+                .filter(|c| {
+                    let n: u32 = c.id.0.trim_start_matches("cell-").parse().unwrap();
+                    hide_from.is_none_or(|from| n <= from)
+                })
+                .collect())
+        }
+        async fn terminate(&self, id: &CellId) -> Result<(), BackendError> {
+            let mut cells = self.cells.lock().unwrap();
+            let cell = cells
+                .iter_mut()
+                .find(|c| &c.id == id)
+                .ok_or(BackendError::NotFound { id: id.0.clone() })?;
+            cell.state = CellState::Terminated;
+            Ok(())
+        }
+        async fn assign(
+            &self,
+            id: &CellId,
+            name: &str,
+            identity: &CellIdentity,
+        ) -> Result<(), BackendError> {
+            // Yield between check and write: concurrent claims interleave here if the provider
+            // does not serialize them.
+            tokio::task::yield_now().await;
+            let mut cells = self.cells.lock().unwrap();
+            let cell = cells
+                .iter_mut()
+                .find(|c| &c.id == id && !c.state.is_ending())
+                .ok_or(BackendError::NotFound { id: id.0.clone() })?;
+            if !cell.identity.as_ref().unwrap().is_standby() {
+                return Err(BackendError::InvalidRequest {
+                    detail: format!("{id} is not standby"),
+                });
+            }
+            cell.identity = Some(identity.clone());
+            cell.name = name.to_owned();
+            Ok(())
+        }
+    }
+
+    fn settings() -> ProviderSettings {
+        let config = crate::config::CellsConfig::from_yaml_str(
+            "backend: local\ncontrollerId: ctl\ncertificateDir: /nonexistent\ngcInterval: 1h\nbootTimeout: 1s\n",
+            "test",
+        )
+        .unwrap();
+        let mut settings = ProviderSettings::from_config(&config, "node-a");
+        settings.retry_interval = Duration::from_millis(50);
+        settings
+    }
+
+    async fn provider(backend: Arc<PoolBackend>, dir: &std::path::Path) -> CellsProvider {
+        let selector = Selector::new(
+            Catalog::local().unwrap(),
+            SelectionPolicy::new("local.small"),
+        )
+        .unwrap();
+        CellsProvider::with_parts(
+            settings(),
+            backend,
+            selector,
+            None,
+            CellsPki::open(dir).unwrap(),
+        )
+        .await
+        .unwrap()
+    }
+
+    fn entry(instance_type: &str, count: u32) -> StandbyEntry {
+        StandbyEntry {
+            instance_type: instance_type.into(),
+            launch_type: LaunchType::OnDemand,
+            count,
+        }
+    }
+
+    /// A pod that requests nothing (the default type, local.small) plus `extra` metadata YAML.
+    fn pod(uid: &str, extra: &str) -> ResolvedPod {
+        let yaml = format!(
+            "metadata: {{name: web-{uid}, namespace: ns, uid: {uid}{extra}}}\nspec:\n  containers:\n  - {{name: app, image: busybox}}\n"
+        );
+        ResolvedPod::unresolved(serde_yaml::from_str::<Pod>(&yaml).unwrap())
+    }
+
+    #[tokio::test]
+    async fn the_pool_fills_once_and_a_lagging_listing_starts_nothing_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = Arc::new(PoolBackend::default());
+        let provider = provider(backend.clone(), dir.path()).await;
+        *lock(&provider.inner.standby.entries) = vec![entry("local.small", 2)];
+        // The listing will not show what is started now.
+        *backend.hide_from.lock().unwrap() = Some(0);
+        provider.reconcile_standby_pool().await;
+        assert_eq!(backend.standby().len(), 2);
+        provider.reconcile_standby_pool().await;
+        assert_eq!(backend.standby().len(), 2, "counted while unlisted");
+        *backend.hide_from.lock().unwrap() = None;
+        provider.reconcile_standby_pool().await;
+        let standby = backend.standby();
+        assert_eq!(standby.len(), 2);
+        for cell in &standby {
+            let identity = cell.identity.as_ref().unwrap();
+            assert_eq!(identity.node, "node-a");
+            assert_eq!(identity.controller_id, "ctl");
+            assert_eq!(cell.instance_type, "local.small");
+            assert_eq!(cell.name, "updraft-standby-local-small");
+        }
+        // Standby cells are nobody's pod: not listed, not collected.
+        provider.collect_garbage().await;
+        assert!(provider.list_pods().await.unwrap().is_empty());
+        assert_eq!(backend.standby().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_pod_of_a_pooled_type_takes_a_standby_cell_and_the_pool_refills() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = Arc::new(PoolBackend::default());
+        let provider = provider(backend.clone(), dir.path()).await;
+        *lock(&provider.inner.standby.entries) = vec![entry("local.small", 1)];
+        provider.reconcile_standby_pool().await;
+        let standby_id = backend.standby()[0].id.clone();
+
+        let web = pod("uid-1", ", labels: {app: web}");
+        let view = provider
+            .inner
+            .take_standby(&web)
+            .await
+            .expect("a standby cell");
+        assert_eq!(view.id, standby_id);
+        let cell = backend.describe(&standby_id).await.unwrap();
+        let identity = cell.identity.unwrap();
+        assert_eq!(identity.pod_uid, "uid-1");
+        assert_eq!(identity.pod_name, "web-uid-1");
+        assert_eq!(identity.pod_labels["app"], "web");
+        assert_eq!(cell.name, "updraft-ns-web-uid-1");
+        assert!(view.summary.price_per_hour.is_some());
+
+        // The pool is empty until the refill: the next pod gets no standby cell.
+        assert!(
+            provider
+                .inner
+                .take_standby(&pod("uid-2", ""))
+                .await
+                .is_none()
+        );
+        provider.reconcile_standby_pool().await;
+        let standby = backend.standby();
+        assert_eq!(standby.len(), 1, "refilled");
+        assert_ne!(standby[0].id, standby_id);
+
+        // Pods the pool cannot serve: another type, extra security groups, spot.
+        let big = {
+            let yaml = "metadata: {name: big, namespace: ns, uid: uid-3}\nspec:\n  containers:\n  - name: app\n    image: busybox\n    resources: {requests: {cpu: '3', memory: 6Gi}}\n";
+            ResolvedPod::unresolved(serde_yaml::from_str::<Pod>(yaml).unwrap())
+        };
+        assert!(provider.inner.take_standby(&big).await.is_none());
+        let groups = pod(
+            "uid-4",
+            ", annotations: {pod.elotl.co/security-groups: sg-1}",
+        );
+        assert!(provider.inner.take_standby(&groups).await.is_none());
+        let spot = pod("uid-5", ", annotations: {pod.elotl.co/launch-type: spot}");
+        assert!(provider.inner.take_standby(&spot).await.is_none());
+        assert_eq!(backend.standby().len(), 1, "still there");
+    }
+
+    #[tokio::test]
+    async fn two_pods_never_take_one_standby_cell() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = Arc::new(PoolBackend::default());
+        let provider = provider(backend.clone(), dir.path()).await;
+        *lock(&provider.inner.standby.entries) = vec![entry("local.small", 1)];
+        provider.reconcile_standby_pool().await;
+        let pods: Vec<ResolvedPod> = (0..8).map(|i| pod(&format!("uid-{i}"), "")).collect();
+        let claims = futures::future::join_all(pods.iter().map(|p| {
+            let inner = provider.inner.clone();
+            async move { inner.take_standby(p).await }
+        }))
+        .await;
+        let winners: Vec<&CellView> = claims.iter().flatten().collect();
+        assert_eq!(winners.len(), 1, "exactly one pod took the one cell");
+        let owners: Vec<String> = backend
+            .live()
+            .iter()
+            .filter_map(|c| c.identity.clone())
+            .filter(|i| !i.is_standby())
+            .map(|i| i.pod_uid)
+            .collect();
+        assert_eq!(owners.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn surplus_and_unconfigured_standby_cells_are_terminated() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = Arc::new(PoolBackend::default());
+        let provider = provider(backend.clone(), dir.path()).await;
+        *lock(&provider.inner.standby.entries) =
+            vec![entry("local.small", 3), entry("local.medium", 1)];
+        provider.reconcile_standby_pool().await;
+        assert_eq!(backend.standby().len(), 4);
+        let oldest_small = backend.standby()[0].id.clone();
+        *lock(&provider.inner.standby.entries) = vec![entry("local.small", 1)];
+        provider.reconcile_standby_pool().await;
+        let left = backend.standby();
+        assert_eq!(left.len(), 1, "{left:?}");
+        assert_eq!(left[0].instance_type, "local.small");
+        // Ties in launch time keep the first listed: the oldest stays.
+        assert_eq!(left[0].id, oldest_small);
+    }
+
+    #[tokio::test]
+    async fn after_a_restart_claims_come_from_the_listing() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = Arc::new(PoolBackend::default());
+        let first = provider(backend.clone(), dir.path()).await;
+        *lock(&first.inner.standby.entries) = vec![entry("local.small", 2)];
+        first.reconcile_standby_pool().await;
+        let taken = first.inner.take_standby(&pod("uid-1", "")).await.unwrap();
+        first.shutdown();
+        drop(first);
+        let starts_before = *backend.starts.lock().unwrap();
+
+        let second = provider(backend.clone(), dir.path()).await;
+        *lock(&second.inner.standby.entries) = vec![entry("local.small", 2)];
+        // The claimed cell is the pod's: adopted, listed as its pod.
+        let pods = second.list_pods().await.unwrap();
+        assert_eq!(pods.len(), 1);
+        assert_eq!(pods[0].pod.uid, "uid-1");
+        // The one idle cell left is not taken twice and the pool tops up by one.
+        second.reconcile_standby_pool().await;
+        assert_eq!(backend.standby().len(), 2);
+        assert_eq!(*backend.starts.lock().unwrap(), starts_before + 1);
+        let other = second.inner.take_standby(&pod("uid-2", "")).await.unwrap();
+        assert_ne!(other.id, taken.id);
+    }
+
+    #[tokio::test]
+    async fn pool_entries_are_checked_against_the_catalog() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = Arc::new(PoolBackend::default());
+        let provider = provider(backend.clone(), dir.path()).await;
+        let err = provider
+            .start_standby_pool(vec![entry("local.small", 1), entry("m5.huge", 1)])
+            .unwrap_err();
+        assert!(matches!(err, SetupError::Standby { .. }));
+        let text = err.to_string();
+        assert!(
+            text.contains("standbyPool[1].instanceType") && text.contains("m5.huge"),
+            "{text}"
+        );
+        assert!(backend.live().is_empty(), "nothing started");
+    }
+}
