@@ -15,7 +15,8 @@
 //! - [`ws_channels`]: the WebSocket channel framing (`channel.k8s.io` family), shared by the
 //!   streaming endpoints;
 //! - [`portforward`]: `kubectl port-forward` over SPDY/3.1 and WebSocket;
-//! - [`stats`]: `/stats/summary` and `/metrics/resource` (`kubectl top`).
+//! - [`stats`]: `/stats/summary` and `/metrics/resource` (`kubectl top`);
+//! - [`streaming`]: the idle and stream-creation timeouts of the streaming endpoints.
 #![forbid(unsafe_code)]
 
 pub mod auth;
@@ -26,5 +27,6 @@ pub mod remotecommand;
 pub mod routes;
 pub mod server;
 pub mod stats;
+pub mod streaming;
 pub mod tls;
 pub mod ws_channels;

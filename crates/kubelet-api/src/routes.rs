@@ -1,8 +1,9 @@
 //! The kubelet API's endpoints: `/healthz`, `/metrics`, `/pods`, `/runningpods/`,
 //! `/containerLogs`, `/exec`, `/attach`, `/portForward`, `/stats/summary`, `/metrics/resource`.
 //!
-//! Every per-pod endpoint first checks that the pod is bound to this node
-//! ([`bound_pod`]); a pod of another node is 404, so a node never serves another node's pods.
+//! Every per-pod endpoint first checks that the pod is bound to this node; a pod of another
+//! node is 404, so a node never serves another node's pods. With the node's pod cache
+//! ([`PodLookup::Cache`]) that check costs no API request.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -15,11 +16,13 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams, ObjectList};
+use kube::runtime::reflector::{ObjectRef, Store};
 use serde::Deserialize;
 use tokio::io::AsyncReadExt as _;
 use updraft_provider::{ExecRequest, LogOptions, PodRef, Provider, ProviderError};
 
 use crate::remotecommand::{self, Kind, Options};
+use crate::streaming::StreamingConfig;
 
 /// Renders the node's own metrics (`/metrics`) in the Prometheus text format.
 pub type MetricsEncoder = Arc<dyn Fn() -> String + Send + Sync>;
@@ -37,15 +40,55 @@ pub struct KubeletState {
     pub metrics: MetricsEncoder,
 }
 
+/// Where the endpoints find the pods bound to this node.
+#[derive(Clone, Default)]
+pub enum PodLookup {
+    /// The node's own watch cache (`VirtualNode::pods`): no API request per lookup, so a
+    /// burst of exec or port-forward sessions costs the API server nothing.
+    Cache(Store<Pod>),
+    /// A `GET` of the pod (a `LIST` for `/pods`) from the API server per request, for
+    /// callers without the node's cache.
+    #[default]
+    ApiServer,
+}
+
+/// How long a lookup waits for the node's pod cache to finish its first list (at start-up)
+/// before answering 503.
+const CACHE_SYNC_WAIT: Duration = Duration::from_secs(10);
+
+/// What the endpoints can be tuned with; `Default` is the kubelet's timeouts with pods looked
+/// up from the API server.
+#[derive(Clone, Default)]
+pub struct KubeletOptions {
+    /// Where pods are looked up.
+    pub pods: PodLookup,
+    /// Idle and stream-creation timeouts of exec, attach and port-forward.
+    pub streaming: StreamingConfig,
+}
+
+/// The state every endpoint sees.
+#[derive(Clone)]
+pub(crate) struct Endpoints {
+    pub(crate) state: KubeletState,
+    pub(crate) options: KubeletOptions,
+}
+
+/// The kubelet API router with the default [`KubeletOptions`] (not yet wrapped with
+/// authentication: see [`crate::server::protect`]).
+pub fn routes(state: KubeletState) -> Router {
+    routes_with(state, KubeletOptions::default())
+}
+
 /// The kubelet API router (not yet wrapped with authentication: see
 /// [`crate::server::protect`]).
-pub fn routes(state: KubeletState) -> Router {
+pub fn routes_with(state: KubeletState, options: KubeletOptions) -> Router {
     crate::stats::start_collecting();
+    let endpoints = Endpoints { state, options };
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route(
             "/metrics",
-            get(|State(state): State<KubeletState>| async move { (state.metrics)() }),
+            get(|State(endpoints): State<Endpoints>| async move { (endpoints.state.metrics)() }),
         )
         .route("/pods", get(pods))
         .route("/runningpods/", get(running_pods))
@@ -61,7 +104,7 @@ pub fn routes(state: KubeletState) -> Router {
         )
         .route("/stats/summary", get(crate::stats::stats_summary))
         .route("/metrics/resource", get(crate::stats::metrics_resource))
-        .with_state(state)
+        .with_state(endpoints)
 }
 
 /// The HTTP answer to a provider error: status code by kind, the error's text as body.
@@ -76,8 +119,25 @@ pub fn provider_error(err: &ProviderError) -> Response {
     (status, format!("{err}\n")).into_response()
 }
 
-/// The pods bound to this node, as the API server has them.
-async fn pods(State(state): State<KubeletState>) -> Response {
+/// The pods bound to this node (from the node's cache when it has one).
+async fn pods(State(endpoints): State<Endpoints>) -> Response {
+    let state = &endpoints.state;
+    if let PodLookup::Cache(store) = &endpoints.options.pods {
+        if let Err(response) = cache_synced(store).await {
+            return response;
+        }
+        let mut items: Vec<Pod> = store.state().iter().map(|pod| Pod::clone(pod)).collect();
+        items.sort_by(|a, b| {
+            (&a.metadata.namespace, &a.metadata.name)
+                .cmp(&(&b.metadata.namespace, &b.metadata.name))
+        });
+        let list = ObjectList::<Pod> {
+            types: Default::default(),
+            metadata: Default::default(),
+            items,
+        };
+        return axum::Json(list).into_response();
+    }
     let params = ListParams::default().fields(&format!("spec.nodeName={}", state.node_name));
     match Api::<Pod>::all(state.client.clone()).list(&params).await {
         Ok(list) => axum::Json(list).into_response(),
@@ -86,8 +146,8 @@ async fn pods(State(state): State<KubeletState>) -> Response {
 }
 
 /// The pods the provider runs.
-async fn running_pods(State(state): State<KubeletState>) -> Response {
-    match state.provider.list_pods().await {
+async fn running_pods(State(endpoints): State<Endpoints>) -> Response {
+    match endpoints.state.provider.list_pods().await {
         Ok(running) => {
             let items: Vec<Pod> = running
                 .into_iter()
@@ -130,51 +190,71 @@ pub(crate) fn flag(value: &Option<String>) -> bool {
     value.as_deref().is_some_and(|v| v == "true" || v == "1")
 }
 
-/// Finds a pod bound to this node; anything else is 404, so a node never serves another
-/// node's pods.
-pub async fn bound_pod(
-    state: &KubeletState,
-    namespace: &str,
-    name: &str,
-) -> Result<PodRef, Response> {
-    let not_found = || {
-        (
-            StatusCode::NOT_FOUND,
-            format!(
-                "pod {namespace}/{name} is not on node {}\n",
-                state.node_name
-            ),
-        )
-            .into_response()
-    };
-    match Api::<Pod>::namespaced(state.client.clone(), namespace)
-        .get_opt(name)
-        .await
-    {
-        Ok(Some(pod))
-            if pod.spec.as_ref().and_then(|s| s.node_name.as_deref())
-                == Some(state.node_name.as_str()) =>
-        {
-            Ok(PodRef::of(&pod))
-        }
-        Ok(_) | Err(kube::Error::Api(_)) => Err(not_found()),
-        Err(err) => Err((
-            StatusCode::BAD_GATEWAY,
-            format!("reading pod {namespace}/{name}: {err}\n"),
+/// Waits (briefly) for the node's pod cache to have listed the pods: until then it would
+/// call every pod missing.
+async fn cache_synced(store: &Store<Pod>) -> Result<(), Response> {
+    match tokio::time::timeout(CACHE_SYNC_WAIT, store.wait_until_ready()).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) | Err(_) => Err((
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the node has not listed its pods yet (it is starting or cannot reach the API \
+             server); retry shortly\n",
         )
             .into_response()),
     }
 }
 
+/// Finds a pod bound to this node; anything else is 404, so a node never serves another
+/// node's pods.
+pub(crate) async fn bound_pod(
+    endpoints: &Endpoints,
+    namespace: &str,
+    name: &str,
+) -> Result<PodRef, Response> {
+    let node_name = endpoints.state.node_name.as_str();
+    let not_found = || {
+        (
+            StatusCode::NOT_FOUND,
+            format!("pod {namespace}/{name} is not on node {node_name}\n"),
+        )
+            .into_response()
+    };
+    let on_this_node =
+        |pod: &Pod| pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node_name);
+    match &endpoints.options.pods {
+        PodLookup::Cache(store) => {
+            cache_synced(store).await?;
+            match store.get(&ObjectRef::new(name).within(namespace)) {
+                Some(pod) if on_this_node(&pod) => Ok(PodRef::of(&pod)),
+                _ => Err(not_found()),
+            }
+        }
+        PodLookup::ApiServer => {
+            match Api::<Pod>::namespaced(endpoints.state.client.clone(), namespace)
+                .get_opt(name)
+                .await
+            {
+                Ok(Some(pod)) if on_this_node(&pod) => Ok(PodRef::of(&pod)),
+                Ok(_) | Err(kube::Error::Api(_)) => Err(not_found()),
+                Err(err) => Err((
+                    StatusCode::BAD_GATEWAY,
+                    format!("reading pod {namespace}/{name}: {err}\n"),
+                )
+                    .into_response()),
+            }
+        }
+    }
+}
+
 async fn container_logs(
-    State(state): State<KubeletState>,
+    State(endpoints): State<Endpoints>,
     Path((namespace, pod, container)): Path<(String, String, String)>,
     Query(query): Query<LogQuery>,
 ) -> Response {
-    let Some(logs) = state.provider.logs() else {
+    let Some(logs) = endpoints.state.provider.logs() else {
         return provider_error(&ProviderError::Unsupported("container logs"));
     };
-    let pod_ref = match bound_pod(&state, &namespace, &pod).await {
+    let pod_ref = match bound_pod(&endpoints, &namespace, &pod).await {
         Ok(pod_ref) => pod_ref,
         Err(response) => return response,
     };
@@ -218,7 +298,7 @@ async fn container_logs(
 /// `/exec/{ns}/{pod}/{container}?command=…&stdin=…&stdout=…&stderr=…&tty=…` over SPDY or
 /// WebSocket (see [`remotecommand`]).
 async fn exec(
-    State(state): State<KubeletState>,
+    State(endpoints): State<Endpoints>,
     Path((namespace, pod, container)): Path<(String, String, String)>,
     request: Request,
 ) -> Response {
@@ -226,14 +306,14 @@ async fn exec(
         Ok(options) => options,
         Err(problem) => return (StatusCode::BAD_REQUEST, format!("{problem}\n")).into_response(),
     };
-    if state.provider.exec().is_none() {
+    if endpoints.state.provider.exec().is_none() {
         return provider_error(&ProviderError::Unsupported("exec"));
     }
-    let pod = match bound_pod(&state, &namespace, &pod).await {
+    let pod = match bound_pod(&endpoints, &namespace, &pod).await {
         Ok(pod) => pod,
         Err(response) => return response,
     };
-    let provider = state.provider.clone();
+    let provider = endpoints.state.provider.clone();
     let exec_request = ExecRequest {
         pod,
         container,
@@ -247,12 +327,13 @@ async fn exec(
             }
         })
     });
-    remotecommand::serve(request, options, Kind::Exec, session)
+    let streaming = endpoints.options.streaming;
+    remotecommand::serve(request, options, Kind::Exec, session, streaming)
 }
 
 /// `/attach/{ns}/{pod}/{container}?stdin=…&stdout=…&stderr=…&tty=…` over SPDY or WebSocket.
 async fn attach(
-    State(state): State<KubeletState>,
+    State(endpoints): State<Endpoints>,
     Path((namespace, pod, container)): Path<(String, String, String)>,
     request: Request,
 ) -> Response {
@@ -260,14 +341,14 @@ async fn attach(
         Ok(options) => options,
         Err(problem) => return (StatusCode::BAD_REQUEST, format!("{problem}\n")).into_response(),
     };
-    if state.provider.attach().is_none() {
+    if endpoints.state.provider.attach().is_none() {
         return provider_error(&ProviderError::Unsupported("attach"));
     }
-    let pod = match bound_pod(&state, &namespace, &pod).await {
+    let pod = match bound_pod(&endpoints, &namespace, &pod).await {
         Ok(pod) => pod,
         Err(response) => return response,
     };
-    let provider = state.provider.clone();
+    let provider = endpoints.state.provider.clone();
     let session: remotecommand::Session = Box::new(move |io| {
         Box::pin(async move {
             match provider.attach() {
@@ -276,5 +357,6 @@ async fn attach(
             }
         })
     });
-    remotecommand::serve(request, options, Kind::Attach, session)
+    let streaming = endpoints.options.streaming;
+    remotecommand::serve(request, options, Kind::Attach, session, streaming)
 }

@@ -23,7 +23,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use serde::{Deserialize, Serialize};
 use updraft_provider::{Provider, ProviderError};
 
-use crate::routes::{KubeletState, provider_error};
+use crate::routes::{Endpoints, KubeletState, provider_error};
 
 /// When this process began collecting stats: the node's `startTime`.
 static COLLECTION_STARTED: LazyLock<SystemTime> = LazyLock::new(SystemTime::now);
@@ -381,16 +381,16 @@ async fn sample(state: &KubeletState) -> Result<Summary, ProviderError> {
 }
 
 /// `GET /stats/summary`.
-pub async fn stats_summary(State(state): State<KubeletState>) -> Response {
-    match sample(&state).await {
+pub(crate) async fn stats_summary(State(endpoints): State<Endpoints>) -> Response {
+    match sample(&endpoints.state).await {
         Ok(summary) => axum::Json(summary).into_response(),
         Err(err) => provider_error(&err),
     }
 }
 
 /// `GET /metrics/resource`.
-pub async fn metrics_resource(State(state): State<KubeletState>) -> Response {
-    let summary = match sample(&state).await {
+pub(crate) async fn metrics_resource(State(endpoints): State<Endpoints>) -> Response {
+    let summary = match sample(&endpoints.state).await {
         Ok(summary) => Some(summary),
         Err(ProviderError::Unsupported(what)) => {
             return provider_error(&ProviderError::Unsupported(what));

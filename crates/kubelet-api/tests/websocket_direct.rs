@@ -9,12 +9,13 @@ use std::sync::Arc;
 
 use base64::Engine as _;
 use futures::{SinkExt as _, StreamExt as _};
-use remote_command_support::{TIMEOUT, create_pod, running, start};
+use remote_command_support::{TIMEOUT, create_pod, running, start, start_with};
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+use updraft_kubelet_api::streaming::StreamingConfig;
 use updraft_testing::TestCluster;
 
 type Socket = WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
@@ -331,6 +332,66 @@ async fn a_client_that_goes_away_kills_its_process() {
     let alive = || std::path::Path::new(&format!("/proc/{pid}")).exists();
     assert!(alive());
     drop(socket);
+    updraft_testing::eventually(TIMEOUT, || async {
+        if alive() {
+            Err(format!("process {pid} still runs"))
+        } else {
+            Ok(())
+        }
+    })
+    .await;
+}
+
+/// The idle timeout applies to WebSocket clients too: a silent session is closed and its
+/// process killed.
+#[tokio::test]
+async fn an_idle_websocket_exec_is_closed_and_its_process_killed() {
+    let cluster = TestCluster::connect().await;
+    let ns = cluster.namespace("rc-ws-idle").await;
+    let streaming = StreamingConfig {
+        idle_timeout: std::time::Duration::from_secs(3),
+        ..StreamingConfig::default()
+    };
+    let kubelet = start_with(&cluster, streaming).await;
+    create_pod(
+        &cluster,
+        ns.name(),
+        &kubelet.name,
+        "box",
+        serde_json::json!({"containers": [{"name": "main", "image": "busybox"}]}),
+        running,
+    )
+    .await;
+    let path = format!(
+        "/exec/{}/box/main?command=sh&command=-c&command={}&stdout=1",
+        ns.name(),
+        url_encode("echo $$; exec sleep 100000")
+    );
+    let mut socket = connect(
+        &cluster,
+        kubelet.port,
+        &kubelet.ca_pem,
+        &path,
+        "v5.channel.k8s.io",
+    )
+    .await;
+    // The pid, then silence until the kubelet ends the connection (without a closing
+    // handshake: the connection is dropped, as the kubelet drops it).
+    let mut stdout = Vec::new();
+    loop {
+        match tokio::time::timeout(TIMEOUT, socket.next())
+            .await
+            .expect("the idle timeout to end the session")
+        {
+            Some(Ok(Message::Binary(data))) if data.first() == Some(&1) => {
+                stdout.extend_from_slice(&data[1..]);
+            }
+            Some(Ok(Message::Close(_)) | Err(_)) | None => break,
+            Some(Ok(_)) => {}
+        }
+    }
+    let pid: i32 = String::from_utf8(stdout).unwrap().trim().parse().unwrap();
+    let alive = || std::path::Path::new(&format!("/proc/{pid}")).exists();
     updraft_testing::eventually(TIMEOUT, || async {
         if alive() {
             Err(format!("process {pid} still runs"))

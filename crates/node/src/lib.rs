@@ -43,26 +43,34 @@ pub struct VirtualNode<P> {
     client: kube::Client,
     config: NodeConfig,
     provider: Arc<P>,
-    metrics: PodMetrics,
+    pods: pods::PodController<P>,
 }
 
 impl<P: Provider> VirtualNode<P> {
     /// A node named by `config` that talks to the API server through `client` and runs pods
     /// on `provider`.
     pub fn new(client: kube::Client, config: NodeConfig, provider: Arc<P>) -> Self {
+        let pods = pods::PodController::new(client.clone(), config.clone(), provider.clone());
         Self {
             client,
             config,
             provider,
-            metrics: PodMetrics::default(),
+            pods,
         }
     }
 
     /// Reports the pod controller's metrics into `metrics` (which the caller registers and
     /// serves).
     pub fn with_metrics(mut self, metrics: PodMetrics) -> Self {
-        self.metrics = metrics;
+        self.pods = self.pods.with_metrics(metrics);
         self
+    }
+
+    /// The pods bound to this node, from the node's own watch (no request per lookup):
+    /// ready once [`VirtualNode::run`] has listed them, current while it runs. For the
+    /// kubelet API, which must serve only this node's pods.
+    pub fn pods(&self) -> kube::runtime::reflector::Store<k8s_openapi::api::core::v1::Pod> {
+        self.pods.pods()
     }
 
     /// Registers the node, then runs the node and pod controllers until `shutdown`
@@ -81,13 +89,7 @@ impl<P: Provider> VirtualNode<P> {
         node.register().await?;
         tracing::debug!(node = %self.config.name, "registered; starting the controllers");
         let node_task = tokio::spawn(node.run(stop_rx.clone()));
-        let pods = pods::PodController::new(
-            self.client.clone(),
-            self.config.clone(),
-            self.provider.clone(),
-        )
-        .with_metrics(self.metrics.clone());
-        let pods_task = tokio::spawn(pods.run(stop_rx));
+        let pods_task = tokio::spawn(self.pods.run(stop_rx));
         shutdown.await;
         tracing::info!(
             "shutting down: finishing in-flight work; pods keep running in the provider"

@@ -53,6 +53,8 @@ pub struct PodController<P> {
     config: NodeConfig,
     provider: Arc<P>,
     metrics: PodMetrics,
+    /// The watch cache of the node's pods, filled by [`PodController::run`].
+    cache: reflector::store::Writer<Pod>,
 }
 
 struct Context<P> {
@@ -96,7 +98,15 @@ impl<P: Provider> PodController<P> {
             config,
             provider,
             metrics: PodMetrics::default(),
+            cache: reflector::store::Writer::default(),
         }
+    }
+
+    /// The pods bound to the node as the controller's watch sees them (filled and kept
+    /// current while [`PodController::run`] runs; ready once the first list is in).
+    /// `managedFields` and kubectl's last-applied annotation are stripped.
+    pub fn pods(&self) -> Store<Pod> {
+        self.cache.as_reader()
     }
 
     /// Reports into `metrics` (registered by the caller) instead of unregistered ones.
@@ -133,7 +143,8 @@ impl<P: Provider> PodController<P> {
         });
         // The cache keeps what reconciling needs, not what only API clients care about:
         // managedFields and kubectl's last-applied copy are most of a pod's size.
-        let (store, writer) = reflector::store();
+        let writer = self.cache;
+        let store = writer.as_reader();
         let watch = watcher::watcher(pods, selector)
             .default_backoff()
             .modify(|pod: &mut Pod| {

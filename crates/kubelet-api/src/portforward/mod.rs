@@ -17,54 +17,35 @@ mod spdy;
 pub mod websocket;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use updraft_provider::{Duplex, PodRef, Provider, ProviderError};
 
-use crate::routes::{KubeletState, bound_pod};
+use crate::routes::{Endpoints, bound_pod};
+use crate::streaming::StreamingConfig;
 
 /// The SPDY subprotocol of port-forwarding.
 pub const PORT_FORWARD_PROTOCOL: &str = "portforward.k8s.io";
 
-/// Timeouts of port-forward sessions (the kubelet's defaults).
-#[derive(Debug, Clone, Copy)]
-pub struct PortForwardConfig {
-    /// How long the second stream of a pair may take to arrive after the first (30 s).
-    pub stream_creation_timeout: Duration,
-    /// How long a session may have no forwarded connection before it is closed (4 h, the
-    /// kubelet's `streamingConnectionIdleTimeout`).
-    pub idle_timeout: Duration,
-}
-
-impl Default for PortForwardConfig {
-    fn default() -> Self {
-        Self {
-            stream_creation_timeout: Duration::from_secs(30),
-            idle_timeout: Duration::from_secs(4 * 60 * 60),
-        }
-    }
-}
-
 /// `/portForward/{namespace}/{pod}` (any method; kubectl uses POST): the pod must be bound to
 /// this node.
-pub async fn handler(
-    State(state): State<KubeletState>,
+pub(crate) async fn handler(
+    State(endpoints): State<Endpoints>,
     Path((namespace, name)): Path<(String, String)>,
     request: Request,
 ) -> Response {
-    if state.provider.port_forward().is_none() {
+    if endpoints.state.provider.port_forward().is_none() {
         return unsupported();
     }
-    match bound_pod(&state, &namespace, &name).await {
+    match bound_pod(&endpoints, &namespace, &name).await {
         Ok(pod) => {
             port_forward(
                 request,
-                state.provider.clone(),
+                endpoints.state.provider.clone(),
                 pod,
-                PortForwardConfig::default(),
+                endpoints.options.streaming,
             )
             .await
         }
@@ -84,12 +65,13 @@ fn unsupported() -> Response {
 }
 
 /// Serves a port-forward request for `pod` (already checked to be bound to this node):
-/// answers the upgrade and runs the session in the background.
+/// answers the upgrade and runs the session in the background, with `config`'s idle and
+/// stream-creation timeouts.
 pub async fn port_forward(
     request: Request,
     provider: Arc<dyn Provider>,
     pod: PodRef,
-    config: PortForwardConfig,
+    config: StreamingConfig,
 ) -> Response {
     if provider.port_forward().is_none() {
         return unsupported();

@@ -18,7 +18,8 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use updraft_spdy::{Config, Connection, Headers, Role, RstStatus, Stream};
 
-use super::{Forwarder, PORT_FORWARD_PROTOCOL, PortForwardConfig, header_has_token};
+use super::{Forwarder, PORT_FORWARD_PROTOCOL, header_has_token};
+use crate::streaming::{IdleTimeout, StreamingConfig};
 
 /// The request header listing the client's subprotocols, and the response header naming ours.
 const PROTOCOL_HEADER: &str = "x-stream-protocol-version";
@@ -33,7 +34,7 @@ const MAX_CONCURRENT_STREAMS: u32 = 2_000;
 pub(super) fn upgrade(
     mut request: Request,
     forwarder: Forwarder,
-    config: PortForwardConfig,
+    config: StreamingConfig,
 ) -> Response {
     let headers = request.headers();
     if !(header_has_token(headers, header::CONNECTION, "upgrade")
@@ -76,7 +77,10 @@ pub(super) fn upgrade(
     let on_upgrade = hyper::upgrade::on(&mut request);
     tokio::spawn(async move {
         match on_upgrade.await {
-            Ok(upgraded) => run_session(TokioIo::new(upgraded), forwarder, config).await,
+            Ok(upgraded) => {
+                let io = IdleTimeout::new(TokioIo::new(upgraded), config.idle_timeout);
+                run_session(io, forwarder, config).await;
+            }
             Err(err) => tracing::debug!("port-forward upgrade failed: {err}"),
         }
     });
@@ -149,8 +153,9 @@ fn classify(stream: &Stream) -> Result<(Kind, u16, String), StreamRejection> {
     Ok((kind, port, request_id))
 }
 
-/// Runs one port-forward session over `io` until the client goes away or it is idle too long.
-pub(super) async fn run_session<T>(io: T, forwarder: Forwarder, config: PortForwardConfig)
+/// Runs one port-forward session over `io` until the client goes away (or `io` fails: it
+/// carries the idle timeout).
+pub(super) async fn run_session<T>(io: T, forwarder: Forwarder, config: StreamingConfig)
 where
     T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
@@ -167,15 +172,11 @@ where
     };
     let mut pending: HashMap<String, PendingPair> = HashMap::new();
     let mut forwards = JoinSet::new();
-    let mut last_activity = Instant::now();
     loop {
         let next_expiry = pending.values().map(|p| p.deadline).min();
-        let idle_deadline = (pending.is_empty() && forwards.is_empty())
-            .then(|| last_activity + config.idle_timeout);
         tokio::select! {
             stream = incoming.accept() => {
                 let Some(stream) = stream else { break };
-                last_activity = Instant::now();
                 let (kind, port, request_id) = match classify(&stream) {
                     Ok(classified) => classified,
                     Err(rejection) => {
@@ -233,16 +234,11 @@ where
                     }
                 }
             }
-            Some(_) = forwards.join_next(), if !forwards.is_empty() => {
-                last_activity = Instant::now();
-            }
-            () = sleep_until(idle_deadline), if idle_deadline.is_some() => {
-                tracing::info!(pod = %forwarder.pod, "port-forward session idle for {:?}; closing it", config.idle_timeout);
-                break;
-            }
+            Some(_) = forwards.join_next(), if !forwards.is_empty() => {}
         }
     }
-    // The client is gone (or idle): drop every forward, closing its connection in the pod.
+    // The client is gone (or the connection idled out): drop every forward, closing its
+    // connection in the pod.
     forwards.shutdown().await;
     connection.close().await;
 }
@@ -333,9 +329,9 @@ mod tests {
                 uid: "u1".into(),
             },
         };
-        let config = PortForwardConfig {
+        let config = StreamingConfig {
             stream_creation_timeout: creation_timeout,
-            ..PortForwardConfig::default()
+            ..StreamingConfig::default()
         };
         tokio::spawn(run_session(server_io, forwarder, config));
         let (client, _incoming) =

@@ -24,9 +24,10 @@ use tokio::task::JoinSet;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
-use super::{Forwarder, PortForwardConfig, header_has_token};
+use super::{Forwarder, header_has_token};
+use crate::streaming::{IdleTimeout, StreamingConfig};
 
 /// The binary channel subprotocol.
 pub const CHANNEL_PROTOCOL_V4: &str = "v4.channel.k8s.io";
@@ -34,6 +35,9 @@ pub const CHANNEL_PROTOCOL_V4: &str = "v4.channel.k8s.io";
 pub const BASE64_CHANNEL_PROTOCOL_V4: &str = "v4.base64.channel.k8s.io";
 /// Bytes buffered between the WebSocket and the provider, per port and direction.
 const PIPE_BUFFER: usize = 64 * 1024;
+/// Largest message (and frame) a client may send; clients send what they read from a socket,
+/// far less. tungstenite's default (64 MiB) would let one client make the node buffer that.
+const MAX_MESSAGE: usize = 1024 * 1024;
 /// Messages queued towards the client before the ports' readers wait.
 const OUTBOX_MESSAGES: usize = 64;
 
@@ -168,7 +172,7 @@ fn percent_decode(text: &str) -> String {
 pub(super) fn upgrade(
     mut request: Request,
     forwarder: Forwarder,
-    _config: PortForwardConfig,
+    config: StreamingConfig,
 ) -> Response {
     let bad_request = |message: String| (StatusCode::BAD_REQUEST, message + "\n").into_response();
     let ports = match requested_ports(request.uri().query()) {
@@ -216,9 +220,11 @@ pub(super) fn upgrade(
     tokio::spawn(async move {
         match on_upgrade.await {
             Ok(upgraded) => {
-                let socket =
-                    WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None)
-                        .await;
+                let io = IdleTimeout::new(TokioIo::new(upgraded), config.idle_timeout);
+                let limits = WebSocketConfig::default()
+                    .max_message_size(Some(MAX_MESSAGE))
+                    .max_frame_size(Some(MAX_MESSAGE));
+                let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(limits)).await;
                 run_session(socket, framing, ports, forwarder).await;
             }
             Err(err) => tracing::debug!("port-forward WebSocket upgrade failed: {err}"),

@@ -23,8 +23,7 @@ use tokio::io::AsyncReadExt as _;
 use tokio::sync::mpsc;
 use updraft_provider::{ExitStatus, ProviderError, StreamIo, TerminalSize};
 
-/// How long a SPDY client has to open the streams it asked for.
-pub const STREAM_CREATION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+use crate::streaming::StreamingConfig;
 
 /// The provider side of a session: given the client's streams, runs until done.
 pub type Session = Box<dyn FnOnce(StreamIo) -> BoxFuture<'static, SessionResult> + Send>;
@@ -214,12 +213,18 @@ fn is_websocket(headers: &HeaderMap) -> bool {
 
 /// Serves an exec or attach request: upgrades to SPDY or WebSocket as the client asks, opens
 /// the streams, runs `session` and reports its outcome. The session is dropped (cancelled) as
-/// soon as the client goes away.
-pub fn serve(request: Request, options: Options, kind: Kind, session: Session) -> Response {
+/// soon as the client goes away or the connection is idle for `streaming.idle_timeout`.
+pub fn serve(
+    request: Request,
+    options: Options,
+    kind: Kind,
+    session: Session,
+    streaming: StreamingConfig,
+) -> Response {
     if is_websocket(request.headers()) {
-        websocket::serve(request, options, kind, session)
+        websocket::serve(request, options, kind, session, streaming)
     } else {
-        spdy::serve(request, options, kind, session)
+        spdy::serve(request, options, kind, session, streaming)
     }
 }
 

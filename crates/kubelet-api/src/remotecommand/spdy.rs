@@ -10,10 +10,8 @@ use tokio::sync::mpsc;
 use updraft_provider::StreamIo;
 use updraft_spdy::{Config, Connection, Headers, RecvStream, Role, RstStatus, SendStream, Stream};
 
-use super::{
-    Kind, Options, STREAM_CREATION_TIMEOUT, Session, StatusFormat, read_resizes, refuse,
-    status_bytes,
-};
+use super::{Kind, Options, Session, StatusFormat, read_resizes, refuse, status_bytes};
+use crate::streaming::{IdleTimeout, StreamingConfig};
 
 /// The negotiation header (client: what it speaks, in preference order; server: the choice).
 const PROTOCOL_HEADER: &str = "x-stream-protocol-version";
@@ -44,6 +42,7 @@ pub(super) fn serve(
     options: Options,
     kind: Kind,
     session: Session,
+    streaming: StreamingConfig,
 ) -> Response {
     let upgrade_to_spdy = request
         .headers()
@@ -86,7 +85,10 @@ pub(super) fn serve(
     let on_upgrade = hyper::upgrade::on(&mut request);
     tokio::spawn(async move {
         match on_upgrade.await {
-            Ok(upgraded) => run(TokioIo::new(upgraded), version, options, kind, session).await,
+            Ok(upgraded) => {
+                let io = IdleTimeout::new(TokioIo::new(upgraded), streaming.idle_timeout);
+                run(io, version, options, kind, session, streaming).await;
+            }
             Err(err) => tracing::debug!("SPDY upgrade failed: {err}"),
         }
     });
@@ -170,13 +172,16 @@ impl Streams {
     }
 }
 
-async fn run(
-    io: TokioIo<hyper::upgrade::Upgraded>,
+async fn run<T>(
+    io: T,
     version: u8,
     options: Options,
     kind: Kind,
     session: Session,
-) {
+    streaming: StreamingConfig,
+) where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
     let (handle, mut incoming) =
         match Connection::new(io, Role::Server, Config::spdystream_compatible()) {
             Ok(connection) => connection,
@@ -191,7 +196,8 @@ async fn run(
         + usize::from(options.stderr)
         + usize::from(options.tty && version >= 3);
     let mut streams = Streams::default();
-    let deadline = tokio::time::sleep(STREAM_CREATION_TIMEOUT);
+    let creation_timeout = streaming.stream_creation_timeout;
+    let deadline = tokio::time::sleep(creation_timeout);
     tokio::pin!(deadline);
     while streams.count < expected {
         tokio::select! {
@@ -201,7 +207,7 @@ async fn run(
             },
             () = &mut deadline => {
                 tracing::info!(
-                    "closing a remote command session: the client opened {} of {expected} streams within {STREAM_CREATION_TIMEOUT:?}",
+                    "closing a remote command session: the client opened {} of {expected} streams within {creation_timeout:?} (the stream creation timeout)",
                     streams.count
                 );
                 handle.close().await;
@@ -264,4 +270,54 @@ async fn run(
     drop(streams);
     drop(incoming);
     handle.close().await;
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    use updraft_provider::ExitStatus;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_client_that_does_not_open_its_streams_in_time_is_closed_without_a_session() {
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let started = Arc::new(AtomicBool::new(false));
+        let session: Session = {
+            let started = started.clone();
+            Box::new(move |_io| {
+                started.store(true, Ordering::SeqCst);
+                Box::pin(async { Ok(ExitStatus::Code(0)) })
+            })
+        };
+        let options = Options {
+            stdin: true,
+            stdout: true,
+            command: vec!["true".into()],
+            ..Options::default()
+        };
+        let streaming = StreamingConfig {
+            stream_creation_timeout: Duration::from_millis(200),
+            ..StreamingConfig::default()
+        };
+        let server = tokio::spawn(run(server_io, 5, options, Kind::Exec, session, streaming));
+        let (client, _incoming) =
+            Connection::new(client_io, Role::Client, Config::spdystream_compatible()).unwrap();
+        let mut headers = Headers::new();
+        headers.insert("streamType", "error");
+        let _error = client.open_stream(headers, false).unwrap();
+        // stdin and stdout never come: the server gives up and closes the connection.
+        tokio::time::timeout(Duration::from_secs(30), client.closed())
+            .await
+            .expect("the server to close the connection");
+        tokio::time::timeout(Duration::from_secs(30), server)
+            .await
+            .expect("the server to finish")
+            .unwrap();
+        assert!(!started.load(Ordering::SeqCst), "no process was started");
+    }
 }

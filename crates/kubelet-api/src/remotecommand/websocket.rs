@@ -13,6 +13,7 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use updraft_provider::StreamIo;
 
 use super::{Kind, Options, Session, StatusFormat, read_resizes, refuse, status_bytes};
+use crate::streaming::{IdleTimeout, StreamingConfig};
 use crate::ws_channels::{Encoding, Framing, Mux};
 
 const STDIN: u8 = 0;
@@ -73,6 +74,7 @@ pub(super) fn serve(
     options: Options,
     kind: Kind,
     session: Session,
+    streaming: StreamingConfig,
 ) -> Response {
     let Some(key) = request
         .headers()
@@ -114,7 +116,7 @@ pub(super) fn serve(
                     .max_message_size(Some(MAX_MESSAGE))
                     .max_frame_size(Some(MAX_MESSAGE));
                 let ws = WebSocketStream::from_raw_socket(
-                    TokioIo::new(upgraded),
+                    IdleTimeout::new(TokioIo::new(upgraded), streaming.idle_timeout),
                     Role::Server,
                     Some(config),
                 )
@@ -140,14 +142,16 @@ pub(super) fn serve(
         .into_response()
 }
 
-async fn run(
-    ws: WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>,
+async fn run<S>(
+    ws: WebSocketStream<S>,
     framing: Framing,
     format: StatusFormat,
     options: Options,
     kind: Kind,
     session: Session,
-) {
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
     let mut reads = vec![];
     if options.stdin {
         reads.push(STDIN);

@@ -14,8 +14,9 @@ use kube::api::{Api, DeleteParams, PostParams};
 use tokio::io::{AsyncBufReadExt as _, BufReader};
 use updraft_devcluster::pki::{CertificateAuthority, Identity};
 use updraft_kubelet_api::auth::{Auth, AuthConfig};
-use updraft_kubelet_api::routes::{KubeletState, routes};
+use updraft_kubelet_api::routes::{KubeletOptions, KubeletState, PodLookup, routes_with};
 use updraft_kubelet_api::server::{protect, serve};
+use updraft_kubelet_api::streaming::StreamingConfig;
 use updraft_kubelet_api::tls::{ServingCertificate, server_config};
 use updraft_node::{NodeConfig, VirtualNode};
 use updraft_provider_mock::{MockConfig, MockProvider};
@@ -51,6 +52,15 @@ impl Drop for KubeletNode {
 /// Starts a node whose kubelet API listens on `listener` (bound to the node's address) and
 /// waits until it is Ready. Set `UPDRAFT_TEST_LOG` (a tracing filter) to see what it does.
 pub async fn start_node(cluster: &TestCluster, listener: tokio::net::TcpListener) -> KubeletNode {
+    start_node_with(cluster, listener, StreamingConfig::default()).await
+}
+
+/// [`start_node`] with the given streaming timeouts.
+pub async fn start_node_with(
+    cluster: &TestCluster,
+    listener: tokio::net::TcpListener,
+    streaming: StreamingConfig,
+) -> KubeletNode {
     if let Ok(filter) = std::env::var("UPDRAFT_TEST_LOG") {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(filter)
@@ -76,13 +86,23 @@ pub async fn start_node(cluster: &TestCluster, listener: tokio::net::TcpListener
     let client = cluster.node_client(&name).await;
     let provider = MockProvider::new(MockConfig::default());
     let auth = Arc::new(Auth::new(client.clone(), AuthConfig::new(&name)));
+    let mut config = NodeConfig::new(&name, "mock");
+    config.internal_ip = local.ip().to_string();
+    config.kubelet_port = local.port();
+    let node = VirtualNode::new(client.clone(), config, Arc::new(provider.clone()));
     let app = protect(
-        routes(KubeletState {
-            provider: Arc::new(provider.clone()),
-            client: client.clone(),
-            node_name: name.clone(),
-            metrics: Arc::new(String::new),
-        }),
+        routes_with(
+            KubeletState {
+                provider: Arc::new(provider.clone()),
+                client: client.clone(),
+                node_name: name.clone(),
+                metrics: Arc::new(String::new),
+            },
+            KubeletOptions {
+                pods: PodLookup::Cache(node.pods()),
+                streaming,
+            },
+        ),
         auth,
     );
     let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -90,10 +110,6 @@ pub async fn start_node(cluster: &TestCluster, listener: tokio::net::TcpListener
         let _ = rx.wait_for(|s| *s).await;
     };
     tokio::spawn(serve(listener, tls, app, until_stopped(stopped.clone())));
-    let mut config = NodeConfig::new(&name, "mock");
-    config.internal_ip = local.ip().to_string();
-    config.kubelet_port = local.port();
-    let node = VirtualNode::new(client, config, Arc::new(provider.clone()));
     tokio::spawn(node.run(until_stopped(stopped)));
     wait_for(
         &Api::<Node>::all(cluster.client()),

@@ -11,8 +11,9 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, DeleteParams, PostParams};
 use updraft_devcluster::pki::{CertificateAuthority, Identity};
 use updraft_kubelet_api::auth::{Auth, AuthConfig};
-use updraft_kubelet_api::routes::{KubeletState, routes};
+use updraft_kubelet_api::routes::{KubeletOptions, KubeletState, PodLookup, routes_with};
 use updraft_kubelet_api::server::{protect, serve};
+use updraft_kubelet_api::streaming::StreamingConfig;
 use updraft_kubelet_api::tls::{ServingCertificate, server_config};
 use updraft_node::{NodeConfig, VirtualNode};
 use updraft_provider_mock::{MockConfig, MockProvider};
@@ -47,6 +48,11 @@ impl Drop for Kubelet {
 
 /// Starts a node on 127.0.0.1 with its kubelet API and waits until it is Ready.
 pub async fn start(cluster: &TestCluster) -> Kubelet {
+    start_with(cluster, StreamingConfig::default()).await
+}
+
+/// [`start`] with the given streaming timeouts.
+pub async fn start_with(cluster: &TestCluster, streaming: StreamingConfig) -> Kubelet {
     if let Ok(filter) = std::env::var("UPDRAFT_TEST_LOG") {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(filter)
@@ -79,13 +85,23 @@ pub async fn start(cluster: &TestCluster) -> Kubelet {
         ..MockConfig::default()
     });
     let auth = Arc::new(Auth::new(client.clone(), AuthConfig::new(&name)));
+    let mut config = NodeConfig::new(&name, "mock");
+    config.internal_ip = local.ip().to_string();
+    config.kubelet_port = local.port();
+    let node = VirtualNode::new(client.clone(), config, Arc::new(provider.clone()));
     let app = protect(
-        routes(KubeletState {
-            provider: Arc::new(provider.clone()),
-            client: client.clone(),
-            node_name: name.clone(),
-            metrics: Arc::new(String::new),
-        }),
+        routes_with(
+            KubeletState {
+                provider: Arc::new(provider.clone()),
+                client: client.clone(),
+                node_name: name.clone(),
+                metrics: Arc::new(String::new),
+            },
+            KubeletOptions {
+                pods: PodLookup::Cache(node.pods()),
+                streaming,
+            },
+        ),
         auth,
     );
     let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -93,10 +109,6 @@ pub async fn start(cluster: &TestCluster) -> Kubelet {
         let _ = rx.wait_for(|s| *s).await;
     };
     tokio::spawn(serve(listener, tls, app, until_stopped(stopped.clone())));
-    let mut config = NodeConfig::new(&name, "mock");
-    config.internal_ip = local.ip().to_string();
-    config.kubelet_port = local.port();
-    let node = VirtualNode::new(client, config, Arc::new(provider));
     tokio::spawn(node.run(until_stopped(stopped)));
     wait_for(
         &Api::<Node>::all(cluster.client()),
