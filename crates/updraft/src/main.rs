@@ -2,11 +2,13 @@
 //!
 //! `updraft run --provider mock` registers a virtual node with the API server, serves the
 //! kubelet API on the kubelet port and runs the pods bound to the node through the provider.
+//! `updraft cells list|describe|select` shows the cells provider's cells and instance choices.
 //! Every flag can also be set by an environment variable; the Go virtual-kubelet's variable
 //! names (`KUBELET_PORT`, `VKUBELET_POD_IP`, `VKUBELET_TAINT_*`, `DEFAULT_NODE_NAME`,
 //! `APISERVER_*_LOCATION`, `KUBECONFIG`) work too.
 #![forbid(unsafe_code)]
 
+mod cells;
 mod config;
 mod metrics;
 mod serve;
@@ -29,11 +31,16 @@ struct Cli {
 enum Command {
     /// Register the virtual node and run its pods until SIGTERM or SIGINT.
     Run(Box<RunArgs>),
+    /// The cells provider's cells (list, describe) and a dry run of its instance selection.
+    Cells(cells::CellsArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let Command::Run(args) = cli.command;
+    let args = match cli.command {
+        Command::Run(args) => args,
+        Command::Cells(args) => return run_cells(args),
+    };
     if let Err(err) = config::init_logging(&args) {
         eprintln!("error: {err}");
         return ExitCode::FAILURE;
@@ -53,4 +60,40 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `updraft cells …`: prints its result, or the error and exit status 1.
+fn run_cells(args: cells::CellsArgs) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: starting the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(cells::run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {}", error_chain(&err));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// An error with its sources, `outer: inner: …`.
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
 }
