@@ -14,8 +14,12 @@ use updraft_devcluster::cluster::NodeFiles;
 pub use updraft_devcluster::cluster::node_files;
 use updraft_devcluster::{Layout, cluster};
 
-/// Builds the `updraft` binary (`release` for benchmarks) and returns its path.
+/// Builds the `updraft` binary (`release` for benchmarks) and returns its path; with
+/// `UPDRAFT_BINARY` set, returns that path instead (to measure or profile another build).
 pub fn build_updraft(release: bool) -> anyhow::Result<PathBuf> {
+    if let Some(binary) = std::env::var_os("UPDRAFT_BINARY") {
+        return Ok(PathBuf::from(binary));
+    }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
     let mut build = Command::new(cargo);
     build.args(["build", "--quiet", "--package", "updraft"]);
