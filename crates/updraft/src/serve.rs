@@ -7,7 +7,7 @@ use anyhow::{Context as _, bail};
 use tokio::sync::watch;
 use updraft_kubelet_api::auth::{Auth, AuthConfig};
 use updraft_kubelet_api::csr::{ServingRequest, keep_renewed, request_serving_certificate};
-use updraft_kubelet_api::routes::{KubeletState, routes};
+use updraft_kubelet_api::routes::{KubeletOptions, KubeletState, PodLookup, routes_with};
 use updraft_kubelet_api::server::{protect, serve};
 use updraft_kubelet_api::tls::{ServingCertificate, server_config};
 use updraft_node::VirtualNode;
@@ -164,15 +164,20 @@ async fn run_with<P: Provider>(
     let mut auth_config = AuthConfig::new(&args.node_name);
     auth_config.allow_anonymous = args.anonymous_auth;
     let auth = Arc::new(Auth::new(client.clone(), auth_config));
-    let app = protect(
-        routes(KubeletState {
-            provider: provider.clone(),
-            client: client.clone(),
-            node_name: args.node_name.clone(),
-            metrics: Arc::new(move || metrics.encode()),
-        }),
-        auth,
-    );
+    let node =
+        VirtualNode::new(client.clone(), node_config, provider.clone()).with_metrics(pod_metrics);
+    let kubelet = KubeletState {
+        provider: provider.clone(),
+        client: client.clone(),
+        node_name: args.node_name.clone(),
+        metrics: Arc::new(move || metrics.encode()),
+    };
+    // Pods are looked up in the node's own watch cache: no API request per exec or log call.
+    let options = KubeletOptions {
+        pods: PodLookup::Cache(node.pods()),
+        ..KubeletOptions::default()
+    };
+    let app = protect(routes_with(kubelet, options), auth);
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("listening on {listen} for the kubelet API"))?;
@@ -183,7 +188,6 @@ async fn run_with<P: Provider>(
         let _ = rx.wait_for(|stop| *stop).await;
     };
     let server = tokio::spawn(serve(listener, tls, app, stopped(stop_rx.clone())));
-    let node = VirtualNode::new(client, node_config, provider).with_metrics(pod_metrics);
     let node_task = tokio::spawn(node.run(stopped(stop_rx)));
     shutdown_signal().await;
     tracing::info!("signal received: shutting down");
