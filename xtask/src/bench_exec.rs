@@ -45,7 +45,7 @@ fn process_memory(pid: u32) -> anyhow::Result<(u64, usize)> {
 }
 
 /// What the process's open descriptors are, counted by kind (socket, pipe, file, anon inode).
-fn descriptor_kinds(pid: u32) -> String {
+pub(crate) fn descriptor_kinds(pid: u32) -> String {
     let mut kinds = std::collections::BTreeMap::<String, usize>::new();
     if let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
         for entry in entries.flatten() {

@@ -255,6 +255,12 @@ pub async fn run(layout: &Layout, bench: ForwardBench) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let (rss_after, _, _) = process_memory(pid)?;
+    if fds_after > fds_before {
+        println!(
+            "descriptors still open: {}",
+            crate::bench_exec::descriptor_kinds(pid)
+        );
+    }
     let _ = stop_tx.send(true);
     let (longest_gap, renewals) = lease_watch.await.unwrap_or_default();
 
