@@ -7,102 +7,30 @@
 //! test's (`cargo build -p updraft-cell-agent` with the same target directory).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
+mod common;
 
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, PostParams};
 use updraft_cells_backend::CellBackend;
-use updraft_devcluster::pki::{CertificateAuthority, Identity};
-use updraft_kubelet_api::auth::{Auth, AuthConfig};
-use updraft_kubelet_api::routes::{KubeletState, routes};
-use updraft_kubelet_api::server::{protect, serve};
-use updraft_kubelet_api::tls::{ServingCertificate, server_config};
-use updraft_node::{NodeConfig, VirtualNode};
-use updraft_provider_cells::{CellsConfig, CellsProvider, local_backend};
+
+use common::{
+    CellsCleanup, ConfigOptions, TIMEOUT, cell_of, delete_node, init_logging, require_root,
+    run_kubectl, running_and_ready, start_node, write_config,
+};
 use updraft_testing::{TestCluster, eventually, unique_name, wait_for, wait_for_deletion};
-
-const TIMEOUT: Duration = Duration::from_secs(180);
-
-fn agent_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let path = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(|dir| dir.join("updraft-cell"))
-        .unwrap();
-    assert!(
-        path.is_file(),
-        "the agent binary {} is missing: build it first with `cargo build -p updraft-cell-agent` (same CARGO_TARGET_DIR)",
-        path.display()
-    );
-    path
-}
-
-fn busybox_rootfs(dir: &Path) {
-    let bin = dir.join("bin");
-    std::fs::create_dir_all(&bin).unwrap();
-    std::fs::create_dir_all(dir.join("tmp")).unwrap();
-    std::fs::copy("/bin/busybox", bin.join("busybox")).unwrap();
-    let list = std::process::Command::new("/bin/busybox")
-        .arg("--list")
-        .output()
-        .unwrap();
-    for applet in String::from_utf8_lossy(&list.stdout).lines() {
-        if applet != "busybox" {
-            std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
-        }
-    }
-}
-
-/// Terminates every cell of the test's backend and removes its bridge, also when the test
-/// fails: nothing leaks.
-struct CellsCleanup(updraft_cells_local::LocalBackend);
-
-impl Drop for CellsCleanup {
-    fn drop(&mut self) {
-        if let Ok(scan) = self.0.scan() {
-            for cell in scan.cells {
-                let _ = self.0.terminate_blocking(&cell.id);
-            }
-        }
-        let _ = self.0.remove_bridge_if_unused();
-    }
-}
-
-async fn run_kubectl(cluster: &TestCluster, args: &[&str]) -> std::process::Output {
-    let mut command = tokio::process::Command::from(cluster.kubectl());
-    command
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true);
-    tokio::time::timeout(TIMEOUT, command.output())
-        .await
-        .unwrap_or_else(|_| panic!("kubectl {args:?} did not finish within {TIMEOUT:?}"))
-        .unwrap()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_pod_runs_on_its_own_local_cell_and_deleting_it_terminates_the_cell() {
-    assert!(
-        nix_is_root(),
-        "this test must run as root (network namespaces, cgroups, mounts)"
-    );
-    if let Ok(filter) = std::env::var("UPDRAFT_TEST_LOG") {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_test_writer()
-            .try_init();
-    }
+    require_root();
+    init_logging();
     let cluster = TestCluster::connect().await;
     let namespace = cluster.namespace("cells").await;
     let node_name = unique_name("cells-node");
     let tmp = tempfile::tempdir().unwrap();
-    let config = write_config(tmp.path(), 0);
-    let cleanup = CellsCleanup(local_backend(&config).unwrap());
-    let backend = cleanup.0.clone();
+    let test_config = write_config(tmp.path(), ConfigOptions::new(0));
+    let cleanup = CellsCleanup::new(&test_config);
+    let config = test_config.config;
+    let backend = cleanup.backend();
     let controller_id = config.controller_id.clone();
     let cells_of_controller = || async {
         backend
@@ -235,84 +163,21 @@ async fn a_pod_runs_on_its_own_local_cell_and_deleting_it_terminates_the_cell() 
 
     let _ = stop.send(true);
     provider.shutdown();
-    updraft_testing::cleanup_as_admin({
-        let name = node_name.clone();
-        move |client| async move {
-            let _ = Api::<Node>::all(client)
-                .delete(&name, &DeleteParams::default())
-                .await;
-        }
-    });
+    delete_node(&node_name);
     drop(cleanup);
-}
-
-/// A cells config for a test: its own state, CIDR, bridge, cgroup and controller id.
-fn write_config(dir: &Path, n: u32) -> CellsConfig {
-    let rootfs = dir.join("busybox-image");
-    busybox_rootfs(&rootfs);
-    let pid = std::process::id();
-    let config_text = format!(
-        r#"backend: local
-controllerId: test-{pid}-{n}
-certificateDir: {dir}/pki
-bootTimeout: 60s
-healthTimeout: 30s
-agent:
-  dir: {dir}/agent
-  tlsDir: {dir}/tls
-  extraArgs: ["--image-dir", "busybox={rootfs}"]
-local:
-  stateDir: {dir}/state
-  cidr: 10.216.{third}.0/24
-  bridge: upc{short}x{n}
-  agentBinary: {agent}
-  cgroupParent: updraft-provider-cells-test-{pid}-{n}
-  privateDirs: [{dir}/agent]
-capacity: {{cpu: "16", memory: 64Gi, pods: "20"}}
-"#,
-        dir = dir.display(),
-        rootfs = rootfs.display(),
-        third = (pid * 2 + n) % 250 + 1,
-        short = pid % 100_000,
-        agent = agent_binary().display(),
-    );
-    let config_path = dir.join("cells.yaml");
-    std::fs::write(&config_path, &config_text).unwrap();
-    CellsConfig::load(&config_path).unwrap()
-}
-
-/// The cell id in a pod's `cells.updraft.dev/Cell` condition (`cell <id> (…): …`).
-fn cell_of(pod: &Pod) -> Option<String> {
-    let condition = pod
-        .status
-        .as_ref()?
-        .conditions
-        .as_ref()?
-        .iter()
-        .find(|c| c.type_ == "cells.updraft.dev/Cell" && c.status == "True")?;
-    let message = condition.message.as_deref()?;
-    Some(message.strip_prefix("cell ")?.split(' ').next()?.to_owned())
-}
-
-fn running_and_ready(pod: &Pod) -> bool {
-    pod.status.as_ref().is_some_and(|s| {
-        s.phase.as_deref() == Some("Running")
-            && s.container_statuses
-                .as_ref()
-                .is_some_and(|cs| cs.iter().all(|c| c.ready))
-    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_cell_killed_from_outside_is_replaced_per_restart_policy() {
-    assert!(nix_is_root(), "this test must run as root");
+    require_root();
     let cluster = TestCluster::connect().await;
     let namespace = cluster.namespace("cells-lost").await;
     let node_name = unique_name("cells-lost");
     let tmp = tempfile::tempdir().unwrap();
-    let config = write_config(tmp.path(), 1);
-    let cleanup = CellsCleanup(local_backend(&config).unwrap());
-    let backend = cleanup.0.clone();
+    let test_config = write_config(tmp.path(), ConfigOptions::new(1));
+    let cleanup = CellsCleanup::new(&test_config);
+    let config = test_config.config;
+    let backend = cleanup.backend();
     let (provider, stop) = start_node(&cluster, &node_name, &config).await;
     let pods = Api::<Pod>::namespaced(cluster.client(), namespace.name());
     let pod: Pod = serde_json::from_value(serde_json::json!({
@@ -366,79 +231,6 @@ async fn a_cell_killed_from_outside_is_replaced_per_restart_policy() {
     wait_for_deletion(&pods, "survivor", TIMEOUT).await;
     let _ = stop.send(true);
     provider.shutdown();
-    updraft_testing::cleanup_as_admin({
-        let name = node_name.clone();
-        move |client| async move {
-            let _ = Api::<Node>::all(client)
-                .delete(&name, &DeleteParams::default())
-                .await;
-        }
-    });
+    delete_node(&node_name);
     drop(cleanup);
-}
-
-/// Starts the node (and its kubelet API on a loopback port) with a cells provider from
-/// `config`; the sender stops both.
-async fn start_node(
-    cluster: &TestCluster,
-    node_name: &str,
-    config: &CellsConfig,
-) -> (Arc<CellsProvider>, tokio::sync::watch::Sender<bool>) {
-    let node_name = node_name.to_owned();
-    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .await
-        .unwrap();
-    let local = listener.local_addr().unwrap();
-    let ca = CertificateAuthority::load(&cluster.layout().pki()).unwrap();
-    let serving = ca
-        .issue(&Identity {
-            common_name: node_name.clone(),
-            dns_names: vec![node_name.clone()],
-            ip_addresses: vec![local.ip()],
-            server: true,
-            ..Identity::default()
-        })
-        .unwrap();
-    let serving =
-        ServingCertificate::from_pem(serving.cert_pem.as_bytes(), serving.key_pem.as_bytes())
-            .unwrap();
-    let tls = server_config(serving, Some(ca.cert_pem().as_bytes())).unwrap();
-    let client = cluster.node_client(&node_name).await;
-    let provider = Arc::new(
-        CellsProvider::from_config(config, &node_name)
-            .await
-            .unwrap(),
-    );
-    let auth = Arc::new(Auth::new(client.clone(), AuthConfig::new(&node_name)));
-    let app = protect(
-        routes(KubeletState {
-            provider: provider.clone(),
-            client: client.clone(),
-            node_name: node_name.clone(),
-            metrics: Arc::new(String::new),
-        }),
-        auth,
-    );
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let until_stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
-    tokio::spawn(serve(listener, tls, app, until_stopped(stopped.clone())));
-    let mut node_config = NodeConfig::new(&node_name, "cells");
-    node_config.internal_ip = local.ip().to_string();
-    node_config.kubelet_port = local.port();
-    let node = VirtualNode::new(client, node_config, provider.clone());
-    tokio::spawn(node.run(until_stopped(stopped)));
-    (provider, stop)
-}
-
-fn nix_is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(2) == Some("0"))
-        })
-        .unwrap_or(false)
 }
