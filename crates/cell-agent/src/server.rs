@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
@@ -20,8 +20,8 @@ use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use updraft_cell_api::frame::{PORT_FORWARD_PROTOCOL, STREAM_PROTOCOL};
 use updraft_cell_api::{
-    ApplyPodRequest, ApplyPodResponse, ContainerStats, ErrorBody, Frame, FrameCodec, LogOptions,
-    StatsResponse, StreamEnd, UsageStats, VersionInfo, VolumeContent,
+    ApplyPodRequest, ApplyPodResponse, ContainerStats, ErrorBody, Frame, FrameCodec, FrameError,
+    LogOptions, StatsResponse, StreamEnd, UsageStats, VersionInfo, VolumeContent,
 };
 use updraft_cell_runtime::{Cgroup, CgroupStats, ExecSpec, Stdio, StdioMode};
 
@@ -44,10 +44,27 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// A body that could not be read as `what`: the rejection's own status (400 malformed,
+    /// 413 too large, 415 not JSON, 422 wrong shape) with a message naming the expected type.
+    fn body(what: &str, e: &JsonRejection) -> Self {
+        Self(
+            e.status(),
+            format!("the body is not a valid {what}: {}", e.body_text()),
+        )
+    }
+    fn query(what: &str, e: &QueryRejection) -> Self {
+        Self::bad(format!("{what} query: {}", e.body_text()))
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let code = match self.0 {
             StatusCode::BAD_REQUEST => "BadRequest",
+            StatusCode::PAYLOAD_TOO_LARGE => "TooLarge",
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => "UnsupportedMediaType",
+            StatusCode::UNPROCESSABLE_ENTITY => "Invalid",
             StatusCode::NOT_FOUND => "NotFound",
             StatusCode::CONFLICT => "Conflict",
             StatusCode::SERVICE_UNAVAILABLE => "Unavailable",
@@ -67,6 +84,10 @@ impl IntoResponse for ApiError {
 
 type ApiResult<T> = Result<T, ApiError>;
 
+/// Largest request body: a pod's spec with the content of all its configMap/secret volumes
+/// (each object is at most about 1 MiB in Kubernetes) and its pull secrets, base64-encoded.
+pub const MAX_BODY_BYTES: usize = 32 << 20;
+
 /// The router of the API.
 pub fn router(agent: Arc<Agent>) -> Router {
     Router::new()
@@ -85,7 +106,28 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/stats", get(stats))
         .route("/v1/volumes/{name}", put(update_volume))
         .fallback(|| async { ApiError::not_found("no such route; this agent serves /v1/...") })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(refuse_oversized))
         .with_state(agent)
+}
+
+/// Answers a request that announces a body over [`MAX_BODY_BYTES`] at once, before any of it
+/// is read (the body limit alone would only trip after reading that much).
+async fn refuse_oversized(req: Request, next: axum::middleware::Next) -> Response {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|n| *n > MAX_BODY_BYTES as u64);
+    match declared {
+        Some(n) => ApiError(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("a body of {n} bytes exceeds this agent's limit of {MAX_BODY_BYTES} bytes"),
+        )
+        .into_response(),
+        None => next.run(req).await,
+    }
 }
 
 /// Serves the API on `listener` until `shutdown`: TLS with required client certificates, then
@@ -144,8 +186,7 @@ async fn apply(
     State(agent): State<Arc<Agent>>,
     body: Result<axum::Json<ApplyPodRequest>, JsonRejection>,
 ) -> ApiResult<axum::Json<ApplyPodResponse>> {
-    let axum::Json(request) =
-        body.map_err(|e| ApiError::bad(format!("the body is not an ApplyPodRequest: {e}")))?;
+    let axum::Json(request) = body.map_err(|e| ApiError::body("ApplyPodRequest", &e))?;
     match agent.apply(request).await {
         Ok((uid, version)) => Ok(axum::Json(ApplyPodResponse { uid, version })),
         Err(e @ crate::PodError::Invalid(_)) => Err(ApiError::bad(e.to_string())),
@@ -164,8 +205,9 @@ struct DeleteQuery {
 
 async fn delete_pod(
     State(agent): State<Arc<Agent>>,
-    Query(q): Query<DeleteQuery>,
+    q: Result<Query<DeleteQuery>, QueryRejection>,
 ) -> ApiResult<axum::Json<serde_json::Value>> {
+    let Query(q) = q.map_err(|e| ApiError::query("delete", &e))?;
     if agent
         .delete(q.grace_period_seconds.map(Duration::from_secs))
         .await
@@ -185,15 +227,16 @@ struct StatusQuery {
 
 async fn status(
     State(agent): State<Arc<Agent>>,
-    Query(q): Query<StatusQuery>,
-) -> axum::Json<updraft_cell_api::PodStatusResponse> {
+    q: Result<Query<StatusQuery>, QueryRejection>,
+) -> ApiResult<axum::Json<updraft_cell_api::PodStatusResponse>> {
+    let Query(q) = q.map_err(|e| ApiError::query("status", &e))?;
     let mut rx = agent.status();
     if let Some(after) = q.after {
         let wait = Duration::from_secs(q.wait_seconds.unwrap_or(30).min(300));
         let _ = tokio::time::timeout(wait, rx.wait_for(|s| s.version > after)).await;
     }
     let current = rx.borrow().clone();
-    axum::Json(current)
+    Ok(axum::Json(current))
 }
 
 #[derive(Deserialize, Default)]
@@ -214,9 +257,9 @@ struct LogQuery {
 async fn logs_route(
     State(agent): State<Arc<Agent>>,
     Path(container): Path<String>,
-    q: Result<Query<LogQuery>, axum::extract::rejection::QueryRejection>,
+    q: Result<Query<LogQuery>, QueryRejection>,
 ) -> ApiResult<Response> {
-    let Query(q) = q.map_err(|e| ApiError::bad(format!("log query: {e}")))?;
+    let Query(q) = q.map_err(|e| ApiError::query("log", &e))?;
     let options = LogOptions {
         follow: q.follow,
         tail_lines: q.tail_lines,
@@ -455,8 +498,16 @@ async fn exec(
             Stdio::Null => {}
         }
         drop(out_tx);
+        // Input ends when the client goes away (`None`: the process is killed below, nothing
+        // keeps running for nobody) or sends a frame this version cannot read (the stream
+        // ends with an error naming it).
         let input = async {
-            while let Some(Ok(frame)) = source.next().await {
+            loop {
+                let frame = match source.next().await {
+                    None => return None,
+                    Some(Err(e)) => return Some(e),
+                    Some(Ok(frame)) => frame,
+                };
                 match frame {
                     Frame::Stdin(b) => {
                         if let Some(f) = stdin_file.as_mut() {
@@ -479,10 +530,11 @@ async fn exec(
                             let _ = p.resize(size.height, size.width);
                         }
                     }
-                    _ => {}
+                    Frame::Stdout(_) | Frame::Stderr(_) | Frame::End(_) => {
+                        return Some(FrameError::Unexpected(frame.kind_name()));
+                    }
                 }
             }
-            std::future::pending::<()>().await
         };
         let output = async {
             while let Some(frame) = out_rx.recv().await {
@@ -507,12 +559,34 @@ async fn exec(
             let _ = sink.send(Frame::End(end)).await;
             let _ = sink.close().await;
         };
-        tokio::select! {
-            () = input => {}
-            () = output => {}
+        let bad_input = tokio::select! {
+            bad = input => bad,
+            () = output => return,
+        };
+        // The client is gone or broke the protocol: the exec'd process is killed when
+        // `process` drops at the end of this task.
+        if let Some(e) = bad_input {
+            let _ = process.kill();
+            end_with_error(&mut sink, &e).await;
         }
     });
     Ok(upgrade_response(STREAM_PROTOCOL))
+}
+
+/// Ends a stream whose client sent something unreadable: an end frame naming the problem.
+async fn end_with_error<S>(sink: &mut S, e: &FrameError)
+where
+    S: futures::Sink<Frame> + Unpin,
+{
+    tracing::info!(error = %e, "exec/attach stream ended by a bad frame from the client");
+    let end = StreamEnd {
+        exit_code: None,
+        error: Some(format!(
+            "bad frame from the client, stream closed: {e} (see updraft_cell_api::frame)"
+        )),
+    };
+    let _ = sink.send(Frame::End(end)).await;
+    let _ = sink.close().await;
 }
 
 /// Reads a process output into frames until EOF (EIO on a closed terminal counts as EOF).
@@ -587,8 +661,14 @@ async fn attach(
                 .ok(),
             None => None,
         };
+        // Input ends when the client goes away or sends a frame it may not send.
         let input = async {
-            while let Some(Ok(frame)) = source.next().await {
+            loop {
+                let frame = match source.next().await {
+                    None => return None,
+                    Some(Err(e)) => return Some(e),
+                    Some(Ok(frame)) => frame,
+                };
                 match frame {
                     Frame::Stdin(b) => {
                         if let Some(s) = stdin.as_mut() {
@@ -596,10 +676,13 @@ async fn attach(
                         }
                     }
                     Frame::CloseStdin => stdin = None,
-                    _ => {}
+                    // Attach has no terminal of its own to resize.
+                    Frame::Resize(_) => {}
+                    Frame::Stdout(_) | Frame::Stderr(_) | Frame::End(_) => {
+                        return Some(FrameError::Unexpected(frame.kind_name()));
+                    }
                 }
             }
-            std::future::pending::<()>().await
         };
         // Output comes from the container's log (complete lines, by stream).
         let output = async {
@@ -639,9 +722,12 @@ async fn attach(
             let _ = sink.send(Frame::End(StreamEnd::default())).await;
             let _ = sink.close().await;
         };
-        tokio::select! {
-            () = input => {}
-            () = output => {}
+        let bad_input = tokio::select! {
+            bad = input => bad,
+            () = output => return,
+        };
+        if let Some(e) = bad_input {
+            end_with_error(&mut sink, &e).await;
         }
     });
     let _ = LogStream::Stdout;
@@ -736,8 +822,7 @@ async fn update_volume(
     Path(name): Path<String>,
     body: Result<axum::Json<VolumeContent>, JsonRejection>,
 ) -> ApiResult<axum::Json<serde_json::Value>> {
-    let axum::Json(content) =
-        body.map_err(|e| ApiError::bad(format!("the body is not a VolumeContent: {e}")))?;
+    let axum::Json(content) = body.map_err(|e| ApiError::body("VolumeContent", &e))?;
     let pod = agent
         .pod()
         .await

@@ -520,3 +520,359 @@ spec:
     }
     t.finish().await;
 }
+
+#[tokio::test]
+async fn restart_policies_on_failure_never_and_always() {
+    let t = start_agent(Some(Duration::from_secs(1))).await;
+    let c = &t.client;
+    // OnFailure: a failed container runs again, one that succeeded does not; the pod Succeeds.
+    let req = pod(r#"
+metadata: {name: onfailure}
+spec:
+  restartPolicy: OnFailure
+  volumes: [{name: data, emptyDir: {}}]
+  containers:
+  - name: flaky
+    image: busybox
+    command: [sh, -c, 'if [ -f /data/ran ]; then echo second; exit 0; fi; touch /data/ran; echo first; exit 2']
+    volumeMounts: [{name: data, mountPath: /data}]
+  - name: ok
+    image: busybox
+    command: [sh, -c, 'exit 0']
+"#);
+    c.apply_pod(&req).await.unwrap();
+    let status = wait_status(c, "Succeeded", |s| s.phase.as_deref() == Some("Succeeded")).await;
+    let flaky = container(&status, "flaky").unwrap();
+    assert_eq!(flaky.restart_count, 1, "{flaky:?}");
+    let last = flaky
+        .last_state
+        .as_ref()
+        .unwrap()
+        .terminated
+        .as_ref()
+        .unwrap();
+    assert_eq!((last.exit_code, last.reason.as_deref()), (2, Some("Error")));
+    let now = flaky.state.as_ref().unwrap().terminated.as_ref().unwrap();
+    assert_eq!(
+        (now.exit_code, now.reason.as_deref()),
+        (0, Some("Completed"))
+    );
+    let ok = container(&status, "ok").unwrap();
+    assert_eq!(ok.restart_count, 0, "a success is not restarted: {ok:?}");
+    let previous = LogOptions {
+        previous: true,
+        ..Default::default()
+    };
+    assert_eq!(c.logs_string("flaky", &previous).await.unwrap(), "first\n");
+    assert_eq!(
+        c.logs_string("flaky", &LogOptions::default())
+            .await
+            .unwrap(),
+        "second\n"
+    );
+
+    // Never: a failing init container fails the pod; the app container never starts.
+    let req = pod(r#"
+metadata: {name: never}
+spec:
+  restartPolicy: Never
+  initContainers:
+  - name: setup
+    image: busybox
+    command: [sh, -c, 'exit 7']
+  containers:
+  - name: app
+    image: busybox
+    command: [sh, -c, 'echo should-not-run']
+"#);
+    c.apply_pod(&req).await.unwrap();
+    let status = wait_status(c, "Failed", |s| s.phase.as_deref() == Some("Failed")).await;
+    let setup = container(&status, "setup").unwrap();
+    let term = setup.state.as_ref().unwrap().terminated.as_ref().unwrap();
+    assert_eq!((term.exit_code, setup.restart_count), (7, 0), "{setup:?}");
+    let app = container(&status, "app").unwrap();
+    assert!(
+        app.state.as_ref().is_none_or(|s| s.waiting.is_some()) && app.restart_count == 0,
+        "the app container never ran: {app:?}"
+    );
+
+    // Always: even a container that exits 0 runs again.
+    let req = pod(r#"
+metadata: {name: always}
+spec:
+  restartPolicy: Always
+  containers:
+  - name: app
+    image: busybox
+    command: [sh, -c, 'echo done; exit 0']
+"#);
+    c.apply_pod(&req).await.unwrap();
+    let status = wait_status(c, "restarted twice", |s| {
+        container(s, "app").is_some_and(|a| a.restart_count >= 2)
+    })
+    .await;
+    assert_ne!(status.phase.as_deref(), Some("Succeeded"));
+    let last = container(&status, "app")
+        .and_then(|a| a.last_state.as_ref())
+        .and_then(|l| l.terminated.as_ref())
+        .unwrap();
+    assert_eq!(
+        (last.exit_code, last.reason.as_deref()),
+        (0, Some("Completed"))
+    );
+    t.finish().await;
+}
+
+/// Whether a process whose command line is exactly `cmdline` runs in the container.
+async fn runs(c: &CellClient, container: &str, cmdline: &str) -> bool {
+    let (out, _, _) = exec(c, container, &["ps", "-o", "args"]).await;
+    out.lines().any(|l| l.trim() == cmdline)
+}
+
+async fn wait_gone(c: &CellClient, container: &str, cmdline: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while runs(c, container, cmdline).await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{cmdline:?} still runs"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The JSON error body of an answer: (code, message).
+fn error_body(body: &str) -> (String, String) {
+    let e: updraft_cell_api::ErrorBody =
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("not an ErrorBody ({e}): {body:?}"));
+    (e.code, e.message)
+}
+
+#[tokio::test]
+async fn garbage_bodies_queries_and_frames_get_clear_errors_and_the_agent_keeps_serving() {
+    use futures::SinkExt;
+    use tokio_util::codec::Framed;
+    use updraft_cell_api::{Frame, FrameCodec};
+
+    let t = start_agent(None).await;
+    let c = &t.client;
+    let mut req = pod(r#"
+metadata: {name: target}
+spec:
+  terminationGracePeriodSeconds: 1
+  volumes: [{name: cfg, configMap: {name: cfg}}]
+  containers:
+  - name: app
+    image: busybox
+    stdin: true
+    command: [sh, -c, 'sleep 1000']
+    volumeMounts: [{name: cfg, mountPath: /cfg}]
+"#);
+    req.volumes.insert("cfg".into(), cfg("v1"));
+    c.apply_pod(&req).await.unwrap();
+    wait_status(c, "running", |s| running(s, "app")).await;
+
+    let put = |path: &str, content_type: Option<&str>, body: &[u8]| {
+        let mut r = format!(
+            "PUT {path} HTTP/1.1\r\nHost: updraft-cell\r\nConnection: close\r\nContent-Length: {}\r\n",
+            body.len()
+        );
+        if let Some(ct) = content_type {
+            r.push_str(&format!("Content-Type: {ct}\r\n"));
+        }
+        r.push_str("\r\n");
+        let mut r = r.into_bytes();
+        r.extend_from_slice(body);
+        r
+    };
+    let json = Some("application/json");
+    // Bodies: not JSON, JSON of the wrong shape, no content type, a volume update of garbage.
+    for (request, status, names) in [
+        (put("/v1/pod", json, b"{not json"), 400, "ApplyPodRequest"),
+        (
+            put("/v1/pod", json, b"{\"pod\": 5}"),
+            422,
+            "ApplyPodRequest",
+        ),
+        (put("/v1/pod", None, b"{}"), 415, "ApplyPodRequest"),
+        (
+            put("/v1/volumes/cfg", json, b"\x00\xff"),
+            400,
+            "VolumeContent",
+        ),
+        (
+            put(
+                "/v1/volumes/cfg",
+                json,
+                br#"{"files": [{"path": "k", "content": "!!"}]}"#,
+            ),
+            422,
+            "base64",
+        ),
+    ] {
+        let (got, body) = raw_request(&t, &request).await;
+        let (_, message) = error_body(&body);
+        assert!(
+            got == status && message.contains(names),
+            "{} → {got} {message:?}",
+            String::from_utf8_lossy(&request)
+        );
+    }
+    // Queries: wrong types are a 400 naming the query.
+    for path in [
+        "/v1/pod/status?after=abc",
+        "/v1/logs/app?tailLines=-1",
+        "/v1/pod?gracePeriodSeconds=soon",
+    ] {
+        let method = if path.starts_with("/v1/pod?") {
+            "DELETE"
+        } else {
+            "GET"
+        };
+        let (got, body) = raw_request(
+            &t,
+            format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await;
+        let (code, message) = error_body(&body);
+        assert_eq!(
+            (got, code.as_str()),
+            (400, "BadRequest"),
+            "{path}: {message}"
+        );
+        assert!(message.contains("query"), "{path}: {message}");
+    }
+    // An unknown route, an upgrade endpoint without the upgrade, HTTP that is not HTTP.
+    let (got, body) = raw_request(
+        &t,
+        b"GET /v2/pod HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!((got, error_body(&body).0.as_str()), (404, "NotFound"));
+    let (got, body) = raw_request(
+        &t,
+        b"POST /v1/exec/app?command=true HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+    )
+    .await;
+    assert!(
+        got == 400 && error_body(&body).1.contains("Upgrade"),
+        "{got} {body}"
+    );
+    let (got, _) = raw_request(&t, b"\x16\x03garbage\0\r\n\r\n").await;
+    assert_eq!(got, 400, "hyper answers unparsable HTTP with 400");
+
+    // A body over the limit is refused as too large, without reading it all.
+    let mut io = raw_tls(&t).await;
+    let huge = updraft_cell_agent::server::MAX_BODY_BYTES + 1;
+    io.write_all(
+        format!("PUT /v1/pod HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {huge}\r\n\r\n[")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    io.flush().await.unwrap();
+    let (got, _) = read_head(&mut io).await;
+    assert_eq!(got, 413);
+    drop(io);
+
+    // Plain TCP garbage where TLS is expected: the handshake fails, nothing else happens.
+    let mut tcp = tokio::net::TcpStream::connect(c.addr()).await.unwrap();
+    tcp.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+    let mut sink = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(30), tcp.read_to_end(&mut sink)).await;
+
+    // A garbage frame on an exec stream: an end frame names it and the process is killed.
+    let exec_head = |path: &str| {
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: {}\r\nContent-Length: 0\r\n\r\n",
+            updraft_cell_api::frame::STREAM_PROTOCOL
+        )
+    };
+    let mut io = raw_tls(&t).await;
+    io.write_all(
+        exec_head("/v1/exec/app?command=sleep&command=777&stdin=true&stdout=true").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let (got, head) = read_head(&mut io).await;
+    assert_eq!(got, 101, "{head}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !runs(c, "app", "sleep 777").await {
+        assert!(tokio::time::Instant::now() < deadline, "exec never started");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    io.write_all(&[9, 0, 0, 0, 0]).await.unwrap();
+    io.flush().await.unwrap();
+    let mut frames = Framed::new(io, FrameCodec);
+    let end = loop {
+        match tokio::time::timeout(Duration::from_secs(30), frames.next())
+            .await
+            .unwrap()
+        {
+            Some(Ok(Frame::End(end))) => break end,
+            Some(Ok(_)) => {}
+            other => panic!("no end frame: {other:?}"),
+        }
+    };
+    let error = end.error.unwrap_or_default();
+    assert!(error.contains("unknown frame kind 9"), "{error}");
+    wait_gone(c, "app", "sleep 777").await;
+
+    // A client that goes away: its exec'd process does not stay behind.
+    let session = c
+        .exec(
+            "app",
+            &ExecOptions {
+                command: vec!["sleep".into(), "778".into()],
+                stdin: true,
+                stdout: true,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !runs(c, "app", "sleep 778").await {
+        assert!(tokio::time::Instant::now() < deadline, "exec never started");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(session);
+    wait_gone(c, "app", "sleep 778").await;
+
+    // An attach stream that receives an output frame from the client ends with an error.
+    let mut io = raw_tls(&t).await;
+    io.write_all(exec_head("/v1/attach/app?stdin=true&stdout=true").as_bytes())
+        .await
+        .unwrap();
+    let (got, head) = read_head(&mut io).await;
+    assert_eq!(got, 101, "{head}");
+    let mut frames = Framed::new(io, FrameCodec);
+    frames
+        .send(Frame::Stdout(bytes::Bytes::from_static(b"x")))
+        .await
+        .unwrap();
+    let end = loop {
+        match tokio::time::timeout(Duration::from_secs(30), frames.next())
+            .await
+            .unwrap()
+        {
+            Some(Ok(Frame::End(end))) => break end,
+            Some(Ok(_)) => {}
+            other => panic!("no end frame: {other:?}"),
+        }
+    };
+    assert!(
+        end.error
+            .as_deref()
+            .is_some_and(|e| e.contains("stdout frame")),
+        "{end:?}"
+    );
+
+    // After all that the agent still serves and the pod still runs, untouched.
+    c.ping().await.unwrap();
+    let status = c.pod_status(None, Duration::ZERO).await.unwrap().status;
+    assert!(running(&status, "app"));
+    assert_eq!(container(&status, "app").unwrap().restart_count, 0);
+    let (out, _, _) = exec(c, "app", &["cat", "/cfg/key"]).await;
+    assert_eq!(out, "v1", "no garbage volume update was applied");
+    t.finish().await;
+}

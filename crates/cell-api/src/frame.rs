@@ -13,7 +13,8 @@
 //! | 4 | close-stdin | client → agent | empty; the process sees end of file |
 //! | 5 | end | agent → client | JSON [`StreamEnd`]: exit code or error; the last frame |
 //!
-//! Unknown kinds and oversized frames are protocol errors that end the stream.
+//! Unknown kinds, oversized frames and frames sent in the wrong direction are protocol errors
+//! that end the stream (the agent answers them with an end frame naming the problem).
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
@@ -44,6 +45,20 @@ pub enum Frame {
     End(StreamEnd),
 }
 
+impl Frame {
+    /// The frame's name in the table of the module docs.
+    pub fn kind_name(&self) -> &'static str {
+        match self {
+            Self::Stdin(_) => "stdin",
+            Self::Stdout(_) => "stdout",
+            Self::Stderr(_) => "stderr",
+            Self::Resize(_) => "resize",
+            Self::CloseStdin => "close-stdin",
+            Self::End(_) => "end",
+        }
+    }
+}
+
 /// Errors of the frame codec.
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
@@ -56,6 +71,9 @@ pub enum FrameError {
     /// A frame longer than [`MAX_PAYLOAD`].
     #[error("frame of {0} bytes exceeds the {MAX_PAYLOAD}-byte limit")]
     TooLong(usize),
+    /// A frame the receiving side never accepts (e.g. stdout sent by the client).
+    #[error("a {0} frame may not be sent in this direction")]
+    Unexpected(&'static str),
     /// A resize or end frame whose JSON did not parse.
     #[error("invalid {kind} frame: {source}")]
     Json {

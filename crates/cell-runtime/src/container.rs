@@ -200,6 +200,11 @@ impl ExecProcess {
     pub async fn wait(&mut self) -> Result<ExitStatus> {
         self.process.wait().await
     }
+
+    /// SIGKILLs the process (its reaping is left to [`Self::wait`] or drop).
+    pub fn kill(&self) -> Result<()> {
+        self.process.signal(Signal::SIGKILL)
+    }
 }
 
 /// Options of [`Container::exec`].

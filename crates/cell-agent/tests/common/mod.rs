@@ -252,3 +252,68 @@ pub async fn exec(client: &CellClient, container: &str, argv: &[&str]) -> (Strin
         end.exit_code.unwrap_or(-1),
     )
 }
+
+/// A TLS connection to the agent with the provider's client certificate, for speaking raw
+/// (possibly broken) HTTP and frames to it.
+pub async fn raw_tls(t: &TestAgent) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in updraft_cell_api::client::certs_from_pem(t.pki.ca.as_bytes()).unwrap() {
+        roots.add(ca).unwrap();
+    }
+    let certs = updraft_cell_api::client::certs_from_pem(t.pki.client_cert.as_bytes()).unwrap();
+    let key = updraft_cell_api::client::key_from_pem(t.pki.client_key.as_bytes()).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_client_auth_cert(certs, key)
+    .unwrap();
+    let tcp = tokio::net::TcpStream::connect(t.client.addr())
+        .await
+        .unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(
+            rustls::pki_types::ServerName::try_from(updraft_cell_api::SERVER_NAME).unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap()
+}
+
+/// Reads an HTTP response head (through the blank line) byte by byte, so nothing after it is
+/// consumed; returns the status code and the head.
+pub async fn read_head(io: &mut (impl tokio::io::AsyncRead + Unpin)) -> (u16, String) {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(30), io.read(&mut b))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n == 1, "connection closed in the response head: {head:?}");
+        head.push(b[0]);
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap();
+    (status, head)
+}
+
+/// Sends `request` verbatim (it should say `Connection: close`) and returns the status and
+/// the body.
+pub async fn raw_request(t: &TestAgent, request: &[u8]) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut io = raw_tls(t).await;
+    io.write_all(request).await.unwrap();
+    io.flush().await.unwrap();
+    let (status, _) = read_head(&mut io).await;
+    let mut body = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(30), io.read_to_end(&mut body)).await;
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
