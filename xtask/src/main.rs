@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 mod bench;
+mod bench_cells;
 mod bench_exec;
 mod bench_forward;
 mod demo;
@@ -85,6 +86,20 @@ enum Bench {
         #[arg(long, default_value_t = 4)]
         mib: usize,
     },
+    /// Pods on local cells with the cells provider: time from binding to Ready for one pod
+    /// and for a burst, cold or with a standby pool; the memory the cells take.
+    Cells {
+        /// Pods in the burst.
+        #[arg(long, default_value_t = 50)]
+        count: usize,
+        /// Idle cells the provider keeps pre-started (its standby pool); 0 measures cold
+        /// starts.
+        #[arg(long, default_value_t = 0)]
+        standby: u32,
+        /// Updraft's pod workers (pods started at once).
+        #[arg(long, default_value_t = 64)]
+        pod_workers: usize,
+    },
 }
 
 #[derive(Subcommand)]
@@ -146,6 +161,21 @@ fn run(cli: Cli) -> Result<ExitCode> {
         } => runtime.block_on(bench_exec::run(
             &layout,
             bench_exec::ExecBench { sessions, hold },
+        ))?,
+        Task::Bench {
+            bench:
+                Bench::Cells {
+                    count,
+                    standby,
+                    pod_workers,
+                },
+        } => runtime.block_on(bench_cells::run(
+            &layout,
+            bench_cells::CellsBench {
+                count,
+                standby,
+                pod_workers,
+            },
         ))?,
         Task::Bench {
             bench:
