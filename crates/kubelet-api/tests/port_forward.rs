@@ -15,7 +15,9 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use updraft_testing::TestCluster;
 
-use support::{TIMEOUT, kubectl_port_forward, running_pod, start_loopback_node};
+use support::{
+    TIMEOUT, kubectl_port_forward, kubectl_port_forward_with_env, running_pod, start_loopback_node,
+};
 
 const MIB: usize = 1024 * 1024;
 
@@ -289,4 +291,52 @@ async fn when_kubectl_goes_away_the_connection_in_the_pod_is_closed() {
     )
     .await;
     drop(conn);
+}
+
+/// Legacy clients speak SPDY to the API server, which passes the upgrade through to the node
+/// unchanged: kubectl does so with its WebSocket port-forward turned off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kubectl_port_forward_over_spdy_end_to_end() {
+    let cluster = TestCluster::connect().await;
+    let ns = cluster.namespace("port-forward").await;
+    let node = start_loopback_node(&cluster).await;
+    running_pod(
+        &cluster,
+        ns.name(),
+        &node.name,
+        "legacy",
+        serde_json::json!([{"name": "main", "image": "busybox"}]),
+    )
+    .await;
+    let server_port = answering_server(|mut got| {
+        got.reverse();
+        got
+    })
+    .await;
+    let forward = kubectl_port_forward_with_env(
+        &cluster,
+        ns.name(),
+        "legacy",
+        server_port,
+        &[("KUBECTL_PORT_FORWARD_WEBSOCKETS", "false")],
+    )
+    .await;
+    let message = pattern(256 * 1024, 7);
+    let mut conn = TcpStream::connect(("127.0.0.1", forward.local_port))
+        .await
+        .unwrap();
+    conn.write_all(&message).await.unwrap();
+    conn.shutdown().await.unwrap();
+    let mut answer = Vec::new();
+    within("the answer over SPDY", conn.read_to_end(&mut answer))
+        .await
+        .unwrap();
+    let mut expected = message;
+    expected.reverse();
+    assert!(
+        answer == expected,
+        "got {} bytes back, not the message reversed; kubectl stderr:\n{}",
+        answer.len(),
+        forward.stderr()
+    );
 }

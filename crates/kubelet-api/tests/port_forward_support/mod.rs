@@ -192,7 +192,19 @@ pub async fn kubectl_port_forward(
     pod: &str,
     remote_port: u16,
 ) -> KubectlPortForward {
+    kubectl_port_forward_with_env(cluster, namespace, pod, remote_port, &[]).await
+}
+
+/// [`kubectl_port_forward`] with extra environment variables for kubectl.
+pub async fn kubectl_port_forward_with_env(
+    cluster: &TestCluster,
+    namespace: &str,
+    pod: &str,
+    remote_port: u16,
+    env: &[(&str, &str)],
+) -> KubectlPortForward {
     let mut command = tokio::process::Command::from(cluster.kubectl());
+    command.envs(env.iter().copied());
     command
         .args(["port-forward", "-n", namespace, "--address", "127.0.0.1"])
         .arg(format!("pod/{pod}"))
