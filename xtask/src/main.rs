@@ -4,7 +4,8 @@
 //!   control plane built from its Go modules, kubectl).
 //! - `cargo xtask cluster up|down|status|env|kubeconfig`: the local control plane.
 //! - `cargo xtask test`: everything the tests need, then the whole test suite.
-//! - `cargo xtask demo`: a local control plane with Updraft and a pod running.
+//! - `cargo xtask demo [--down]`: a local control plane, Updraft with local cells and a
+//!   Deployment whose replicas run on their own cells (`--down` terminates it all).
 #![forbid(unsafe_code)]
 
 mod bench;
@@ -12,6 +13,7 @@ mod bench_cells;
 mod bench_exec;
 mod bench_forward;
 mod demo;
+mod demo_registry;
 mod deps;
 mod node_process;
 
@@ -44,8 +46,14 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         cargo_args: Vec<String>,
     },
-    /// Run the demo: a local control plane, Updraft as a virtual node, a pod running.
-    Demo,
+    /// Run the demo: a local control plane, Updraft as a virtual node with local cells, a
+    /// Deployment whose replicas each run on their own cell.
+    Demo {
+        /// Tear the demo down instead: delete the Deployment, terminate every cell, stop
+        /// Updraft and the registry (the control plane stays up).
+        #[arg(long)]
+        down: bool,
+    },
     /// Benchmarks (results go to BENCHMARKS.md).
     Bench {
         #[command(subcommand)]
@@ -192,7 +200,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 mib,
             },
         ))?,
-        Task::Demo => {
+        Task::Demo { down: true } => runtime.block_on(demo::down(&layout))?,
+        Task::Demo { down: false } => {
             deps::install_packages()?;
             runtime.block_on(demo::run(&layout))?
         }
