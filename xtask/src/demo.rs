@@ -238,7 +238,7 @@ pub async fn run(layout: &Layout) -> anyhow::Result<()> {
         &format!("kubectl logs {first} --tail 1"),
         kubectl(layout).args(["logs", first, "--tail", "1"]),
     )?;
-    let exec_script = "echo \"exec in $(hostname): $(nproc) CPUs visible, cgroup $(cat /proc/self/cgroup | tail -1)\"";
+    let exec_script = "echo \"exec in $(hostname) as $(id -un), pid 1 is $(cat /proc/1/comm)\"";
     show(
         &format!("kubectl exec {first} -- sh -c '{exec_script}'"),
         kubectl(layout).args(["exec", first, "--", "sh", "-c", exec_script]),
@@ -403,8 +403,10 @@ pub async fn down(layout: &Layout) -> anyhow::Result<()> {
         println!("stopped Updraft ({NODE})");
     }
     if files.config.exists() {
-        let terminated = terminate_cells(&files.config)?;
-        println!("cells terminated: {terminated}; bridge and cgroups removed");
+        match terminate_cells(&files.config)? {
+            0 => println!("every cell is terminated; bridge and cgroups removed"),
+            n => println!("terminated {n} cells Updraft had left; bridge and cgroups removed"),
+        }
     }
     for name in demo_registry::stop(layout)? {
         println!("stopped {name}");

@@ -206,12 +206,35 @@ fn console_tails(config: &CellsConfig, rows: &[&CellRow]) -> BTreeMap<String, St
     };
     for row in rows {
         if let Ok(console) = local.console_output(&row.cell.id) {
+            let console = strip_terminal_escapes(&console);
             let lines: Vec<&str> = console.lines().collect();
             let tail = lines[lines.len().saturating_sub(CONSOLE_LINES)..].join("\n");
             tails.insert(row.cell.id.to_string(), tail);
         }
     }
     tails
+}
+
+/// The text without terminal escape sequences (`ESC [ … letter`), which an agent writing
+/// coloured logs leaves in its console.
+pub fn strip_terminal_escapes(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            if chars.peek() == Some(&'[') {
+                chars.next();
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+            continue;
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// How many console lines `describe` shows.

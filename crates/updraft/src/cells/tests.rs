@@ -324,3 +324,12 @@ fn select_shows_the_choice_its_price_and_runners_up() {
         decision.runners_up.len()
     );
 }
+
+#[test]
+fn console_escapes_are_removed() {
+    assert_eq!(
+        strip_terminal_escapes("\u{1b}[2m2026\u{1b}[0m \u{1b}[32m INFO\u{1b}[0m serving"),
+        "2026  INFO serving"
+    );
+    assert_eq!(strip_terminal_escapes("plain"), "plain");
+}
