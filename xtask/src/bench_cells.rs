@@ -153,6 +153,11 @@ fn terminate_all(backend: &updraft_cells_local::LocalBackend) -> anyhow::Result<
         backend.terminate_blocking(&cell.id)?;
     }
     let _ = backend.remove_bridge_if_unused();
+    // Each cell's cgroups go with it; the parent is the bench's.
+    for hierarchy in std::fs::read_dir("/sys/fs/cgroup")?.flatten() {
+        let _ = std::fs::remove_dir(hierarchy.path().join(CGROUP_PARENT));
+    }
+    let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(CGROUP_PARENT));
     Ok(terminated)
 }
 
