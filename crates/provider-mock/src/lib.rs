@@ -42,10 +42,10 @@ use std::time::Duration;
 use futures::StreamExt as _;
 use futures::stream::BoxStream;
 use k8s_openapi::api::core::v1::{
-    ContainerState, ContainerStateRunning, ContainerStateTerminated, ContainerStateWaiting,
-    ContainerStatus, Pod, PodCondition, PodIP, PodStatus,
+    Container, ContainerState, ContainerStateRunning, ContainerStateTerminated,
+    ContainerStateWaiting, ContainerStatus, Pod, PodCondition, PodIP, PodSpec, PodStatus,
 };
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use tokio::sync::mpsc;
 use updraft_provider::{
     ContainerAttach, ContainerExec, ContainerLogs, ExecRequest, ExitStatus, LogOptions, LogStream,
@@ -469,6 +469,44 @@ fn conditions(ready: bool, now: &Time) -> Vec<PodCondition> {
     .collect()
 }
 
+/// What the mock keeps of a pod it is handed: identity, annotations, restart policy and the
+/// containers' names, images and resources (its statuses and stats are built from those),
+/// plus the resolved env and files that tests read back. Not the whole pod: the node's
+/// cache holds that, and a second full copy per pod would double the node's memory in the
+/// benchmarks, which run on this provider.
+fn kept(resolved: &ResolvedPod) -> ResolvedPod {
+    let pod = &resolved.pod;
+    let slim = Pod {
+        metadata: ObjectMeta {
+            name: pod.metadata.name.clone(),
+            namespace: pod.metadata.namespace.clone(),
+            uid: pod.metadata.uid.clone(),
+            annotations: pod.metadata.annotations.clone(),
+            ..Default::default()
+        },
+        spec: pod.spec.as_ref().map(|spec| PodSpec {
+            containers: spec
+                .containers
+                .iter()
+                .map(|c| Container {
+                    name: c.name.clone(),
+                    image: c.image.clone(),
+                    resources: c.resources.clone(),
+                    ..Default::default()
+                })
+                .collect(),
+            restart_policy: spec.restart_policy.clone(),
+            ..Default::default()
+        }),
+        status: None,
+    };
+    ResolvedPod {
+        pod: Arc::new(slim),
+        env: resolved.env.clone(),
+        volumes: resolved.volumes.clone(),
+    }
+}
+
 fn container_statuses(
     pod: &Pod,
     pod_ref: &PodRef,
@@ -557,7 +595,7 @@ impl Provider for MockProvider {
                 key.clone(),
                 MockPod {
                     pod: pod_ref,
-                    resolved: resolved.clone(),
+                    resolved: kept(resolved),
                     status,
                     timer: None,
                     sandbox: None,
@@ -596,7 +634,7 @@ impl Provider for MockProvider {
             .get_mut(&(pod_ref.namespace.clone(), pod_ref.name.clone()))
         {
             Some(entry) if entry.pod.uid == pod_ref.uid => {
-                entry.resolved = resolved.clone();
+                entry.resolved = kept(resolved);
                 Ok(())
             }
             _ => Err(ProviderError::NotFound(format!("pod {pod_ref}"))),
