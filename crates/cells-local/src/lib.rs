@@ -758,6 +758,11 @@ impl Inner {
         if found.phase == Phase::Terminating || found.phase == Phase::Terminated {
             return Err(not_standby("it is terminated".into()));
         }
+        // The start in progress writes its own copy of the record when the cell is launched:
+        // a claim before that would be overwritten.
+        if found.phase != Phase::Launched {
+            return Err(not_standby("it is still starting".into()));
+        }
         match current {
             Some(current) if current.controller_id != identity.controller_id => Err(not_standby(
                 format!("it belongs to controller {}", current.controller_id),

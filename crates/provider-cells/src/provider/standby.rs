@@ -177,11 +177,12 @@ impl Inner {
             .filter(|cell| {
                 cell.instance_type == instance_type
                     && cell.launch_type == decision.launch_type
-                    && matches!(cell.state, CellState::Running | CellState::Pending)
+                    // A pending cell may still be inside the start call that creates it.
+                    && cell.state == CellState::Running
             })
             .collect();
-        // Running before pending, oldest first: the likeliest to have an agent that answers.
-        candidates.sort_by_key(|cell| (cell.state != CellState::Running, cell.launch_time));
+        // Oldest first: the likeliest to have an agent that answers.
+        candidates.sort_by_key(|cell| cell.launch_time);
         let identity = self.identity(resolved);
         let name = cell_name(&self.settings.name_tag, &pod_ref);
         let mut taken = None;
