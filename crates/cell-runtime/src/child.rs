@@ -301,6 +301,14 @@ pub(crate) fn run(plan: &ChildPlan) -> isize {
     let rc = unsafe { libc::syscall(libc::SYS_setresuid, uid, uid, uid) };
     step!(plan, 14, Errno::result(rc).map(drop));
     step!(plan, 15, chdir(plan.cwd.as_c_str()));
+    // Rust's runtime ignores SIGPIPE in this process, and an ignored disposition survives
+    // execve: the container's processes must get the default, or a writer into a closed pipe
+    // (`yes | head`) spins on EPIPE forever instead of dying.
+    // SAFETY: sigaction with a constant disposition is async-signal-safe; no memory is passed.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL)
+    };
     let mut last = Errno::ENOENT;
     for path in &plan.exec_candidates {
         // nix's execve allocates its pointer arrays, which could deadlock on a malloc lock held

@@ -28,6 +28,22 @@ async fn runs_busybox_with_output_exit_codes_and_isolation() {
             (ExitStatus::Exited(0), ExitReason::Completed, "hello\n")
         );
 
+        // SIGPIPE has its default disposition (the agent's own is ignored): `yes` dies when
+        // `head` is done instead of spinning on EPIPE forever.
+        let (exit, out, _) = run(
+            &sandbox,
+            container_spec(
+                "pipe",
+                rootfs.path(),
+                &["sh", "-c", "yes | head -n 2; echo done"],
+            ),
+        )
+        .await;
+        assert_eq!(
+            (exit.status, out.as_str()),
+            (ExitStatus::Exited(0), "y\ny\ndone\n")
+        );
+
         let (exit, _, _) = run(
             &sandbox,
             container_spec("three", rootfs.path(), &["sh", "-c", "exit 3"]),
