@@ -123,6 +123,14 @@ pub struct RunArgs {
     /// Let requests without credentials through as `system:anonymous` (still authorized).
     #[arg(long, env = "UPDRAFT_ANONYMOUS_AUTH")]
     pub anonymous_auth: bool,
+    /// Close an exec, attach or port-forward connection that carried no traffic either way
+    /// for this long (the kubelet's flag and default; units h, m, s, ms, e.g. `1h30m`).
+    #[arg(long, env = "UPDRAFT_STREAMING_CONNECTION_IDLE_TIMEOUT", default_value = "4h", value_parser = parse_duration)]
+    pub streaming_connection_idle_timeout: std::time::Duration,
+    /// How long a SPDY client may take to open the streams of an exec, attach or
+    /// port-forward session.
+    #[arg(long, env = "UPDRAFT_STREAM_CREATION_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub stream_creation_timeout: std::time::Duration,
     /// Log filter (`info`, `updraft_node=debug`, …).
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     pub log_level: String,
@@ -135,6 +143,35 @@ fn parse_label(text: &str) -> Result<(String, String), String> {
     text.split_once('=')
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .ok_or_else(|| format!("{text:?} is not KEY=VALUE"))
+}
+
+/// A duration the way the kubelet's flags take it: numbers with units `h`, `m`, `s` or `ms`,
+/// one after the other (`4h`, `1h30m`, `500ms`).
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let bad = || format!("{text:?} is not a duration like 4h, 1h30m, 30s or 500ms");
+    let mut total = std::time::Duration::ZERO;
+    let mut rest = text.trim();
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+        let number: u64 = rest[..digits].parse().map_err(|_| bad())?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let seconds_per_unit = match &rest[..unit_len] {
+            "h" => 3600.0,
+            "m" => 60.0,
+            "s" => 1.0,
+            "ms" => 0.001,
+            _ => return Err(bad()),
+        };
+        total += std::time::Duration::from_secs_f64(number as f64 * seconds_per_unit);
+        rest = &rest[unit_len..];
+    }
+    Ok(total)
 }
 
 /// The mock provider's config file.
@@ -233,6 +270,18 @@ pub fn init_logging(args: &RunArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_parse_like_the_kubelets_flags() {
+        use std::time::Duration;
+        assert_eq!(parse_duration("4h"), Ok(Duration::from_secs(4 * 3600)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        for bad in ["", "4", "h", "4x", "-1s", "1.5h"] {
+            let err = parse_duration(bad).unwrap_err();
+            assert!(err.contains("not a duration"), "{bad}: {err}");
+        }
+    }
 
     #[test]
     fn config_file_errors_name_the_field() {

@@ -9,6 +9,7 @@ use updraft_kubelet_api::auth::{Auth, AuthConfig};
 use updraft_kubelet_api::csr::{ServingRequest, keep_renewed, request_serving_certificate};
 use updraft_kubelet_api::routes::{KubeletOptions, KubeletState, PodLookup, routes_with};
 use updraft_kubelet_api::server::{protect, serve};
+use updraft_kubelet_api::streaming::StreamingConfig;
 use updraft_kubelet_api::tls::{ServingCertificate, server_config};
 use updraft_node::VirtualNode;
 use updraft_provider::Provider;
@@ -175,7 +176,10 @@ async fn run_with<P: Provider>(
     // Pods are looked up in the node's own watch cache: no API request per exec or log call.
     let options = KubeletOptions {
         pods: PodLookup::Cache(node.pods()),
-        ..KubeletOptions::default()
+        streaming: StreamingConfig {
+            idle_timeout: args.streaming_connection_idle_timeout,
+            stream_creation_timeout: args.stream_creation_timeout,
+        },
     };
     let app = protect(routes_with(kubelet, options), auth);
     let listener = tokio::net::TcpListener::bind(listen)
