@@ -11,13 +11,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt as _;
-use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
+use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::api::{Api, DeleteParams, PostParams};
 use kube::runtime::watcher::{self, Event};
 use updraft_devcluster::pki::{CertificateAuthority, Identity};
 use updraft_devcluster::{Layout, cluster};
 
-use crate::node_process::{build_updraft, node_files, start_node, wait, wait_node_ready};
+use crate::node_process::{
+    build_updraft, create_bench_namespace, node_files, start_node, wait_node_ready,
+};
 
 const NODE: &str = "updraft-bench";
 const PORT: u16 = 10251;
@@ -166,22 +168,7 @@ pub async fn run(layout: &Layout, bench: PodBench) -> anyhow::Result<()> {
     wait_node_empty(&client).await?;
 
     let namespace = format!("bench-{}", std::process::id());
-    let ns: Namespace =
-        serde_json::from_value(serde_json::json!({"metadata": {"name": namespace}}))?;
-    Api::<Namespace>::all(client.clone())
-        .create(&PostParams::default(), &ns)
-        .await?;
-    // A real namespace has its `default` ServiceAccount long before pods arrive; a fresh one
-    // gets it from the controller manager a moment later, and pods created before that would
-    // measure the controller manager, not Updraft.
-    wait(
-        &Api::<ServiceAccount>::namespaced(client.clone(), &namespace),
-        "default",
-        "the namespace's default ServiceAccount",
-        Duration::from_secs(60),
-        |_| true,
-    )
-    .await?;
+    create_bench_namespace(&client, &namespace).await?;
     let pods = Api::<Pod>::namespaced(client.clone(), &namespace);
 
     let requests_before = api_requests(&metrics_client).await?;

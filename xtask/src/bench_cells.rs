@@ -20,12 +20,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use futures::StreamExt as _;
-use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
+use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::api::{Api, DeleteParams, PostParams};
 use kube::runtime::watcher::{self, Event};
 use updraft_devcluster::{Layout, cluster};
 
-use crate::node_process::{node_files, wait, wait_node_ready};
+use crate::node_process::{create_bench_namespace, node_files, wait_node_ready};
 
 const NODE: &str = "updraft-bench-cells";
 const PORT: u16 = 10252;
@@ -434,19 +434,7 @@ async fn measure(
     wait_node_ready(client.clone(), NODE).await?;
     wait_drained(&client, backend).await?;
     let namespace = format!("bench-cells-{}", std::process::id());
-    let ns: Namespace =
-        serde_json::from_value(serde_json::json!({"metadata": {"name": namespace}}))?;
-    Api::<Namespace>::all(client.clone())
-        .create(&PostParams::default(), &ns)
-        .await?;
-    wait(
-        &Api::<ServiceAccount>::namespaced(client.clone(), &namespace),
-        "default",
-        "the namespace's default ServiceAccount",
-        Duration::from_secs(60),
-        |_| true,
-    )
-    .await?;
+    create_bench_namespace(&client, &namespace).await?;
     let pods = Api::<Pod>::namespaced(client.clone(), &namespace);
     let result = async {
         if bench.standby > 0 {

@@ -105,3 +105,22 @@ pub async fn wait_node_ready(client: kube::Client, node: &str) -> anyhow::Result
     )
     .await
 }
+
+/// Creates namespace `name` and waits until it has its `default` ServiceAccount: a real
+/// namespace has it long before pods arrive, and pods created before the controller manager
+/// adds it would measure the controller manager, not Updraft.
+pub async fn create_bench_namespace(client: &kube::Client, name: &str) -> anyhow::Result<()> {
+    let ns: k8s_openapi::api::core::v1::Namespace =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": name}}))?;
+    Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone())
+        .create(&kube::api::PostParams::default(), &ns)
+        .await?;
+    wait(
+        &Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(client.clone(), name),
+        "default",
+        "the namespace's default ServiceAccount",
+        Duration::from_secs(60),
+        |_| true,
+    )
+    .await
+}

@@ -789,13 +789,17 @@ impl Pod {
             if !lock(&self.pumped).insert(format!("{}.{suffix}", c.name)) {
                 continue;
             }
+            // Opened here, before the container starts, not in the task: a container that
+            // writes and exits before a reader holds the FIFO would take its output with it
+            // (the pipe's buffer goes with its last open descriptor).
+            let Ok(rx) = tokio::net::unix::pipe::OpenOptions::new()
+                .read_write(true)
+                .open_receiver(&path)
+            else {
+                lock(&self.pumped).remove(&format!("{}.{suffix}", c.name));
+                continue;
+            };
             let handle = tokio::spawn(async move {
-                let Ok(rx) = tokio::net::unix::pipe::OpenOptions::new()
-                    .read_write(true)
-                    .open_receiver(&path)
-                else {
-                    return;
-                };
                 let mut buf = vec![0u8; 64 << 10];
                 loop {
                     tokio::select! {
