@@ -215,13 +215,14 @@ async fn forward_pod_changes(
     let mut listed = Vec::new();
     while let Some(event) = events.next().await {
         let ready = match event {
-            Ok(watcher::Event::Apply(pod)) => vec![pod],
+            Ok(watcher::Event::Apply(pod)) => vec![ObjectRef::from_obj(&pod)],
             Ok(watcher::Event::Init) => {
                 listed.clear();
                 continue;
             }
+            // Only the reference is kept: the reflector already holds the listed pod.
             Ok(watcher::Event::InitApply(pod)) => {
-                listed.push(pod);
+                listed.push(ObjectRef::from_obj(&pod));
                 continue;
             }
             Ok(watcher::Event::InitDone) => std::mem::take(&mut listed),
@@ -233,7 +234,7 @@ async fn forward_pod_changes(
             }
         };
         for pod in ready {
-            if trigger.send(ObjectRef::from_obj(&pod)).is_err() {
+            if trigger.send(pod).is_err() {
                 return;
             }
         }
