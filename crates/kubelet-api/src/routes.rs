@@ -14,6 +14,8 @@ use axum::extract::{Path, Query, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
+use futures::FutureExt as _;
+use futures::future::{BoxFuture, Shared};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams, ObjectList};
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -44,12 +46,33 @@ pub struct KubeletState {
 #[derive(Clone, Default)]
 pub enum PodLookup {
     /// The node's own watch cache (`VirtualNode::pods`): no API request per lookup, so a
-    /// burst of exec or port-forward sessions costs the API server nothing.
-    Cache(Store<Pod>),
+    /// burst of exec or port-forward sessions costs the API server nothing. Built with
+    /// [`PodLookup::cache`].
+    Cache {
+        /// The cache.
+        store: Store<Pod>,
+        /// Resolves once the cache has its first list. Requests share this one future:
+        /// kube-runtime's `Store::wait_until_ready` wakes only the last of several concurrent
+        /// waiters, so simultaneous requests at start-up would wait out the timeout.
+        listed: Shared<BoxFuture<'static, bool>>,
+    },
     /// A `GET` of the pod (a `LIST` for `/pods`) from the API server per request, for
     /// callers without the node's cache.
     #[default]
     ApiServer,
+}
+
+impl PodLookup {
+    /// Lookups in the node's watch cache `store`.
+    pub fn cache(store: Store<Pod>) -> Self {
+        let listed = {
+            let store = store.clone();
+            async move { store.wait_until_ready().await.is_ok() }
+                .boxed()
+                .shared()
+        };
+        Self::Cache { store, listed }
+    }
 }
 
 /// How long a lookup waits for the node's pod cache to finish its first list (at start-up)
@@ -122,8 +145,8 @@ pub fn provider_error(err: &ProviderError) -> Response {
 /// The pods bound to this node (from the node's cache when it has one).
 async fn pods(State(endpoints): State<Endpoints>) -> Response {
     let state = &endpoints.state;
-    if let PodLookup::Cache(store) = &endpoints.options.pods {
-        if let Err(response) = cache_synced(store).await {
+    if let PodLookup::Cache { store, listed } = &endpoints.options.pods {
+        if let Err(response) = cache_synced(listed).await {
             return response;
         }
         let mut items: Vec<Pod> = store.state().iter().map(|pod| Pod::clone(pod)).collect();
@@ -192,10 +215,10 @@ pub(crate) fn flag(value: &Option<String>) -> bool {
 
 /// Waits (briefly) for the node's pod cache to have listed the pods: until then it would
 /// call every pod missing.
-async fn cache_synced(store: &Store<Pod>) -> Result<(), Response> {
-    match tokio::time::timeout(CACHE_SYNC_WAIT, store.wait_until_ready()).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(_)) | Err(_) => Err((
+async fn cache_synced(listed: &Shared<BoxFuture<'static, bool>>) -> Result<(), Response> {
+    match tokio::time::timeout(CACHE_SYNC_WAIT, listed.clone()).await {
+        Ok(true) => Ok(()),
+        Ok(false) | Err(_) => Err((
             StatusCode::SERVICE_UNAVAILABLE,
             "the node has not listed its pods yet (it is starting or cannot reach the API \
              server); retry shortly\n",
@@ -222,8 +245,8 @@ pub(crate) async fn bound_pod(
     let on_this_node =
         |pod: &Pod| pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node_name);
     match &endpoints.options.pods {
-        PodLookup::Cache(store) => {
-            cache_synced(store).await?;
+        PodLookup::Cache { store, listed } => {
+            cache_synced(listed).await?;
             match store.get(&ObjectRef::new(name).within(namespace)) {
                 Some(pod) if on_this_node(&pod) => Ok(PodRef::of(&pod)),
                 _ => Err(not_found()),
@@ -359,4 +382,40 @@ async fn attach(
     });
     let streaming = endpoints.options.streaming;
     remotecommand::serve(request, options, Kind::Attach, session, streaming)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use kube::runtime::reflector::store::Writer;
+    use kube::runtime::watcher;
+
+    use super::*;
+
+    /// Requests arriving together while the node is still listing its pods all proceed once
+    /// the list is in (none waits out the timeout).
+    #[tokio::test]
+    async fn concurrent_lookups_at_start_up_all_see_the_first_list() {
+        let mut writer = Writer::<Pod>::default();
+        let PodLookup::Cache { listed, .. } = PodLookup::cache(writer.as_reader()) else {
+            unreachable!("cache() builds the Cache variant");
+        };
+        let waiters: Vec<_> = (0..4)
+            .map(|_| {
+                let listed = listed.clone();
+                tokio::spawn(async move { cache_synced(&listed).await.is_ok() })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        writer.apply_watcher_event(&watcher::Event::Init);
+        writer.apply_watcher_event(&watcher::Event::InitDone);
+        for waiter in waiters {
+            let synced = tokio::time::timeout(Duration::from_secs(5), waiter)
+                .await
+                .expect("a waiter was never woken")
+                .unwrap();
+            assert!(synced);
+        }
+    }
 }

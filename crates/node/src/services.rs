@@ -11,7 +11,8 @@
 
 use std::collections::BTreeMap;
 
-use futures::StreamExt as _;
+use futures::future::{BoxFuture, Shared};
+use futures::{FutureExt as _, StreamExt as _};
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use kube::api::Api;
 use kube::runtime::WatchStreamExt as _;
@@ -27,6 +28,10 @@ const MASTER_SERVICE: (&str, &str) = ("default", "kubernetes");
 #[derive(Clone)]
 pub struct Services {
     store: Store<Service>,
+    /// Resolves once the first list is in. Every waiter shares this one future: kube-runtime's
+    /// `Store::wait_until_ready` wakes only the last of several concurrent waiters, so
+    /// reconciliations waiting on it side by side would hang.
+    listed: Shared<BoxFuture<'static, bool>>,
 }
 
 impl Services {
@@ -45,14 +50,20 @@ impl Services {
                 }
             }
         };
-        (Self { store }, run)
+        let listed = {
+            let store = store.clone();
+            async move { store.wait_until_ready().await.is_ok() }
+                .boxed()
+                .shared()
+        };
+        (Self { store, listed }, run)
     }
 
     /// Waits until the first list of Services has arrived, so that no container starts
     /// without the variables of Services that already exist.
     pub async fn ready(&self) {
-        if let Err(err) = self.store.wait_until_ready().await {
-            tracing::warn!("the service cache never became ready: {err}");
+        if !self.listed.clone().await {
+            tracing::warn!("the service cache never became ready: its watch ended");
         }
     }
 

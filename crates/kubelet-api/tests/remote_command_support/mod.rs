@@ -98,7 +98,7 @@ pub async fn start_with(cluster: &TestCluster, streaming: StreamingConfig) -> Ku
                 metrics: Arc::new(String::new),
             },
             KubeletOptions {
-                pods: PodLookup::Cache(node.pods()),
+                pods: PodLookup::cache(node.pods()),
                 streaming,
             },
         ),
