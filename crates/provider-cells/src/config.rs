@@ -311,8 +311,10 @@ pub struct CellsConfig {
     /// (default 60s).
     #[serde(default = "default_health_timeout")]
     pub health_timeout: ConfigDuration,
-    /// How cells that belong to no pod (duplicates, leftovers of failed starts, cells whose
-    /// agent has no pod) are kept before they are terminated (default 2m).
+    /// How long a cell that belongs to no pod is kept before it is terminated (default 2m):
+    /// a cell found in the backend's listing that no pod of this node claims is reported to the
+    /// node's orphan sweep only after this long (counted from when this run found it), and a
+    /// second cell of one pod is terminated once it is this old.
     #[serde(default = "default_gc_grace")]
     pub gc_grace_period: ConfigDuration,
     /// How often the garbage collector looks (default 30s).

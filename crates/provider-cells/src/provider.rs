@@ -17,7 +17,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use futures::stream::BoxStream;
 use k8s_openapi::api::core::v1::PodStatus;
@@ -183,6 +183,9 @@ struct CellView {
     id: CellId,
     interface: Option<PodInterface>,
     client: Option<CellClient>,
+    /// When the backend launched the cell: a cell whose agent has not answered yet may boot
+    /// until `launched + bootTimeout`, also when this run only adopted it.
+    launched: Option<SystemTime>,
 }
 
 #[derive(Debug, Default)]
@@ -207,7 +210,27 @@ struct TrackedPod {
     pod: PodRef,
     host_network: bool,
     restart_never: bool,
+    /// Set when this run found the pod's cell in the backend's listing rather than being asked
+    /// for the pod by the node: until the node asks (`resolved` is set), the cell belongs to no
+    /// pod this run knows, and it is reported to the node's orphan sweep only once it has been
+    /// so for `gcGracePeriod`.
+    adopted_at: Option<Instant>,
+    /// Cancelled when the pod is being deleted: a boot in progress stops waiting at once.
+    deleting: CancellationToken,
     state: Mutex<PodState>,
+}
+
+impl TrackedPod {
+    fn new(pod: PodRef, host_network: bool, restart_never: bool, state: PodState) -> TrackedPod {
+        TrackedPod {
+            pod,
+            host_network,
+            restart_never,
+            adopted_at: None,
+            deleting: CancellationToken::new(),
+            state: Mutex::new(state),
+        }
+    }
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -514,6 +537,7 @@ impl Inner {
             id: cell.id.clone(),
             interface: self.settings.pod_wiring.interface(cell),
             client,
+            launched: cell.launch_time,
         }
     }
 
@@ -564,23 +588,31 @@ impl Inner {
                 if pods.contains_key(&identity.pod_uid) {
                     continue;
                 }
-                let tracked = Arc::new(TrackedPod {
-                    pod: PodRef {
+                let mut tracked = TrackedPod::new(
+                    PodRef {
                         namespace: identity.namespace.clone(),
                         name: identity.pod_name.clone(),
                         uid: identity.pod_uid.clone(),
                     },
-                    host_network: false,
-                    restart_never: false,
-                    state: Mutex::new(PodState {
+                    false,
+                    false,
+                    PodState {
                         cell: Some(self.view(cell, None)),
                         ..PodState::default()
-                    }),
-                });
+                    },
+                );
+                tracked.adopted_at = Some(Instant::now());
+                let tracked = Arc::new(tracked);
                 pods.insert(identity.pod_uid.clone(), tracked.clone());
                 tracked
             };
-            tracing::info!(pod = %tracked.pod, cell = %cell.id, "adopting a running cell");
+            tracing::info!(
+                pod = %tracked.pod,
+                cell = %cell.id,
+                state = %cell.state,
+                grace_period_seconds = self.settings.gc_grace_period.as_secs(),
+                "adopting a cell found in the backend's listing (if no pod of this node claims it, it is garbage-collected after the grace period)"
+            );
             self.spawn_watcher(&tracked);
             adopted += 1;
         }
@@ -698,11 +730,45 @@ impl Inner {
         Ok(view)
     }
 
-    /// Waits until the cell has an address and its agent answers (boot timeout).
-    async fn wait_ready(&self, view: &mut CellView) -> Result<CellClient, ProviderError> {
-        let deadline = Instant::now() + self.settings.boot_timeout;
+    /// Until when a cell whose agent has not answered yet may stay silent: `bootTimeout` after
+    /// its launch (a cell adopted while booting keeps its deadline across a restart), but at
+    /// least `healthTimeout` from now (a standby cell taken long after its launch).
+    fn boot_deadline(&self, view: &CellView) -> Instant {
+        let now = Instant::now();
+        let floor = now + self.settings.health_timeout.min(self.settings.boot_timeout);
+        self.launch_deadline(view)
+            .map_or(now + self.settings.boot_timeout, |d| d.max(floor))
+    }
+
+    /// `bootTimeout` after the cell's launch, when the backend knows it.
+    fn launch_deadline(&self, view: &CellView) -> Option<Instant> {
+        let booting_for = view.launched?.elapsed().unwrap_or_default();
+        Some(Instant::now() + self.settings.boot_timeout.saturating_sub(booting_for))
+    }
+
+    /// Waits until the cell has an address and its agent answers (see [`Inner::boot_deadline`]).
+    /// Stops early when the pod is being deleted or the cell was declared lost meanwhile.
+    async fn wait_ready(
+        &self,
+        tracked: &TrackedPod,
+        view: &mut CellView,
+    ) -> Result<CellClient, ProviderError> {
+        let deadline = self.boot_deadline(view);
         let mut last_error = String::from("no answer yet");
         loop {
+            if tracked.deleting.is_cancelled() {
+                return Err(ProviderError::Transient(format!(
+                    "pod {} is being deleted: stopped waiting for cell {}",
+                    tracked.pod, view.id
+                )));
+            }
+            let current = lock(&tracked.state).cell.as_ref().map(|c| c.id.clone());
+            if current.as_ref() != Some(&view.id) {
+                return Err(ProviderError::Transient(format!(
+                    "cell {} was lost while booting",
+                    view.id
+                )));
+            }
             if view.client.is_none() {
                 match self.backend.describe(&view.id).await {
                     Ok(cell) if cell.state.is_ending() => {
@@ -741,6 +807,7 @@ impl Inner {
                 () = self.shutdown.cancelled() => {
                     return Err(ProviderError::Transient("the provider is shutting down".into()));
                 }
+                () = tracked.deleting.cancelled() => {}
                 () = tokio::time::sleep(self.settings.retry_interval.min(Duration::from_secs(1))) => {}
             }
         }
@@ -761,6 +828,12 @@ impl Inner {
         resolved: &ResolvedPod,
     ) -> Result<(), ProviderError> {
         let uid = tracked.pod.uid.clone();
+        if tracked.deleting.is_cancelled() {
+            return Err(ProviderError::Transient(format!(
+                "pod {} is being deleted",
+                tracked.pod
+            )));
+        }
         let current = {
             let mut state = lock(&tracked.state);
             state.resolved = Some(resolved.clone());
@@ -797,11 +870,14 @@ impl Inner {
         };
         lock(&tracked.state).cell = Some(view.clone());
         self.refresh_metrics();
-        let client = match self.wait_ready(&mut view).await {
+        let client = match self.wait_ready(tracked, &mut view).await {
             Ok(client) => client,
             // Updraft stops: the cell stays for the next run to adopt (terminating it would only
-            // make that run start the pod's cell a second time).
-            Err(e) if self.shutdown.is_cancelled() => return Err(e),
+            // make that run start the pod's cell a second time). A pod being deleted: the delete
+            // terminates its cells.
+            Err(e) if self.shutdown.is_cancelled() || tracked.deleting.is_cancelled() => {
+                return Err(e);
+            }
             Err(e) => {
                 tracing::warn!(pod = %tracked.pod, cell = %view.id, "{e}; terminating the cell");
                 self.terminate(&view.id).await?;
@@ -898,7 +974,7 @@ impl Inner {
             let mut delay = Duration::from_secs(1);
             loop {
                 let guard = inner.lock_pod(&tracked.pod.uid).await;
-                if inner.tracked(&tracked.pod.uid).is_none() {
+                if inner.tracked(&tracked.pod.uid).is_none() || tracked.deleting.is_cancelled() {
                     return; // deleted meanwhile
                 }
                 let result = inner.ensure_running(&tracked, &resolved).await;
@@ -1015,6 +1091,10 @@ async fn watch_cell(
 ) {
     let mut after: Option<u64> = None;
     let mut last_ok = Instant::now();
+    // Whether the cell's agent answered this watcher: until then the cell may be booting
+    // (adopted after a restart while it booted) and is given its boot deadline.
+    let mut answered = false;
+    let watching_since = Instant::now();
     loop {
         let Some(this) = inner.upgrade() else { return };
         let Some(cell) = lock(&tracked.state).cell.clone() else {
@@ -1029,6 +1109,7 @@ async fn watch_cell(
         match answer {
             Some(Ok(response)) => {
                 last_ok = Instant::now();
+                answered = true;
                 after = Some(response.version);
                 if response.uid.as_deref() == Some(tracked.pod.uid.as_str()) {
                     lock(&tracked.state).applied = true;
@@ -1065,12 +1146,31 @@ async fn watch_cell(
             Err(_) => None,
         };
         let unreachable_for = last_ok.elapsed();
+        let boot_deadline = this
+            .launch_deadline(&cell)
+            .unwrap_or(watching_since + this.settings.boot_timeout);
+        let booting = !answered && Instant::now() < boot_deadline;
+        if booting && unreachable_for >= this.settings.health_timeout {
+            tracing::debug!(
+                pod = %tracked.pod,
+                cell = %cell.id,
+                silent_for = unreachable_for.as_secs(),
+                "the cell's agent has not answered yet: still within its boot timeout"
+            );
+        }
         let why = gone.or_else(|| {
-            (unreachable_for >= this.settings.health_timeout).then(|| {
-                format!(
-                    "its agent did not answer for {}s",
-                    unreachable_for.as_secs()
-                )
+            (unreachable_for >= this.settings.health_timeout && !booting).then(|| {
+                if answered {
+                    format!(
+                        "its agent did not answer for {}s",
+                        unreachable_for.as_secs()
+                    )
+                } else {
+                    format!(
+                        "its agent did not answer within the boot timeout ({}s)",
+                        this.settings.boot_timeout.as_secs()
+                    )
+                }
             })
         });
         if let Some(why) = why {
@@ -1099,12 +1199,12 @@ impl Provider for CellsProvider {
             let mut pods = lock(&inner.pods);
             pods.entry(pod_ref.uid.clone())
                 .or_insert_with(|| {
-                    Arc::new(TrackedPod {
-                        pod: pod_ref.clone(),
-                        host_network: spec.host_network == Some(true),
-                        restart_never: spec.restart_policy.as_deref() == Some("Never"),
-                        state: Mutex::new(PodState::default()),
-                    })
+                    Arc::new(TrackedPod::new(
+                        pod_ref.clone(),
+                        spec.host_network == Some(true),
+                        spec.restart_policy.as_deref() == Some("Never"),
+                        PodState::default(),
+                    ))
                 })
                 .clone()
         };
@@ -1159,26 +1259,40 @@ impl Provider for CellsProvider {
         grace_period_seconds: i64,
     ) -> updraft_provider::Result<()> {
         let inner = &self.inner;
+        // A create still waiting for the cell's agent holds the pod's lock: tell it to stop
+        // waiting, so a booting cell is terminated now rather than after its boot timeout.
+        if let Some(tracked) = inner.tracked(&pod.uid) {
+            tracked.deleting.cancel();
+        }
         let _guard = inner.lock_pod(&pod.uid).await;
         let tracked = inner.tracked(&pod.uid);
         let mut cells: Vec<CellId> = Vec::new();
         if let Some(tracked) = &tracked {
-            let cell = {
+            let (cell, applied) = {
                 let mut state = lock(&tracked.state);
                 if let Some(w) = state.watcher.take() {
                     w.cancel();
                 }
-                state.cell.clone()
+                (state.cell.clone(), state.applied)
             };
             if let Some(cell) = cell {
                 if let Some(client) = &cell.client {
                     let grace =
                         Duration::from_secs(u64::try_from(grace_period_seconds).unwrap_or(0));
                     // The agent stops the containers (preStop, SIGTERM, grace, SIGKILL) before
-                    // the cell goes; an unreachable agent does not keep the cell alive.
+                    // the cell goes; an unreachable agent does not keep the cell alive, and a
+                    // cell that never got the pod (still booting) is not waited for.
+                    let patience = if applied {
+                        grace + Duration::from_secs(30)
+                    } else {
+                        Duration::from_secs(3)
+                    };
                     let stop = tokio::time::timeout(
-                        grace + Duration::from_secs(30),
-                        client.delete_pod(Some(grace)),
+                        patience,
+                        client
+                            .clone()
+                            .with_timeout(patience)
+                            .delete_pod(Some(grace)),
                     )
                     .await;
                     match stop {
@@ -1229,8 +1343,15 @@ impl Provider for CellsProvider {
             .map_err(|e| backend_error("listing cells", e))?;
         self.inner.adopt_untracked(&cells);
         let pods = lock(&self.inner.pods).values().cloned().collect::<Vec<_>>();
+        let grace = self.inner.settings.gc_grace_period;
         Ok(pods
             .into_iter()
+            // The node deletes listed pods it does not know (its orphan sweep): a cell found in
+            // the listing that no pod has asked for is listed only after the grace period.
+            .filter(|tracked| {
+                tracked.adopted_at.is_none_or(|at| at.elapsed() >= grace)
+                    || lock(&tracked.state).resolved.is_some()
+            })
             .map(|tracked| {
                 let status = lock(&tracked.state).status.clone().unwrap_or_default();
                 ProviderPod {

@@ -27,6 +27,8 @@ struct FakeBackend {
     started: Mutex<Vec<CellSpec>>,
     terminated: Mutex<Vec<CellId>>,
     address: Option<IpAddr>,
+    /// How many `describe` calls were answered (the watchers' and boots' checks).
+    describes: std::sync::atomic::AtomicUsize,
 }
 
 impl FakeBackend {
@@ -37,7 +39,7 @@ impl FakeBackend {
             state: CellState::Running,
             instance_type: "local.small".into(),
             launch_type: LaunchType::OnDemand,
-            management_ip: None,
+            management_ip: self.address,
             pod_ip: None,
             public_ip: None,
             launch_time: Some(SystemTime::now() - age),
@@ -104,6 +106,8 @@ impl CellBackend for FakeBackend {
     }
 
     async fn describe(&self, id: &CellId) -> Result<Cell, BackendError> {
+        self.describes
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.cells
             .lock()
             .unwrap()
@@ -148,7 +152,8 @@ fn settings(node: &str) -> ProviderSettings {
         name_tag: "updraft".into(),
         boot_timeout: Duration::from_millis(300),
         health_timeout: Duration::from_secs(60),
-        gc_grace_period: Duration::from_secs(60),
+        // Adopted cells are listed at once (most tests have no node to claim them).
+        gc_grace_period: Duration::ZERO,
         gc_interval: Duration::from_secs(3600),
         finished_pod_retention: Duration::from_secs(300),
         agent: AgentSettings::default(),
@@ -164,13 +169,21 @@ fn settings(node: &str) -> ProviderSettings {
 }
 
 async fn provider(backend: Arc<FakeBackend>, pki_dir: &std::path::Path) -> CellsProvider {
+    provider_with(backend, pki_dir, settings("node-a")).await
+}
+
+async fn provider_with(
+    backend: Arc<FakeBackend>,
+    pki_dir: &std::path::Path,
+    settings: ProviderSettings,
+) -> CellsProvider {
     let selector = Selector::new(
         Catalog::local().unwrap(),
         SelectionPolicy::new("local.small"),
     )
     .unwrap();
     CellsProvider::with_parts(
-        settings("node-a"),
+        settings,
         backend,
         selector,
         None,
@@ -328,7 +341,9 @@ async fn garbage_collection_terminates_a_second_cell_of_one_pod_after_the_grace_
     let dir = tempfile::tempdir().unwrap();
     let backend = Arc::new(FakeBackend::default());
     backend.add("first", "ctl", "node-a", "u1", Duration::from_secs(600));
-    let provider = provider(backend.clone(), dir.path()).await;
+    let mut settings = settings("node-a");
+    settings.gc_grace_period = Duration::from_secs(60);
+    let provider = provider_with(backend.clone(), dir.path(), settings).await;
     // A second cell appears for the same pod (a start another process retried): young ones
     // are left alone during the grace period, old ones go.
     backend.add("young", "ctl", "node-a", "u1", Duration::from_secs(1));
@@ -337,8 +352,8 @@ async fn garbage_collection_terminates_a_second_cell_of_one_pod_after_the_grace_
     let mut live = backend.live();
     live.sort();
     assert_eq!(live, vec!["first".to_string(), "young".to_string()]);
-    // A cell that appears for an unknown pod is adopted (the node's orphan sweep deletes it
-    // if the pod no longer exists).
+    // A cell that appears for an unknown pod is adopted, but reported to the node (whose
+    // orphan sweep deletes pods the API does not know) only after the grace period.
     backend.add("stray", "ctl", "node-a", "u9", Duration::from_secs(600));
     provider.collect_garbage().await;
     let uids: Vec<String> = provider
@@ -348,5 +363,158 @@ async fn garbage_collection_terminates_a_second_cell_of_one_pod_after_the_grace_
         .into_iter()
         .map(|p| p.pod.uid)
         .collect();
-    assert!(uids.contains(&"u9".to_string()), "{uids:?}");
+    assert!(!uids.contains(&"u9".to_string()), "{uids:?}");
+    assert!(backend.live().contains(&"stray".to_string()));
+}
+
+/// An address where no agent listens: the agent of such a cell never answers.
+fn silent_address() -> Option<IpAddr> {
+    Some("127.0.0.1".parse().unwrap())
+}
+
+/// Waits until `condition` holds (bounded, for a hang only).
+async fn until(what: &str, condition: impl Fn() -> bool) {
+    let waited = tokio::time::timeout(Duration::from_secs(120), async {
+        while !condition() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(waited.is_ok(), "gave up waiting for {what}");
+}
+
+#[tokio::test]
+async fn a_cell_adopted_while_booting_keeps_its_boot_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Arc::new(FakeBackend {
+        address: silent_address(),
+        ..FakeBackend::default()
+    });
+    // Launched a moment ago by a run that was killed before the agent answered.
+    backend.add("booting", "ctl", "node-a", "u1", Duration::from_secs(1));
+    let mut settings = settings("node-a");
+    settings.health_timeout = Duration::from_millis(100);
+    settings.boot_timeout = Duration::from_secs(3600);
+    let provider = provider_with(backend.clone(), dir.path(), settings).await;
+    // The watcher checks the silent cell with the backend after each unanswered status call:
+    // wait for many checks, well past the health timeout.
+    let checks_after = |n: usize| {
+        let backend = backend.clone();
+        move || backend.describes.load(std::sync::atomic::Ordering::SeqCst) >= n
+    };
+    until("the watcher's checks", checks_after(20)).await;
+    assert_eq!(
+        backend.live(),
+        vec!["booting".to_string()],
+        "a booting cell is not lost after healthTimeout"
+    );
+    // The node asks for the pod: its create waits for that cell and starts no second one.
+    let mut api = api_pod("u1", "");
+    api.metadata.name = Some("pod-u1".into());
+    let create = {
+        let provider = provider.clone();
+        tokio::spawn(async move { provider.create_pod(&ResolvedPod::unresolved(api)).await })
+    };
+    until("more checks", checks_after(40)).await;
+    assert!(backend.started.lock().unwrap().is_empty());
+    assert_eq!(backend.live(), vec!["booting".to_string()]);
+    // Deleting the pod stops the wait at once (the boot timeout is an hour) and terminates it.
+    let pod_ref = PodRef {
+        namespace: "ns".into(),
+        name: "pod-u1".into(),
+        uid: "u1".into(),
+    };
+    provider.delete_pod(&pod_ref, 30).await.unwrap();
+    let created = create.await.unwrap();
+    assert!(created.is_err(), "{created:?}");
+    assert!(backend.live().is_empty());
+    assert!(backend.started.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_cell_whose_boot_timed_out_before_the_restart_is_lost_after_the_health_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Arc::new(FakeBackend {
+        address: silent_address(),
+        ..FakeBackend::default()
+    });
+    backend.add("silent", "ctl", "node-a", "u1", Duration::from_secs(600));
+    let mut settings = settings("node-a");
+    settings.health_timeout = Duration::from_millis(100);
+    settings.boot_timeout = Duration::from_secs(60);
+    let _provider = provider_with(backend.clone(), dir.path(), settings).await;
+    until("the silent cell to be terminated", || {
+        backend.live().is_empty()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn deleting_a_pod_whose_cell_boots_stops_the_boot() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Arc::new(FakeBackend {
+        address: silent_address(),
+        ..FakeBackend::default()
+    });
+    let mut settings = settings("node-a");
+    settings.boot_timeout = Duration::from_secs(3600);
+    let provider = provider_with(backend.clone(), dir.path(), settings).await;
+    let web = pod("u1", "");
+    let create = {
+        let provider = provider.clone();
+        let web = web.clone();
+        tokio::spawn(async move { provider.create_pod(&web).await })
+    };
+    until("the cell to be started", || backend.live().len() == 1).await;
+    provider
+        .delete_pod(&PodRef::of(&web.pod), 30)
+        .await
+        .unwrap();
+    let error = create.await.unwrap().unwrap_err();
+    assert!(error.to_string().contains("being deleted"), "{error}");
+    assert!(backend.live().is_empty(), "the booting cell is terminated");
+    assert_eq!(
+        backend.started.lock().unwrap().len(),
+        1,
+        "nothing else started"
+    );
+    assert!(provider.list_pods().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_cell_no_pod_claims_is_reported_to_the_orphan_sweep_only_after_the_grace_period() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Arc::new(FakeBackend::default());
+    backend.add("claimed", "ctl", "node-a", "u1", Duration::from_secs(600));
+    backend.add("stray", "ctl", "node-a", "u9", Duration::from_secs(600));
+    let mut long = settings("node-a");
+    long.gc_grace_period = Duration::from_secs(3600);
+    long.boot_timeout = Duration::from_secs(3600);
+    let provider = provider_with(backend.clone(), dir.path(), long).await;
+    // The node asks for u1 (its pod exists; the create waits for the agent); nobody asks for u9.
+    let mut api = api_pod("u1", "");
+    api.metadata.name = Some("pod-u1".into());
+    let create = {
+        let provider = provider.clone();
+        tokio::spawn(async move { provider.create_pod(&ResolvedPod::unresolved(api)).await })
+    };
+    until("the create to wait for the agent", || {
+        backend.describes.load(std::sync::atomic::Ordering::SeqCst) > 0
+    })
+    .await;
+    let uids = |pods: Vec<updraft_provider::ProviderPod>| {
+        let mut uids: Vec<String> = pods.into_iter().map(|p| p.pod.uid).collect();
+        uids.sort();
+        uids
+    };
+    assert_eq!(uids(provider.list_pods().await.unwrap()), vec!["u1"]);
+    provider.shutdown();
+    let _ = create.await;
+    drop(provider);
+    // Once its grace period is over, the stray cell's pod is listed (the node's sweep deletes
+    // pods the API does not know).
+    let mut short = settings("node-a");
+    short.gc_grace_period = Duration::ZERO;
+    let provider = provider_with(backend.clone(), dir.path(), short).await;
+    assert_eq!(uids(provider.list_pods().await.unwrap()), vec!["u1", "u9"]);
 }

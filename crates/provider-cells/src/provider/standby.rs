@@ -523,6 +523,8 @@ mod tests {
         .unwrap();
         let mut settings = ProviderSettings::from_config(&config, "node-a");
         settings.retry_interval = Duration::from_millis(50);
+        // Adopted cells are listed at once (no node here claims them).
+        settings.gc_grace_period = Duration::ZERO;
         settings
     }
 
