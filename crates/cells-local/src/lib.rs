@@ -287,6 +287,16 @@ impl LocalBackend {
         self.inner.scan()
     }
 
+    /// Finishes the starts that a process died in the middle of (Updraft killed while a cell
+    /// was being created: its record says `Creating`, its starting process is gone). Each such
+    /// cell is set up again from scratch and launched under the same id, addresses and
+    /// identity, so the restarted provider adopts it as the pod's booting cell instead of
+    /// waiting for a cell that never boots. Blocking (the launches run here); returns each
+    /// resumed cell with the result (a failed one is removed like a failed start).
+    pub fn resume_abandoned_starts(&self) -> Result<ResumedStarts, LocalError> {
+        self.inner.resume_abandoned_starts()
+    }
+
     /// Terminates a cell without an async runtime (CLIs, cleanup in `Drop`); the same as
     /// [`CellBackend::terminate`].
     pub fn terminate_blocking(&self, id: &CellId) -> Result<(), LocalError> {
@@ -321,6 +331,23 @@ impl LocalBackend {
             .map_err(BackendError::from)
     }
 }
+
+/// Writes `bytes` to a new file only the owner may read.
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), LocalError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io("create", path))?;
+    file.write_all(bytes).map_err(io("write", path))
+}
+
+/// Each resumed start's cell with the result of its launch.
+pub type ResumedStarts = Vec<(CellId, Result<(), LocalError>)>;
 
 /// `(cell id, error)` of each unreadable record.
 type BrokenRecords = Vec<(String, LocalError)>;
@@ -527,31 +554,46 @@ impl Inner {
         Ok(used)
     }
 
-    fn start(&self, spec: &CellSpec) -> Result<StartedCell, LocalError> {
-        let config = &self.config;
-        let instance = self.catalog.get(&spec.instance_type).ok_or_else(|| {
-            LocalError::UnknownInstanceType {
-                name: spec.instance_type.clone(),
-                known: self
-                    .catalog
-                    .instance_types
-                    .iter()
-                    .map(|t| t.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            }
-        })?;
-        let resources = Resources {
+    /// The cgroup limits of an instance type.
+    fn resources(&self, instance_type: &str) -> Result<Resources, LocalError> {
+        let instance =
+            self.catalog
+                .get(instance_type)
+                .ok_or_else(|| LocalError::UnknownInstanceType {
+                    name: instance_type.to_string(),
+                    known: self
+                        .catalog
+                        .instance_types
+                        .iter()
+                        .map(|t| t.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                })?;
+        Ok(Resources {
             cpu_quota_us: Some(u64::from(instance.vcpus) * 100_000),
             cpu_period_us: Some(100_000),
             memory_limit_bytes: Some(instance.memory_bytes()),
             ..Resources::default()
-        };
+        })
+    }
+
+    /// Where a start keeps the cell's user data until the cell is launched (a resumed start
+    /// needs it; it holds the agent's key, so it is the owner's only and removed afterwards).
+    fn pending_user_data_path(&self, id: &str) -> PathBuf {
+        self.config
+            .state_dir
+            .join("records")
+            .join(format!("{id}.user-data"))
+    }
+
+    fn start(&self, spec: &CellSpec) -> Result<StartedCell, LocalError> {
+        let config = &self.config;
+        let resources = self.resources(&spec.instance_type)?;
         let data = userdata::parse(&spec.user_data)?;
         let plan = fs::plan(&data.files, &config.private_dirs, &config.state_dir)?;
         let starts_agent = data.commands.iter().any(launch::is_agent_command);
 
-        let mut found = {
+        let found = {
             let _lock = self.lock()?;
             let (records, broken) = self.read_records()?;
             if let Some(existing) = records
@@ -591,18 +633,35 @@ impl Inner {
                 agent: None,
                 starts_agent,
                 terminated_time_ms: None,
+                creator: ProcessRef::current(std::process::id() as i32),
             };
+            write_private(&self.pending_user_data_path(&created.id), &spec.user_data)?;
             record::write(&self.record_path(&created.id), &created)?;
             created
         };
         if !data.ignored_keys.is_empty() {
             tracing::info!(cell = %found.id, keys = ?data.ignored_keys, "cloud-init keys without effect on local cells");
         }
-        match self.launch(&found, &data, &plan, &resources) {
+        self.launch_recorded(found, &data, &plan, &resources)
+    }
+
+    /// Launches the cell of a `Creating` record and records it `Launched`; on failure, removes
+    /// what the start created (the cell is gone, as a failed EC2 launch).
+    fn launch_recorded(
+        &self,
+        mut found: CellRecord,
+        data: &userdata::CellUserData,
+        plan: &fs::FsPlan,
+        resources: &Resources,
+    ) -> Result<StartedCell, LocalError> {
+        let result = self.launch(&found, data, plan, resources);
+        let _ = std::fs::remove_file(self.pending_user_data_path(&found.id));
+        match result {
             Ok(init) => {
                 let _lock = self.lock()?;
                 found.phase = Phase::Launched;
                 found.init = Some(init);
+                found.creator = None;
                 record::write(&self.record_path(&found.id), &found)?;
                 tracing::info!(cell = %found.id, management_ip = %found.management_ip, pod_ip = %found.pod_ip, "local cell launched");
                 Ok(StartedCell {
@@ -618,6 +677,74 @@ impl Inner {
                 Err(error)
             }
         }
+    }
+
+    /// Finishes the starts whose process died before the cell was launched (records still
+    /// `Creating` whose creator is gone): the partial setup is removed and the cell launched
+    /// again under the same id, addresses and identity. Returns each resumed cell with the
+    /// result; a start that cannot be resumed (its user data is gone) is removed like a failed
+    /// start.
+    fn resume_abandoned_starts(&self) -> Result<ResumedStarts, LocalError> {
+        let (records, _) = self.read_records()?;
+        let mut resumed = Vec::new();
+        for candidate in records {
+            let abandoned = |r: &CellRecord| {
+                r.phase == Phase::Creating && r.creator.is_some_and(|c| !c.alive())
+            };
+            if !abandoned(&candidate) {
+                continue;
+            }
+            let id = candidate.id.clone();
+            // Take the start over under the lock: of two resumers only one finds it abandoned.
+            let taken = {
+                let _lock = self.lock()?;
+                match record::read(&self.record_path(&id), &id)? {
+                    Some(mut current) if abandoned(&current) => {
+                        current.creator = ProcessRef::current(std::process::id() as i32);
+                        record::write(&self.record_path(&id), &current)?;
+                        Some(current)
+                    }
+                    _ => None,
+                }
+            };
+            let Some(found) = taken else { continue };
+            tracing::info!(cell = %id, "resuming a start whose process died before the cell was launched");
+            let result = self.resume(found);
+            if let Err(error) = &result {
+                tracing::warn!(cell = %id, %error, "resuming an abandoned start failed: the cell is removed");
+            }
+            resumed.push((CellId(id), result));
+        }
+        Ok(resumed)
+    }
+
+    fn resume(&self, found: CellRecord) -> Result<(), LocalError> {
+        let id = found.id.clone();
+        let prepared = std::fs::read(self.pending_user_data_path(&id))
+            .map_err(io("read", self.pending_user_data_path(&id)))
+            .and_then(|bytes| {
+                let data = userdata::parse(&bytes)?;
+                let plan = fs::plan(
+                    &data.files,
+                    &self.config.private_dirs,
+                    &self.config.state_dir,
+                )?;
+                let resources = self.resources(&found.instance_type)?;
+                Ok((data, plan, resources))
+            });
+        // Whatever the dead start had set up goes first (it may be half-made).
+        let cleaned = self.destroy(&id);
+        let (data, plan, resources) = match prepared.and_then(|p| cleaned.map(|()| p)) {
+            Ok(prepared) => prepared,
+            Err(error) => {
+                let _ = self.destroy(&id);
+                let _ = std::fs::remove_file(self.pending_user_data_path(&id));
+                let _ = std::fs::remove_file(self.record_path(&id));
+                return Err(error);
+            }
+        };
+        self.launch_recorded(found, &data, &plan, &resources)
+            .map(|_| ())
     }
 
     fn launch(
@@ -636,7 +763,12 @@ impl Inner {
                 .map_err(io("chmod", &paths.dir))?;
         }
         fs::populate(plan, &data.files, &paths.root(), &paths.work())?;
-        net::ensure_bridge(&config.bridge, config.cidr)?;
+        {
+            // Once for all cells, under the state lock: concurrent first starts (threads or
+            // processes) would otherwise race to create the bridge and add its address.
+            let _lock = self.lock()?;
+            net::ensure_bridge(&config.bridge, config.cidr)?;
+        }
         net::create_cell_network(&found.id, &config.bridge, config.cidr, found.management_ip)?;
         let rel = self.cgroup_rel(&found.id);
         let mut cell_cgroup = Cgroup::create(&self.driver, &rel)?;
@@ -805,6 +937,7 @@ impl Inner {
             }
         };
         self.destroy(id)?;
+        let _ = std::fs::remove_file(self.pending_user_data_path(id));
         let _lock = self.lock()?;
         match existing {
             Some(mut found) => {

@@ -156,6 +156,11 @@ pub struct CellRecord {
     /// When the cell was terminated, milliseconds since the Unix epoch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub terminated_time_ms: Option<u64>,
+    /// The process carrying out the start while the phase is `Creating`: when it is gone
+    /// before the cell was launched (Updraft killed mid-start), the start was abandoned and
+    /// can be resumed (`LocalBackend::resume_abandoned_starts`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub creator: Option<ProcessRef>,
 }
 
 /// Whether `id` has the shape of a local cell id.
@@ -246,6 +251,7 @@ mod tests {
             agent: None,
             starts_agent: true,
             terminated_time_ms: None,
+            creator: ProcessRef::current(std::process::id() as i32),
         };
         write(&path, &record).expect("write");
         assert_eq!(read(&path, "cell-00000001").expect("read"), Some(record));

@@ -1020,3 +1020,196 @@ async fn cells_outlive_the_process_that_started_them_and_a_killed_agent_stops_th
     env.backend.terminate(&id).await.unwrap();
     assert!(env.backend.list("ctl").await.unwrap().is_empty());
 }
+
+/// The records of a state directory, read as files (what a start left, whatever its phase).
+fn record_files(env: &Env) -> Vec<updraft_cells_local::CellRecord> {
+    let dir = env.config.state_dir.join("records");
+    let mut records: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+        .map(|e| serde_json::from_slice(&std::fs::read(e.path()).unwrap()).unwrap())
+        .collect();
+    records.sort_by(|a: &updraft_cells_local::CellRecord, b| a.id.cmp(&b.id));
+    records
+}
+
+#[tokio::test]
+async fn a_start_cut_short_by_a_killed_process_is_resumed_under_the_same_id() {
+    use std::os::unix::process::CommandExt;
+    let env = Env::new();
+    let user_data = env.path("user-data");
+    std::fs::write(&user_data, env.agent_user_data()).unwrap();
+    // The helper's `ip` stops for good when the start creates the cell's namespace: the
+    // helper is killed right there, in the middle of the cell's creation.
+    let wrappers = env.path("wrappers");
+    std::fs::create_dir_all(&wrappers).unwrap();
+    let reached = env.path("netns-add-reached");
+    let real_ip = which("ip");
+    std::fs::write(
+        wrappers.join("ip"),
+        format!(
+            "#!/bin/sh\nif [ \"$1\" = netns ] && [ \"$2\" = add ]; then\n  touch {reached}\n  while :; do sleep 1; done\nfi\nexec {real_ip} \"$@\"\n",
+            reached = reached.display(),
+            real_ip = real_ip.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(wrappers.join("ip"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!(
+        "{}:{}",
+        wrappers.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "helper_start_a_cell_then_wait",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(
+            "UPDRAFT_LOCAL_CELLS_TEST_CONFIG",
+            serde_json::to_string(&env.config).unwrap(),
+        )
+        .env("UPDRAFT_LOCAL_CELLS_TEST_USER_DATA", &user_data)
+        .env("PATH", path)
+        .stdout(std::process::Stdio::null())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while !reached.exists() {
+        if tokio::time::Instant::now() >= deadline || child.try_wait().unwrap().is_some() {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            panic!("the helper never reached the cell's namespace creation");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // SIGKILL the starting process and its stuck `ip` (as `updraft` killed mid-start).
+    nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    child.wait().unwrap();
+
+    let cut_short = record_files(&env);
+    assert_eq!(cut_short.len(), 1, "{cut_short:?}");
+    let cut_short = cut_short.into_iter().next().unwrap();
+    assert_eq!(cut_short.phase, updraft_cells_local::Phase::Creating);
+    let id = CellId(cut_short.id.clone());
+    assert_eq!(
+        env.backend.describe(&id).await.unwrap().state,
+        CellState::Pending,
+        "the cell was cut short while being created"
+    );
+
+    // What a restarted provider does first: the start is finished, under the same cell.
+    let backend = env.backend.clone();
+    let resumed = tokio::task::spawn_blocking(move || backend.resume_abandoned_starts())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resumed.len(), 1, "{resumed:?}");
+    assert_eq!(resumed[0].0, id);
+    assert!(resumed[0].1.is_ok(), "{resumed:?}");
+    let cell = env.wait_state(&id, CellState::Running).await;
+    assert_eq!(
+        cell.management_ip,
+        Some(IpAddr::V4(cut_short.management_ip))
+    );
+    assert_eq!(cell.pod_ip, Some(IpAddr::V4(cut_short.pod_ip)));
+    assert_eq!(
+        cell.identity.as_ref().map(|i| i.pod_uid.as_str()),
+        Some("uid-survivor")
+    );
+    let client = env.client(&cell);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while let Err(error) = client.ping().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the resumed cell's agent never answered: {error}; console:\n{}",
+            env.backend.console_output(&id).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // One cell, none started twice; the same start's token names it; nothing left to resume.
+    assert_eq!(
+        env.backend
+            .list("ctl")
+            .await
+            .unwrap()
+            .iter()
+            .map(|c| c.id.clone())
+            .collect::<Vec<_>>(),
+        vec![id.clone()]
+    );
+    let mut again = env.spec("ctl", "survivor", env.agent_user_data());
+    again.idempotency_token = "uid-survivor-1".into();
+    assert_eq!(env.backend.start(&again).await.unwrap().id, id);
+    let backend = env.backend.clone();
+    let none = tokio::task::spawn_blocking(move || backend.resume_abandoned_starts())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(none.is_empty(), "{none:?}");
+    assert!(
+        !env.config
+            .state_dir
+            .join("records")
+            .join(format!("{id}.user-data"))
+            .exists(),
+        "the start's copy of the user data (the agent's key) is gone once launched"
+    );
+}
+
+fn which(program: &str) -> PathBuf {
+    std::env::split_paths(&std::env::var_os("PATH").unwrap())
+        .map(|dir| dir.join(program))
+        .find(|path| path.is_file())
+        .unwrap_or_else(|| panic!("{program} not on PATH"))
+}
+
+#[tokio::test]
+async fn concurrent_first_starts_set_the_bridge_up_once() {
+    // Each round: a new bridge that no cell has used yet, and eight cells started at once.
+    for _round in 0..2 {
+        let env = Env::new();
+        let starts: Vec<_> = (0..8)
+            .map(|i| {
+                let spec = env.spec("ctl", &format!("first-{i}"), env.plain_user_data());
+                let backend = env.backend.clone();
+                tokio::spawn(async move { backend.start(&spec).await })
+            })
+            .collect();
+        let mut started = Vec::new();
+        for start in starts {
+            started.push(start.await.unwrap());
+        }
+        let failed: Vec<String> = started
+            .iter()
+            .filter_map(|r| r.as_ref().err().map(ToString::to_string))
+            .collect();
+        assert!(
+            failed.is_empty(),
+            "concurrent first starts failed: {failed:?}"
+        );
+        for result in &started {
+            env.wait_state(&result.as_ref().unwrap().id, CellState::Running)
+                .await;
+        }
+        let addresses = updraft_cells_local::net::addresses(None, &env.config.bridge)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            addresses,
+            vec![(env.config.cidr.gateway(), env.config.cidr.prefix_len)],
+            "the bridge has the gateway address once"
+        );
+    }
+}

@@ -327,6 +327,25 @@ impl CellsProvider {
         let (backend, wiring): (Arc<dyn CellBackend>, _) = match config.backend {
             BackendKind::Local => {
                 let local = crate::backends::local(config)?;
+                // Cells whose creation a killed run cut short are launched again under their
+                // ids before the listing, so they are adopted as their pods' booting cells.
+                let resumer = local.clone();
+                match tokio::task::spawn_blocking(move || resumer.resume_abandoned_starts()).await {
+                    Ok(Ok(resumed)) => {
+                        for (cell, result) in resumed {
+                            match result {
+                                Ok(()) => {
+                                    tracing::info!(%cell, "resumed a start a killed run left")
+                                }
+                                Err(e) => {
+                                    tracing::warn!(%cell, "resuming a start a killed run left: {e}")
+                                }
+                            }
+                        }
+                    }
+                    Ok(Err(e)) => tracing::warn!("looking for starts a killed run left: {e}"),
+                    Err(e) => tracing::warn!("looking for starts a killed run left: {e}"),
+                }
                 let wiring = crate::backends::pod_wiring(config, Some(local.clone()));
                 (Arc::new(local), wiring)
             }
