@@ -5,10 +5,13 @@
 //!   garbage collector and the node's orphan sweep see no pod on it and leave it alone.
 //! - **Claim**: a pod whose chosen instance type and launch type have a standby cell, and that
 //!   asks for nothing a pre-started cell cannot have (extra security groups, a root volume size,
-//!   an instance profile, private-IP-only), takes one. Under the pool's claim lock the cell is
-//!   re-stamped with the pod's identity through [`CellBackend::assign`], which refuses a cell
+//!   an instance profile, private-IP-only), takes one. Claims run concurrently: each reserves a
+//!   cell in this run's `claimed` set (so two claims of this run never try the same cell) and
+//!   re-stamps it with the pod's identity through [`CellBackend::assign`], which refuses a cell
 //!   that is no longer standby: two pods never get one cell, and after a restart the backend's
-//!   listing says which cells were claimed (they are adopted like any pod's cell).
+//!   listing says which cells were claimed (they are adopted like any pod's cell). The refill's
+//!   terminations exclude claims (a read/write lock: claims share it, the refill's listing and
+//!   terminations hold it alone).
 //! - **Refill**: one reconcile loop (every `gcInterval`, and at once after a claim) compares the
 //!   listing with the config: it starts the missing cells, and terminates surplus ones (a count
 //!   lowered, a type removed from the config) and broken ones (stopped). Cells this run started
@@ -66,8 +69,9 @@ impl StandbyEntry {
 #[derive(Default)]
 pub(super) struct StandbyPool {
     entries: Mutex<Vec<StandbyEntry>>,
-    /// Serializes claims with each other and with the refill's terminations.
-    claim_lock: tokio::sync::Mutex<()>,
+    /// Claims hold it shared; the refill's listing and terminations hold it alone, so a cell
+    /// being claimed is never terminated as surplus.
+    claim_lock: tokio::sync::RwLock<()>,
     /// Cells handed to pods that a listing may still show as standby (a cloud's listing can lag
     /// behind its tag calls); dropped once a listing no longer does.
     claimed: Mutex<HashSet<CellId>>,
@@ -163,7 +167,7 @@ impl Inner {
         if !fits_a_standby_cell || !pooled {
             return None;
         }
-        let _claiming = self.standby.claim_lock.lock().await;
+        let _claiming = self.standby.claim_lock.read().await;
         let cells = match self.backend.list(&self.settings.controller_id).await {
             Ok(cells) => cells,
             Err(e) => {
@@ -187,18 +191,21 @@ impl Inner {
         let name = cell_name(&self.settings.name_tag, &pod_ref);
         let mut taken = None;
         for cell in candidates {
+            // Reserve it: a concurrent claim of this run skips it.
+            if !lock(&self.standby.claimed).insert(cell.id.clone()) {
+                continue;
+            }
             match self.backend.assign(&cell.id, &name, &identity).await {
                 Ok(()) => {
-                    lock(&self.standby.claimed).insert(cell.id.clone());
                     taken = Some(cell.clone());
                     break;
                 }
-                // Claimed or gone meanwhile: never take it; try the next one.
+                // Claimed or gone meanwhile: never take it (it stays reserved); try the next.
                 Err(e @ (BackendError::InvalidRequest { .. } | BackendError::NotFound { .. })) => {
                     tracing::info!(pod = %pod_ref, cell = %cell.id, "standby cell not available: {e}");
-                    lock(&self.standby.claimed).insert(cell.id.clone());
                 }
                 Err(e) => {
+                    lock(&self.standby.claimed).remove(&cell.id);
                     tracing::warn!(pod = %pod_ref, cell = %cell.id, "taking a standby cell: {e}; starting a new cell");
                     break;
                 }
@@ -222,7 +229,7 @@ impl Inner {
     /// missing ones started.
     pub(super) async fn reconcile_standby(&self) {
         let entries = self.standby_entries();
-        let claiming = self.standby.claim_lock.lock().await;
+        let claiming = self.standby.claim_lock.write().await;
         let cells = match self.backend.list(&self.settings.controller_id).await {
             Ok(cells) => cells,
             Err(e) => {
@@ -666,6 +673,27 @@ mod tests {
             .map(|i| i.pod_uid)
             .collect();
         assert_eq!(owners.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn concurrent_claims_each_take_their_own_standby_cell() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = Arc::new(PoolBackend::default());
+        let provider = provider(backend.clone(), dir.path()).await;
+        *lock(&provider.inner.standby.entries) = vec![entry("local.small", 4)];
+        provider.reconcile_standby_pool().await;
+        assert_eq!(backend.standby().len(), 4);
+        let pods: Vec<ResolvedPod> = (0..4).map(|i| pod(&format!("uid-{i}"), "")).collect();
+        let claims = futures::future::join_all(pods.iter().map(|p| {
+            let inner = provider.inner.clone();
+            async move { inner.take_standby(p).await }
+        }))
+        .await;
+        let mut taken: Vec<CellId> = claims.iter().flatten().map(|v| v.id.clone()).collect();
+        taken.sort();
+        taken.dedup();
+        assert_eq!(taken.len(), 4, "four pods, four distinct cells: {claims:?}");
+        assert!(backend.standby().is_empty());
     }
 
     #[tokio::test]
