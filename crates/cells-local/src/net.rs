@@ -121,7 +121,12 @@ pub fn ensure_bridge(bridge: &str, cidr: Ipv4Cidr) -> Result<(), LocalError> {
 
 fn add_gateway(bridge: &str, (gateway, prefix): (Ipv4Addr, u8)) -> Result<(), LocalError> {
     match ip(&["addr", "add", &format!("{gateway}/{prefix}"), "dev", bridge]) {
-        Err(LocalError::Command { stderr, .. }) if stderr.contains("File exists") => Ok(()),
+        // Already there (older iproute2 says "File exists", newer "Address already assigned").
+        Err(LocalError::Command { stderr, .. })
+            if stderr.contains("File exists") || stderr.contains("already assigned") =>
+        {
+            Ok(())
+        }
         other => other.map(|_| ()),
     }
 }
