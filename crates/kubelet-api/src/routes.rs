@@ -14,13 +14,11 @@ use axum::extract::{Path, Query, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
-use futures::FutureExt as _;
-use futures::future::{BoxFuture, Shared};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams, ObjectList};
-use kube::runtime::reflector::{ObjectRef, Store};
 use serde::Deserialize;
 use tokio::io::AsyncReadExt as _;
+use updraft_node::PodCache;
 use updraft_provider::{ExecRequest, LogOptions, PodRef, Provider, ProviderError};
 
 use crate::remotecommand::{self, Kind, Options};
@@ -46,33 +44,12 @@ pub struct KubeletState {
 #[derive(Clone, Default)]
 pub enum PodLookup {
     /// The node's own watch cache (`VirtualNode::pods`): no API request per lookup, so a
-    /// burst of exec or port-forward sessions costs the API server nothing. Built with
-    /// [`PodLookup::cache`].
-    Cache {
-        /// The cache.
-        store: Store<Pod>,
-        /// Resolves once the cache has its first list. Requests share this one future:
-        /// kube-runtime's `Store::wait_until_ready` wakes only the last of several concurrent
-        /// waiters, so simultaneous requests at start-up would wait out the timeout.
-        listed: Shared<BoxFuture<'static, bool>>,
-    },
+    /// burst of exec or port-forward sessions costs the API server nothing.
+    Cache(PodCache),
     /// A `GET` of the pod (a `LIST` for `/pods`) from the API server per request, for
     /// callers without the node's cache.
     #[default]
     ApiServer,
-}
-
-impl PodLookup {
-    /// Lookups in the node's watch cache `store`.
-    pub fn cache(store: Store<Pod>) -> Self {
-        let listed = {
-            let store = store.clone();
-            async move { store.wait_until_ready().await.is_ok() }
-                .boxed()
-                .shared()
-        };
-        Self::Cache { store, listed }
-    }
 }
 
 /// How long a lookup waits for the node's pod cache to finish its first list (at start-up)
@@ -145,11 +122,11 @@ pub fn provider_error(err: &ProviderError) -> Response {
 /// The pods bound to this node (from the node's cache when it has one).
 async fn pods(State(endpoints): State<Endpoints>) -> Response {
     let state = &endpoints.state;
-    if let PodLookup::Cache { store, listed } = &endpoints.options.pods {
-        if let Err(response) = cache_synced(listed).await {
+    if let PodLookup::Cache(cache) = &endpoints.options.pods {
+        if let Err(response) = cache_synced(cache).await {
             return response;
         }
-        let mut items: Vec<Pod> = store.state().iter().map(|pod| Pod::clone(pod)).collect();
+        let mut items: Vec<Pod> = cache.all().iter().map(|pod| pod.pod()).collect();
         items.sort_by(|a, b| {
             (&a.metadata.namespace, &a.metadata.name)
                 .cmp(&(&b.metadata.namespace, &b.metadata.name))
@@ -215,8 +192,8 @@ pub(crate) fn flag(value: &Option<String>) -> bool {
 
 /// Waits (briefly) for the node's pod cache to have listed the pods: until then it would
 /// call every pod missing.
-async fn cache_synced(listed: &Shared<BoxFuture<'static, bool>>) -> Result<(), Response> {
-    match tokio::time::timeout(CACHE_SYNC_WAIT, listed.clone()).await {
+async fn cache_synced(cache: &PodCache) -> Result<(), Response> {
+    match tokio::time::timeout(CACHE_SYNC_WAIT, cache.listed()).await {
         Ok(true) => Ok(()),
         Ok(false) | Err(_) => Err((
             StatusCode::SERVICE_UNAVAILABLE,
@@ -245,11 +222,12 @@ pub(crate) async fn bound_pod(
     let on_this_node =
         |pod: &Pod| pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node_name);
     match &endpoints.options.pods {
-        PodLookup::Cache { store, listed } => {
-            cache_synced(listed).await?;
-            match store.get(&ObjectRef::new(name).within(namespace)) {
-                Some(pod) if on_this_node(&pod) => Ok(PodRef::of(&pod)),
-                _ => Err(not_found()),
+        PodLookup::Cache(cache) => {
+            cache_synced(cache).await?;
+            // The cache holds only the pods bound to this node (its watch selects them).
+            match cache.get(namespace, name) {
+                Some(pod) => Ok(pod.pod_ref()),
+                None => Err(not_found()),
             }
         }
         PodLookup::ApiServer => {
@@ -384,38 +362,3 @@ async fn attach(
     remotecommand::serve(request, options, Kind::Attach, session, streaming)
 }
 
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used)]
-
-    use kube::runtime::reflector::store::Writer;
-    use kube::runtime::watcher;
-
-    use super::*;
-
-    /// Requests arriving together while the node is still listing its pods all proceed once
-    /// the list is in (none waits out the timeout).
-    #[tokio::test]
-    async fn concurrent_lookups_at_start_up_all_see_the_first_list() {
-        let mut writer = Writer::<Pod>::default();
-        let PodLookup::Cache { listed, .. } = PodLookup::cache(writer.as_reader()) else {
-            unreachable!("cache() builds the Cache variant");
-        };
-        let waiters: Vec<_> = (0..4)
-            .map(|_| {
-                let listed = listed.clone();
-                tokio::spawn(async move { cache_synced(&listed).await.is_ok() })
-            })
-            .collect();
-        tokio::task::yield_now().await;
-        writer.apply_watcher_event(&watcher::Event::Init);
-        writer.apply_watcher_event(&watcher::Event::InitDone);
-        for waiter in waiters {
-            let synced = tokio::time::timeout(Duration::from_secs(5), waiter)
-                .await
-                .expect("a waiter was never woken")
-                .unwrap();
-            assert!(synced);
-        }
-    }
-}

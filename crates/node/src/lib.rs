@@ -6,11 +6,13 @@
 //!   [`Provider`](updraft_provider::Provider), writing status back;
 //! - [`resolve`]: turns a pod's env and volume references into values and files, so that
 //!   providers never read Secrets or ConfigMaps;
-//! - [`services`]: the service variables (`enableServiceLinks`) containers get.
+//! - [`services`]: the service variables (`enableServiceLinks`) containers get;
+//! - [`cache`]: the node's compact watch cache of its pods, which the kubelet API reads.
 //!
 //! [`VirtualNode`] runs all of it until shutdown.
 #![forbid(unsafe_code)]
 
+pub mod cache;
 pub mod config;
 pub mod metrics;
 pub mod node;
@@ -19,6 +21,7 @@ pub mod references;
 pub mod resolve;
 pub mod services;
 
+pub use cache::{CachedPod, PodCache};
 pub use config::NodeConfig;
 pub use metrics::PodMetrics;
 
@@ -69,7 +72,7 @@ impl<P: Provider> VirtualNode<P> {
     /// The pods bound to this node, from the node's own watch (no request per lookup):
     /// ready once [`VirtualNode::run`] has listed them, current while it runs. For the
     /// kubelet API, which must serve only this node's pods.
-    pub fn pods(&self) -> kube::runtime::reflector::Store<k8s_openapi::api::core::v1::Pod> {
+    pub fn pods(&self) -> cache::PodCache {
         self.pods.pods()
     }
 

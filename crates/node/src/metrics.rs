@@ -8,8 +8,6 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Pod;
-use kube::runtime::reflector::Store;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _};
 use prometheus_client::metrics::MetricType;
@@ -18,6 +16,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+
+use crate::cache::PodCache;
 
 /// Labels of a provider call that failed.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -108,7 +108,7 @@ impl PodMetrics {
     }
 
     /// Reports pods by phase from `store` (the pod controller's cache) from now on.
-    pub(crate) fn observe_pods(&self, store: Store<Pod>) {
+    pub(crate) fn observe_pods(&self, store: PodCache) {
         // Only the first controller's cache counts; a second one on the same metrics would be
         // a wiring mistake, and ignoring it keeps the numbers of the first.
         let _ = self.pods.store.set(store);
@@ -123,7 +123,7 @@ impl PodMetrics {
 /// Counts the cached pods by phase on each scrape.
 #[derive(Debug, Default)]
 struct PodsByPhase {
-    store: OnceLock<Store<Pod>>,
+    store: OnceLock<PodCache>,
 }
 
 impl PodsByPhase {
@@ -133,12 +133,8 @@ impl PodsByPhase {
             counts.insert(phase.to_owned(), 0);
         }
         if let Some(store) = self.store.get() {
-            for pod in store.state() {
-                let phase = pod
-                    .status
-                    .as_ref()
-                    .and_then(|s| s.phase.clone())
-                    .unwrap_or_else(|| "Pending".to_owned());
+            for pod in store.all() {
+                let phase = pod.phase().unwrap_or("Pending").to_owned();
                 *counts.entry(phase).or_insert(0) += 1;
             }
         }
@@ -165,10 +161,12 @@ impl Collector for PodsByPhase {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cache::CachedPod;
+    use k8s_openapi::api::core::v1::Pod;
     use kube::runtime::reflector::store::Writer;
     use kube::runtime::watcher;
 
-    fn pod(name: &str, phase: Option<&str>) -> Pod {
+    fn pod(name: &str, phase: Option<&str>) -> CachedPod {
         let mut pod = Pod::default();
         pod.metadata.name = Some(name.into());
         pod.metadata.namespace = Some("default".into());
@@ -176,7 +174,7 @@ mod tests {
             phase: Some(p.into()),
             ..Default::default()
         });
-        pod
+        CachedPod::new(pod)
     }
 
     fn encode(registry: &Registry) -> String {
@@ -191,7 +189,7 @@ mod tests {
         let mut registry = Registry::with_prefix("updraft");
         metrics.register(&mut registry);
 
-        let mut writer = Writer::<Pod>::default();
+        let mut writer = Writer::<CachedPod>::default();
         for event in [
             watcher::Event::Apply(pod("a", Some("Running"))),
             watcher::Event::Apply(pod("b", Some("Running"))),
@@ -200,7 +198,8 @@ mod tests {
         ] {
             writer.apply_watcher_event(&event);
         }
-        metrics.observe_pods(writer.as_reader());
+        let (_listed, is_listed) = tokio::sync::watch::channel(true);
+        metrics.observe_pods(PodCache::new(writer.as_reader(), is_listed));
         metrics.observe_reconcile(Duration::from_millis(3), true);
         metrics.provider_error(
             "create",

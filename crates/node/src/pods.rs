@@ -5,8 +5,9 @@
 //! update it when its spec changed, delete it (honouring the grace period) when the pod is
 //! being deleted, and leave terminal pods alone. Status flows the other way through the
 //! provider's status stream, and is written only when it differs from what the API has.
-//! A sweep at start-up and every `orphan_sweep_interval` (a minute) deletes provider pods that no longer exist in the
-//! API (force-deleted while Updraft was down, for instance).
+//! A sweep once the pods are listed, then every `orphan_sweep_interval` (a minute), deletes
+//! provider pods that no longer exist in the API (force-deleted while Updraft was down, for
+//! instance).
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{HashMap, HashSet};
@@ -18,16 +19,17 @@ use futures::StreamExt as _;
 use futures::stream::BoxStream;
 use k8s_openapi::api::core::v1::{HostIP, Pod, PodIP, PodStatus};
 use kube::Resource as _;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, Preconditions};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
 use kube::runtime::WatchStreamExt as _;
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::{self, ObjectRef, Store, reflector};
+use kube::runtime::reflector::{self, ObjectRef, reflector};
 use kube::runtime::watcher;
 use tokio::sync::watch;
 use updraft_provider::{PodRef, PodStatusUpdate, Provider, ProviderError};
 
 use crate::NodeConfig;
+use crate::cache::{CachedPod, PodCache};
 use crate::metrics::PodMetrics;
 use crate::references::ReferenceWatches;
 use crate::resolve::{ResolveError, Resolver};
@@ -54,7 +56,11 @@ pub struct PodController<P> {
     provider: Arc<P>,
     metrics: PodMetrics,
     /// The watch cache of the node's pods, filled by [`PodController::run`].
-    cache: reflector::store::Writer<Pod>,
+    cache: reflector::store::Writer<CachedPod>,
+    /// Set once the cache has its first list.
+    listed: watch::Sender<bool>,
+    /// The cache as others read it.
+    pods: PodCache,
 }
 
 struct Context<P> {
@@ -93,20 +99,24 @@ struct Handed {
 impl<P: Provider> PodController<P> {
     /// A controller for the pods of the node `config` names.
     pub fn new(client: kube::Client, config: NodeConfig, provider: Arc<P>) -> Self {
+        let cache = reflector::store::Writer::default();
+        let (listed, is_listed) = watch::channel(false);
+        let pods = PodCache::new(cache.as_reader(), is_listed);
         Self {
             client,
             config,
             provider,
             metrics: PodMetrics::default(),
-            cache: reflector::store::Writer::default(),
+            cache,
+            listed,
+            pods,
         }
     }
 
     /// The pods bound to the node as the controller's watch sees them (filled and kept
-    /// current while [`PodController::run`] runs; ready once the first list is in).
-    /// `managedFields` and kubectl's last-applied annotation are stripped.
-    pub fn pods(&self) -> Store<Pod> {
-        self.cache.as_reader()
+    /// current while [`PodController::run`] runs; listed once the first list is in).
+    pub fn pods(&self) -> PodCache {
+        self.pods.clone()
     }
 
     /// Reports into `metrics` (registered by the caller) instead of unregistered ones.
@@ -117,7 +127,7 @@ impl<P: Provider> PodController<P> {
 
     /// Runs until `stop` turns true; in-flight reconciliations finish first.
     pub async fn run(self, stop: watch::Receiver<bool>) {
-        let pods = Api::<Pod>::all(self.client.clone());
+        let pods = Api::<CachedPod>::all(self.client.clone());
         let selector =
             watcher::Config::default().fields(&format!("spec.nodeName={}", self.config.name));
         let status_updates = self.provider.status_updates();
@@ -141,18 +151,11 @@ impl<P: Provider> PodController<P> {
             metrics: self.metrics.clone(),
             streams_status: status_updates.is_some(),
         });
-        // The cache keeps what reconciling needs, not what only API clients care about:
-        // managedFields and kubectl's last-applied copy are most of a pod's size.
+        // The cache keeps pods compact (see `cache`): metadata plus encoded spec and status.
         let writer = self.cache;
-        let store = writer.as_reader();
-        let watch = watcher::watcher(pods, selector)
-            .default_backoff()
-            .modify(|pod: &mut Pod| {
-                pod.metadata.managed_fields = None;
-                if let Some(annotations) = pod.metadata.annotations.as_mut() {
-                    annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
-                }
-            });
+        let cache = self.pods.clone();
+        let store = cache.store().clone();
+        let watch = watcher::watcher(pods, selector).default_backoff();
         // Both inputs end when shutdown is requested: the controller then finishes the
         // reconciliations in flight and returns (it waits for its inputs to end).
         let stopped = || {
@@ -167,24 +170,28 @@ impl<P: Provider> PodController<P> {
         // and the reconcile reads the pod from the store.
         let mut background = tokio::task::JoinSet::new();
         background.spawn(watch_services);
-        background.spawn(forward_pod_changes(reflector(writer, watch), trigger));
+        background.spawn(forward_pod_changes(
+            reflector(writer, watch),
+            trigger,
+            self.listed,
+        ));
         let changes =
             tokio_stream::wrappers::UnboundedReceiverStream::new(triggered).take_until(stopped());
         let controller = Controller::for_stream(
-            futures::stream::pending::<Result<Pod, watcher::Error>>().take_until(stopped()),
-            store.clone(),
+            futures::stream::pending::<Result<CachedPod, watcher::Error>>().take_until(stopped()),
+            store,
         )
         .with_config(controller::Config::default().concurrency(self.config.pod_workers))
         .reconcile_on(changes);
-        self.metrics.observe_pods(store.clone());
+        self.metrics.observe_pods(cache.clone());
         if let Some(updates) = status_updates {
             background.spawn(write_status_updates(
                 updates,
-                store.clone(),
+                cache.clone(),
                 context.clone(),
             ));
         }
-        background.spawn(sweep_orphans(context.clone()));
+        background.spawn(sweep_orphans(cache, context.clone()));
         let mut stop_signal = stop.clone();
         controller
             .graceful_shutdown_on(async move {
@@ -206,11 +213,14 @@ impl<P: Provider> PodController<P> {
 /// The pods of a (re)list arrive as `InitApply` events, but the reflector's store only shows
 /// them at `InitDone`; a reconcile triggered earlier finds nothing in the store and is dropped
 /// (kube-runtime's "not found in local store"). So the pods of a list are sent at `InitDone`:
-/// after a restart every pod already bound to the node is reconciled.
+/// after a restart every pod already bound to the node is reconciled. The first `InitDone`
+/// also marks the cache as listed.
 async fn forward_pod_changes(
-    events: impl futures::Stream<Item = Result<watcher::Event<Pod>, watcher::Error>>,
-    trigger: tokio::sync::mpsc::UnboundedSender<ObjectRef<Pod>>,
+    events: impl futures::Stream<Item = Result<watcher::Event<CachedPod>, watcher::Error>>,
+    trigger: tokio::sync::mpsc::UnboundedSender<ObjectRef<CachedPod>>,
+    listed: watch::Sender<bool>,
 ) {
+    let listed_once = listed;
     let mut events = std::pin::pin!(events);
     let mut listed = Vec::new();
     while let Some(event) = events.next().await {
@@ -225,7 +235,10 @@ async fn forward_pod_changes(
                 listed.push(ObjectRef::from_obj(&pod));
                 continue;
             }
-            Ok(watcher::Event::InitDone) => std::mem::take(&mut listed),
+            Ok(watcher::Event::InitDone) => {
+                listed_once.send_replace(true);
+                std::mem::take(&mut listed)
+            }
             // A deleted pod is gone from the API: the orphan sweep ends it in the provider.
             Ok(watcher::Event::Delete(_)) => continue,
             Err(err) => {
@@ -261,11 +274,11 @@ fn is_terminal(pod: &Pod) -> bool {
 }
 
 async fn timed_reconcile<P: Provider>(
-    pod: Arc<Pod>,
+    cached: Arc<CachedPod>,
     context: Arc<Context<P>>,
 ) -> Result<Action, ReconcileError> {
     let started = std::time::Instant::now();
-    let result = reconcile(pod, context.clone()).await;
+    let result = reconcile(Arc::new(cached.pod()), context.clone()).await;
     context
         .metrics
         .observe_reconcile(started.elapsed(), result.is_ok());
@@ -534,11 +547,11 @@ fn resync<P>(context: &Context<P>) -> Action {
 }
 
 fn error_policy<P: Provider>(
-    pod: Arc<Pod>,
+    pod: Arc<CachedPod>,
     error: &ReconcileError,
     context: Arc<Context<P>>,
 ) -> Action {
-    let pod_ref = PodRef::of(&pod);
+    let pod_ref = pod.pod_ref();
     let attempt = {
         let mut handed = lock(&context.handed);
         let failures = &mut handed.entry(pod_ref.clone()).or_default().failures;
@@ -670,29 +683,32 @@ async fn write_status<P>(
 
 async fn write_status_updates<P: Provider>(
     mut updates: BoxStream<'static, PodStatusUpdate>,
-    store: Store<Pod>,
+    cache: PodCache,
     context: Arc<Context<P>>,
 ) {
     while let Some(update) = updates.next().await {
-        let key = ObjectRef::new(&update.pod.name).within(&update.pod.namespace);
-        let Some(pod) = store.get(&key) else { continue };
-        if pod.metadata.uid.as_deref() != Some(update.pod.uid.as_str())
-            || pod.metadata.deletion_timestamp.is_some()
+        let Some(cached) = cache.get(&update.pod.namespace, &update.pod.name) else {
+            continue;
+        };
+        if cached.meta().uid.as_deref() != Some(update.pod.uid.as_str())
+            || cached.meta().deletion_timestamp.is_some()
         {
             continue;
         }
-        if let Err(err) = write_status(&context, &pod, update.status).await {
+        if let Err(err) = write_status(&context, &cached.pod(), update.status).await {
             tracing::warn!(pod = %update.pod, "writing pod status: {err}");
         }
     }
 }
 
-/// Deletes provider pods that have no pod in the API (by UID), at start-up and then every
-/// `orphan_sweep_interval`. The provider is listed *before* the API, so a pod created in
-/// between is in the API list and never mistaken for an orphan.
-async fn sweep_orphans<P: Provider>(context: Arc<Context<P>>) {
-    let pods = Api::<Pod>::all(context.client.clone());
-    let selector = ListParams::default().fields(&format!("spec.nodeName={}", context.config.name));
+/// Deletes provider pods that have no pod in the API (by UID), once the cache has its first
+/// list and then every `orphan_sweep_interval`. The provider is listed *before* the cache is
+/// read: a pod reaches the provider only after it was in the cache, so a pod created in
+/// between is never mistaken for an orphan.
+async fn sweep_orphans<P: Provider>(cache: PodCache, context: Arc<Context<P>>) {
+    if !cache.listed().await {
+        return;
+    }
     let mut tick = tokio::time::interval(context.config.orphan_sweep_interval);
     loop {
         tick.tick().await;
@@ -707,17 +723,11 @@ async fn sweep_orphans<P: Provider>(context: Arc<Context<P>>) {
         if running.is_empty() {
             continue;
         }
-        let known: HashSet<String> = match pods.list_metadata(&selector).await {
-            Ok(list) => list
-                .items
-                .into_iter()
-                .filter_map(|p| p.metadata.uid)
-                .collect(),
-            Err(err) => {
-                tracing::warn!("listing the node's pods: {err}");
-                continue;
-            }
-        };
+        let known: HashSet<String> = cache
+            .all()
+            .iter()
+            .filter_map(|pod| pod.meta().uid.clone())
+            .collect();
         for orphan in running.into_iter().filter(|p| !known.contains(&p.pod.uid)) {
             tracing::info!(pod = %orphan.pod, "deleting a provider pod that no longer exists in the API");
             if let Err(err) = context.provider.delete_pod(&orphan.pod, 0).await {

@@ -11,7 +11,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
 use futures::StreamExt as _;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::Resource;
 use kube::api::Api;
 use kube::runtime::reflector::ObjectRef;
@@ -19,6 +19,8 @@ use kube::runtime::{WatchStreamExt as _, watcher};
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+
+use crate::cache::CachedPod;
 
 /// Which kind of object a pod references.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -76,7 +78,7 @@ struct State {
 pub struct ReferenceWatches {
     client: kube::Client,
     state: std::sync::Arc<Mutex<State>>,
-    trigger: mpsc::UnboundedSender<ObjectRef<Pod>>,
+    trigger: mpsc::UnboundedSender<ObjectRef<CachedPod>>,
 }
 
 fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
@@ -85,7 +87,7 @@ fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
 
 impl ReferenceWatches {
     /// Watches that hand pods to reconcile again to `trigger`.
-    pub fn new(client: kube::Client, trigger: mpsc::UnboundedSender<ObjectRef<Pod>>) -> Self {
+    pub fn new(client: kube::Client, trigger: mpsc::UnboundedSender<ObjectRef<CachedPod>>) -> Self {
         Self {
             client,
             state: std::sync::Arc::new(Mutex::new(State::default())),
@@ -192,7 +194,7 @@ async fn watch_object<K>(
     api: Api<K>,
     object: Referenced,
     state: std::sync::Arc<Mutex<State>>,
-    trigger: mpsc::UnboundedSender<ObjectRef<Pod>>,
+    trigger: mpsc::UnboundedSender<ObjectRef<CachedPod>>,
 ) where
     K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
 {

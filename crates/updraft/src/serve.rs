@@ -175,7 +175,7 @@ async fn run_with<P: Provider>(
     };
     // Pods are looked up in the node's own watch cache: no API request per exec or log call.
     let options = KubeletOptions {
-        pods: PodLookup::cache(node.pods()),
+        pods: PodLookup::Cache(node.pods()),
         streaming: StreamingConfig {
             idle_timeout: args.streaming_connection_idle_timeout,
             stream_creation_timeout: args.stream_creation_timeout,

@@ -99,7 +99,7 @@ pub async fn start_node_with(
                 metrics: Arc::new(String::new),
             },
             KubeletOptions {
-                pods: PodLookup::cache(node.pods()),
+                pods: PodLookup::Cache(node.pods()),
                 streaming,
             },
         ),

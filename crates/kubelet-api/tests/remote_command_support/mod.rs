@@ -98,7 +98,7 @@ pub async fn start_with(cluster: &TestCluster, streaming: StreamingConfig) -> Ku
                 metrics: Arc::new(String::new),
             },
             KubeletOptions {
-                pods: PodLookup::cache(node.pods()),
+                pods: PodLookup::Cache(node.pods()),
                 streaming,
             },
         ),
