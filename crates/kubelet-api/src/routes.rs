@@ -361,4 +361,3 @@ async fn attach(
     let streaming = endpoints.options.streaming;
     remotecommand::serve(request, options, Kind::Attach, session, streaming)
 }
-
