@@ -121,6 +121,9 @@ pub struct ProviderSettings {
     pub status_wait: Duration,
     /// Pause between attempts while an agent does not answer.
     pub retry_interval: Duration,
+    /// How long one create call waits for a booting cell's agent before it returns a transient
+    /// "still booting" error (the node calls again; the cell stays until its boot deadline).
+    pub create_wait: Duration,
     /// The pod's interface on each cell.
     pub pod_wiring: crate::backends::PodWiring,
     /// Whether the bootstrap passes `--listen 0.0.0.0:<port>` (the local backend gives the
@@ -150,6 +153,7 @@ impl ProviderSettings {
             },
             status_wait: Duration::from_secs(30),
             retry_interval: Duration::from_secs(2),
+            create_wait: Duration::from_secs(30),
             pod_wiring: crate::backends::PodWiring::none(),
             agent_listen_flag: config.backend != BackendKind::Local,
         }
@@ -186,6 +190,18 @@ struct CellView {
     /// When the backend launched the cell: a cell whose agent has not answered yet may boot
     /// until `launched + bootTimeout`, also when this run only adopted it.
     launched: Option<SystemTime>,
+    /// Until when this run waits for the agent (see [`Inner::boot_deadline`]), fixed by the
+    /// first wait so that later create calls do not extend it.
+    boot_deadline: Option<Instant>,
+}
+
+/// How a wait for a cell's agent ended without an error.
+enum Boot {
+    /// The agent answers.
+    Ready(CellClient),
+    /// The agent has not answered within this call's wait, but the cell's boot deadline is not
+    /// reached: the cell stays, the next create call waits on.
+    StillBooting(String),
 }
 
 #[derive(Debug, Default)]
@@ -557,6 +573,7 @@ impl Inner {
             interface: self.settings.pod_wiring.interface(cell),
             client,
             launched: cell.launch_time,
+            boot_deadline: None,
         }
     }
 
@@ -767,12 +784,20 @@ impl Inner {
 
     /// Waits until the cell has an address and its agent answers (see [`Inner::boot_deadline`]).
     /// Stops early when the pod is being deleted or the cell was declared lost meanwhile.
+    ///
+    /// One call waits at most `createWait`: the node handles a pod's events one at a time, so
+    /// a create that waited for the whole boot would hold back the pod's deletion as long.
     async fn wait_ready(
         &self,
         tracked: &TrackedPod,
         view: &mut CellView,
-    ) -> Result<CellClient, ProviderError> {
-        let deadline = self.boot_deadline(view);
+    ) -> Result<Boot, ProviderError> {
+        let deadline = match view.boot_deadline {
+            Some(deadline) => deadline,
+            None => self.boot_deadline(view),
+        };
+        view.boot_deadline = Some(deadline);
+        let give_back = Instant::now() + self.settings.create_wait;
         let mut last_error = String::from("no answer yet");
         loop {
             if tracked.deleting.is_cancelled() {
@@ -801,6 +826,7 @@ impl Inner {
                         let launch_type = view.summary.launch_type.clone();
                         *view = self.view(&cell, price);
                         view.summary.launch_type = launch_type;
+                        view.boot_deadline = Some(deadline);
                     }
                     Ok(cell) => {
                         last_error = format!("the cell is {} without an address", cell.state)
@@ -811,15 +837,23 @@ impl Inner {
             if let Some(client) = &view.client {
                 let probe = client.clone().with_timeout(Duration::from_secs(3));
                 match probe.ping().await {
-                    Ok(()) => return Ok(client.clone()),
+                    Ok(()) => return Ok(Boot::Ready(client.clone())),
                     Err(e) => last_error = e.to_string(),
                 }
             }
-            if Instant::now() >= deadline {
+            let now = Instant::now();
+            if now >= deadline {
                 return Err(ProviderError::Transient(format!(
                     "the agent on cell {} did not answer within the boot timeout ({}s): {last_error}",
                     view.id,
                     self.settings.boot_timeout.as_secs()
+                )));
+            }
+            if now >= give_back {
+                return Ok(Boot::StillBooting(format!(
+                    "cell {} is still booting: its agent has not answered yet ({last_error}); waiting up to {}s more",
+                    view.id,
+                    deadline.saturating_duration_since(now).as_secs()
                 )));
             }
             tokio::select! {
@@ -889,8 +923,17 @@ impl Inner {
         };
         lock(&tracked.state).cell = Some(view.clone());
         self.refresh_metrics();
-        let client = match self.wait_ready(tracked, &mut view).await {
-            Ok(client) => client,
+        let boot = self.wait_ready(tracked, &mut view).await;
+        // The view may have learnt the cell's address and fixed its boot deadline.
+        {
+            let mut state = lock(&tracked.state);
+            if state.cell.as_ref().map(|c| &c.id) == Some(&view.id) {
+                state.cell = Some(view.clone());
+            }
+        }
+        let client = match boot {
+            Ok(Boot::Ready(client)) => client,
+            Ok(Boot::StillBooting(message)) => return Err(ProviderError::Transient(message)),
             // Updraft stops: the cell stays for the next run to adopt (terminating it would only
             // make that run start the pod's cell a second time). A pod being deleted: the delete
             // terminates its cells.
@@ -1147,11 +1190,13 @@ async fn watch_cell(
             None => {}
         }
         // No answer: ask the backend whether the cell still exists.
+        let mut stopped = false;
         let gone = match this.backend.describe(&cell.id).await {
             Ok(described) if described.state.is_ending() => {
                 Some(format!("the backend reports it {}", described.state))
             }
             Ok(described) => {
+                stopped = matches!(described.state, CellState::Stopped | CellState::Stopping);
                 if cell.client.is_none() && described.management_ip.is_some() {
                     let view = this.view(&described, cell.summary.price_per_hour);
                     let mut state = lock(&tracked.state);
@@ -1168,7 +1213,8 @@ async fn watch_cell(
         let boot_deadline = this
             .launch_deadline(&cell)
             .unwrap_or(watching_since + this.settings.boot_timeout);
-        let booting = !answered && Instant::now() < boot_deadline;
+        // A stopped cell is not booting (its agent process is gone).
+        let booting = !answered && !stopped && Instant::now() < boot_deadline;
         if booting && unreachable_for >= this.settings.health_timeout {
             tracing::debug!(
                 pod = %tracked.pod,

@@ -163,6 +163,7 @@ fn settings(node: &str) -> ProviderSettings {
         user_data_limit: 1 << 20,
         status_wait: Duration::from_secs(1),
         retry_interval: Duration::from_millis(50),
+        create_wait: Duration::from_secs(30),
         pod_wiring: crate::backends::PodWiring::none(),
         agent_listen_flag: true,
     }
@@ -517,4 +518,35 @@ async fn a_cell_no_pod_claims_is_reported_to_the_orphan_sweep_only_after_the_gra
     short.gc_grace_period = Duration::ZERO;
     let provider = provider_with(backend.clone(), dir.path(), short).await;
     assert_eq!(uids(provider.list_pods().await.unwrap()), vec!["u1", "u9"]);
+}
+
+#[tokio::test]
+async fn a_create_gives_back_while_the_cell_boots_and_the_next_one_waits_on_for_that_cell() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Arc::new(FakeBackend {
+        address: silent_address(),
+        ..FakeBackend::default()
+    });
+    let mut settings = settings("node-a");
+    settings.boot_timeout = Duration::from_secs(3600);
+    settings.create_wait = Duration::from_millis(200);
+    let provider = provider_with(backend.clone(), dir.path(), settings).await;
+    let web = pod("u1", "");
+    for _ in 0..3 {
+        let error = provider.create_pod(&web).await.unwrap_err();
+        assert!(error.is_transient(), "{error:?}");
+        assert!(error.to_string().contains("still booting"), "{error}");
+    }
+    assert_eq!(
+        backend.started.lock().unwrap().len(),
+        1,
+        "one cell, waited for"
+    );
+    assert_eq!(backend.live(), vec!["cell-0".to_string()]);
+    // Between the calls, the node can delete the pod: the cell goes.
+    provider
+        .delete_pod(&PodRef::of(&web.pod), 30)
+        .await
+        .unwrap();
+    assert!(backend.live().is_empty());
 }

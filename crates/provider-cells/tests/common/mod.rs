@@ -122,6 +122,13 @@ pub struct ConfigOptions<'a> {
     pub capacity: Option<&'a str>,
     /// Config lines appended as they are (e.g. a standby pool).
     pub extra: String,
+    /// `bootTimeout` (`60s` when absent).
+    pub boot_timeout: Option<&'a str>,
+    /// `healthTimeout` (`30s` when absent).
+    pub health_timeout: Option<&'a str>,
+    /// The agent binary the cells start (the real `updraft-cell` when absent), e.g. a
+    /// [`GatedAgent`].
+    pub agent_binary: Option<PathBuf>,
 }
 
 impl<'a> ConfigOptions<'a> {
@@ -134,6 +141,9 @@ impl<'a> ConfigOptions<'a> {
             default_instance_type: None,
             capacity: None,
             extra: String::new(),
+            boot_timeout: None,
+            health_timeout: None,
+            agent_binary: None,
         }
     }
 }
@@ -169,8 +179,8 @@ pub fn write_config(dir: &Path, options: ConfigOptions<'_>) -> TestConfig {
         r#"backend: local
 controllerId: test-{pid}-{n}
 certificateDir: {dir}/pki
-bootTimeout: 60s
-healthTimeout: 30s
+bootTimeout: {boot_timeout}
+healthTimeout: {health_timeout}
 agent:
   dir: {dir}/agent
   tlsDir: {dir}/tls
@@ -187,7 +197,13 @@ capacity: {capacity}
         dir = dir.display(),
         third = (pid * 8 + n) % 250 + 1,
         short = pid % 100_000,
-        agent = agent_binary().display(),
+        agent = options
+            .agent_binary
+            .clone()
+            .unwrap_or_else(agent_binary)
+            .display(),
+        boot_timeout = options.boot_timeout.unwrap_or("60s"),
+        health_timeout = options.health_timeout.unwrap_or("30s"),
         cgroup_parent = cgroup_parent(n),
         capacity = options
             .capacity
@@ -205,6 +221,40 @@ capacity: {capacity}
     TestConfig {
         config: CellsConfig::load(&path).unwrap(),
         path,
+    }
+}
+
+/// The real agent behind a gate: the cell's agent process starts (the backend reports the cell
+/// Running) but execs `updraft-cell` only once the gate is opened, as a cloud instance whose
+/// agent is still booting.
+pub struct GatedAgent {
+    /// The wrapper to configure as `local.agentBinary`.
+    pub binary: PathBuf,
+    gate: PathBuf,
+}
+
+impl GatedAgent {
+    /// A closed gate under `dir`.
+    pub fn new(dir: &Path) -> GatedAgent {
+        use std::os::unix::fs::PermissionsExt;
+        let binary = dir.join("gated-updraft-cell");
+        let gate = dir.join("agent-gate-open");
+        std::fs::write(
+            &binary,
+            format!(
+                "#!/bin/sh\nwhile [ ! -e {gate} ]; do sleep 0.2; done\nexec {agent} \"$@\"\n",
+                gate = gate.display(),
+                agent = agent_binary().display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755)).unwrap();
+        GatedAgent { binary, gate }
+    }
+
+    /// Lets every waiting (and later) agent start.
+    pub fn open(&self) {
+        std::fs::write(&self.gate, b"open").unwrap();
     }
 }
 
@@ -352,6 +402,16 @@ pub async fn start_node(
     node_name: &str,
     config: &CellsConfig,
 ) -> (Arc<CellsProvider>, tokio::sync::watch::Sender<bool>) {
+    start_node_configured(cluster, node_name, config, |_| {}).await
+}
+
+/// [`start_node`] with the node's config changed by `configure` (e.g. a shorter orphan sweep).
+pub async fn start_node_configured(
+    cluster: &TestCluster,
+    node_name: &str,
+    config: &CellsConfig,
+    configure: impl FnOnce(&mut NodeConfig),
+) -> (Arc<CellsProvider>, tokio::sync::watch::Sender<bool>) {
     let node_name = node_name.to_owned();
     let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .await
@@ -395,6 +455,7 @@ pub async fn start_node(
     let mut node_config = NodeConfig::new(&node_name, "cells");
     node_config.internal_ip = local.ip().to_string();
     node_config.kubelet_port = local.port();
+    configure(&mut node_config);
     let node = VirtualNode::new(client, node_config, provider.clone());
     tokio::spawn(node.run(until_stopped(stopped)));
     (provider, stop)
