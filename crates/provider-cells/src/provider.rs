@@ -121,9 +121,6 @@ pub struct ProviderSettings {
     pub status_wait: Duration,
     /// Pause between attempts while an agent does not answer.
     pub retry_interval: Duration,
-    /// How long one create call waits for a booting cell's agent before it returns a transient
-    /// "still booting" error (the node calls again; the cell stays until its boot deadline).
-    pub create_wait: Duration,
     /// The pod's interface on each cell.
     pub pod_wiring: crate::backends::PodWiring,
     /// Whether the bootstrap passes `--listen 0.0.0.0:<port>` (the local backend gives the
@@ -153,7 +150,6 @@ impl ProviderSettings {
             },
             status_wait: Duration::from_secs(30),
             retry_interval: Duration::from_secs(2),
-            create_wait: Duration::from_secs(30),
             pod_wiring: crate::backends::PodWiring::none(),
             agent_listen_flag: config.backend != BackendKind::Local,
         }
@@ -195,15 +191,6 @@ struct CellView {
     boot_deadline: Option<Instant>,
 }
 
-/// How a wait for a cell's agent ended without an error.
-enum Boot {
-    /// The agent answers.
-    Ready(CellClient),
-    /// The agent has not answered within this call's wait, but the cell's boot deadline is not
-    /// reached: the cell stays, the next create call waits on.
-    StillBooting(String),
-}
-
 #[derive(Debug, Default)]
 struct PodState {
     cell: Option<CellView>,
@@ -219,6 +206,8 @@ struct PodState {
     retired: bool,
     /// Cancels the status watcher of the current cell.
     watcher: Option<CancellationToken>,
+    /// Whether the pod's boot task runs ([`Inner::spawn_boot`]).
+    booting: bool,
 }
 
 #[derive(Debug)]
@@ -784,20 +773,16 @@ impl Inner {
 
     /// Waits until the cell has an address and its agent answers (see [`Inner::boot_deadline`]).
     /// Stops early when the pod is being deleted or the cell was declared lost meanwhile.
-    ///
-    /// One call waits at most `createWait`: the node handles a pod's events one at a time, so
-    /// a create that waited for the whole boot would hold back the pod's deletion as long.
     async fn wait_ready(
         &self,
         tracked: &TrackedPod,
         view: &mut CellView,
-    ) -> Result<Boot, ProviderError> {
+    ) -> Result<CellClient, ProviderError> {
         let deadline = match view.boot_deadline {
             Some(deadline) => deadline,
             None => self.boot_deadline(view),
         };
         view.boot_deadline = Some(deadline);
-        let give_back = Instant::now() + self.settings.create_wait;
         let mut last_error = String::from("no answer yet");
         loop {
             if tracked.deleting.is_cancelled() {
@@ -837,23 +822,15 @@ impl Inner {
             if let Some(client) = &view.client {
                 let probe = client.clone().with_timeout(Duration::from_secs(3));
                 match probe.ping().await {
-                    Ok(()) => return Ok(Boot::Ready(client.clone())),
+                    Ok(()) => return Ok(client.clone()),
                     Err(e) => last_error = e.to_string(),
                 }
             }
-            let now = Instant::now();
-            if now >= deadline {
+            if Instant::now() >= deadline {
                 return Err(ProviderError::Transient(format!(
                     "the agent on cell {} did not answer within the boot timeout ({}s): {last_error}",
                     view.id,
                     self.settings.boot_timeout.as_secs()
-                )));
-            }
-            if now >= give_back {
-                return Ok(Boot::StillBooting(format!(
-                    "cell {} is still booting: its agent has not answered yet ({last_error}); waiting up to {}s more",
-                    view.id,
-                    deadline.saturating_duration_since(now).as_secs()
                 )));
             }
             tokio::select! {
@@ -873,13 +850,13 @@ impl Inner {
         }
     }
 
-    /// Makes sure `tracked` has a cell whose agent runs `resolved`: reuses the current or a
-    /// listed cell, else starts one; waits for the agent; applies the pod; starts the watcher.
-    async fn ensure_running(
+    /// Makes sure `tracked` has a cell for `resolved`: the current one, a listed one, a standby
+    /// cell, or a new one. Records `resolved` and the cell in the pod's state.
+    async fn ensure_cell(
         self: &Arc<Self>,
         tracked: &Arc<TrackedPod>,
         resolved: &ResolvedPod,
-    ) -> Result<(), ProviderError> {
+    ) -> Result<CellView, ProviderError> {
         let uid = tracked.pod.uid.clone();
         if tracked.deleting.is_cancelled() {
             return Err(ProviderError::Transient(format!(
@@ -892,7 +869,7 @@ impl Inner {
             state.resolved = Some(resolved.clone());
             state.cell.clone()
         };
-        let mut view = match current {
+        let view = match current {
             Some(view) => view,
             None => {
                 let listed = self.listed_cells(&uid).await?;
@@ -923,35 +900,52 @@ impl Inner {
         };
         lock(&tracked.state).cell = Some(view.clone());
         self.refresh_metrics();
-        let boot = self.wait_ready(tracked, &mut view).await;
-        // The view may have learnt the cell's address and fixed its boot deadline.
-        {
-            let mut state = lock(&tracked.state);
-            if state.cell.as_ref().map(|c| &c.id) == Some(&view.id) {
-                state.cell = Some(view.clone());
-            }
+        Ok(view)
+    }
+
+    /// Waits for the agent of `view` (see [`Inner::wait_ready`]) and keeps what the view
+    /// learnt (address, boot deadline) in the pod's state.
+    async fn wait_for_agent(
+        &self,
+        tracked: &TrackedPod,
+        view: &mut CellView,
+    ) -> Result<CellClient, ProviderError> {
+        let boot = self.wait_ready(tracked, view).await;
+        let mut state = lock(&tracked.state);
+        if state.cell.as_ref().map(|c| &c.id) == Some(&view.id) {
+            state.cell = Some(view.clone());
         }
-        let client = match boot {
-            Ok(Boot::Ready(client)) => client,
-            Ok(Boot::StillBooting(message)) => return Err(ProviderError::Transient(message)),
-            // Updraft stops: the cell stays for the next run to adopt (terminating it would only
-            // make that run start the pod's cell a second time). A pod being deleted: the delete
-            // terminates its cells.
-            Err(e) if self.shutdown.is_cancelled() || tracked.deleting.is_cancelled() => {
-                return Err(e);
-            }
-            Err(e) => {
-                tracing::warn!(pod = %tracked.pod, cell = %view.id, "{e}; terminating the cell");
-                self.terminate(&view.id).await?;
-                let mut state = lock(&tracked.state);
-                state.cell = None;
-                state.attempt += 1;
-                drop(state);
-                self.refresh_metrics();
-                return Err(e);
-            }
-        };
-        lock(&tracked.state).cell = Some(view.clone());
+        boot
+    }
+
+    /// A boot that failed (timeout, the cell ended or was lost): the cell is terminated and
+    /// the next start is a new attempt. Not when Updraft stops (the next run adopts the cell)
+    /// or the pod is being deleted (the delete terminates it).
+    async fn boot_failed(&self, tracked: &TrackedPod, view: &CellView, error: &ProviderError) {
+        if self.shutdown.is_cancelled() || tracked.deleting.is_cancelled() {
+            return;
+        }
+        tracing::warn!(pod = %tracked.pod, cell = %view.id, "{error}; terminating the cell");
+        if let Err(e) = self.terminate(&view.id).await {
+            tracing::warn!(cell = %view.id, "{e}; the garbage collector retries");
+        }
+        let mut state = lock(&tracked.state);
+        if state.cell.as_ref().map(|c| &c.id) == Some(&view.id) {
+            state.cell = None;
+        }
+        state.attempt += 1;
+        drop(state);
+        self.refresh_metrics();
+    }
+
+    /// Hands `resolved` to the agent behind `client` and starts the status watcher.
+    async fn deliver(
+        self: &Arc<Self>,
+        tracked: &Arc<TrackedPod>,
+        resolved: &ResolvedPod,
+        view: &CellView,
+        client: &CellClient,
+    ) -> Result<(), ProviderError> {
         let request = apply_request(
             resolved,
             view.interface.clone(),
@@ -971,6 +965,123 @@ impl Inner {
             self.spawn_watcher(tracked);
         }
         Ok(())
+    }
+
+    /// Makes sure `tracked` has a cell whose agent runs `resolved`, waiting for the boot
+    /// (the replacement of a lost cell, which runs under the pod's lock in its own task).
+    async fn ensure_running(
+        self: &Arc<Self>,
+        tracked: &Arc<TrackedPod>,
+        resolved: &ResolvedPod,
+    ) -> Result<(), ProviderError> {
+        let mut view = self.ensure_cell(tracked, resolved).await?;
+        let client = match self.wait_for_agent(tracked, &mut view).await {
+            Ok(client) => client,
+            Err(e) => {
+                self.boot_failed(tracked, &view, &e).await;
+                return Err(e);
+            }
+        };
+        self.deliver(tracked, resolved, &view, &client).await
+    }
+
+    /// The pod's boot, in a task of its own so that the node's create returns once the cell is
+    /// started (the node handles a pod's events one at a time: a create that waited for the
+    /// boot would hold the pod's delete back as long). It waits for the agent without the
+    /// pod's lock, delivers the pod under it, and after a failed boot starts a new cell, with
+    /// backoff, until the pod runs, is deleted, or Updraft stops. One per pod at a time.
+    fn spawn_boot(self: &Arc<Self>, tracked: &Arc<TrackedPod>) {
+        {
+            let mut state = lock(&tracked.state);
+            if state.booting {
+                return;
+            }
+            state.booting = true;
+        }
+        let inner = self.clone();
+        let tracked = tracked.clone();
+        tokio::spawn(async move {
+            inner.boot(&tracked).await;
+            lock(&tracked.state).booting = false;
+        });
+    }
+
+    async fn boot(self: &Arc<Self>, tracked: &Arc<TrackedPod>) {
+        let mut delay = Duration::from_secs(1);
+        loop {
+            if self.shutdown.is_cancelled() || tracked.deleting.is_cancelled() {
+                return;
+            }
+            let current = lock(&tracked.state).cell.clone();
+            let outcome = match current {
+                Some(mut view) => match self.wait_for_agent(tracked, &mut view).await {
+                    Ok(client) => {
+                        let _guard = self.lock_pod(&tracked.pod.uid).await;
+                        let (resolved, same_cell) = {
+                            let state = lock(&tracked.state);
+                            let same = state.cell.as_ref().map(|c| &c.id) == Some(&view.id);
+                            (state.resolved.clone(), same)
+                        };
+                        match resolved {
+                            _ if tracked.deleting.is_cancelled() => return,
+                            Some(resolved) if same_cell => {
+                                match self.deliver(tracked, &resolved, &view, &client).await {
+                                    Ok(()) => return,
+                                    Err(e) => Err(e),
+                                }
+                            }
+                            // The cell changed meanwhile: follow the new one.
+                            _ => Ok(()),
+                        }
+                    }
+                    Err(e) => {
+                        let _guard = self.lock_pod(&tracked.pod.uid).await;
+                        self.boot_failed(tracked, &view, &e).await;
+                        if self.shutdown.is_cancelled() || tracked.deleting.is_cancelled() {
+                            return;
+                        }
+                        let last = lock(&tracked.state).status.clone();
+                        self.set_status(
+                            tracked,
+                            lost_status(last.as_ref(), false, format!("{e}; starting a new cell")),
+                        );
+                        Err(e)
+                    }
+                },
+                None => {
+                    let _guard = self.lock_pod(&tracked.pod.uid).await;
+                    let resolved = lock(&tracked.state).resolved.clone();
+                    match resolved {
+                        _ if tracked.deleting.is_cancelled() => return,
+                        Some(resolved) => match self.ensure_cell(tracked, &resolved).await {
+                            Ok(_) => Ok(()),
+                            Err(e) if e.is_transient() => Err(e),
+                            Err(e) => {
+                                let last = lock(&tracked.state).status.clone();
+                                self.set_status(
+                                    tracked,
+                                    lost_status(last.as_ref(), true, format!("no new cell: {e}")),
+                                );
+                                return;
+                            }
+                        },
+                        None => return,
+                    }
+                }
+            };
+            match outcome {
+                Ok(()) => delay = Duration::from_secs(1),
+                Err(e) => {
+                    tracing::warn!(pod = %tracked.pod, "starting the pod on a cell: {e}; retrying in {}s", delay.as_secs());
+                    tokio::select! {
+                        () = self.shutdown.cancelled() => return,
+                        () = tracked.deleting.cancelled() => return,
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(60));
+                }
+            }
+        }
     }
 
     fn spawn_watcher(self: &Arc<Self>, tracked: &Arc<TrackedPod>) {
@@ -1213,14 +1324,17 @@ async fn watch_cell(
         let boot_deadline = this
             .launch_deadline(&cell)
             .unwrap_or(watching_since + this.settings.boot_timeout);
-        // A stopped cell is not booting (its agent process is gone).
-        let booting = !answered && !stopped && Instant::now() < boot_deadline;
+        // A stopped cell is not booting (its agent process is gone). A cell whose agent never
+        // answered is judged by the pod's create, which waits for it until its boot deadline,
+        // once the node has asked for the pod; until then, by that deadline here.
+        let claimed = lock(&tracked.state).resolved.is_some();
+        let booting = !answered && !stopped && (claimed || Instant::now() < boot_deadline);
         if booting && unreachable_for >= this.settings.health_timeout {
             tracing::debug!(
                 pod = %tracked.pod,
                 cell = %cell.id,
                 silent_for = unreachable_for.as_secs(),
-                "the cell's agent has not answered yet: still within its boot timeout"
+                "the cell's agent has not answered yet: waiting for it to boot"
             );
         }
         let why = gone.or_else(|| {
@@ -1273,7 +1387,10 @@ impl Provider for CellsProvider {
                 })
                 .clone()
         };
-        let result = inner.ensure_running(&tracked, pod).await;
+        let result = inner.ensure_cell(&tracked, pod).await.map(|_| ());
+        if result.is_ok() {
+            inner.spawn_boot(&tracked);
+        }
         if let Err(e) = &result
             && !e.is_transient()
         {

@@ -163,7 +163,6 @@ fn settings(node: &str) -> ProviderSettings {
         user_data_limit: 1 << 20,
         status_wait: Duration::from_secs(1),
         retry_interval: Duration::from_millis(50),
-        create_wait: Duration::from_secs(30),
         pod_wiring: crate::backends::PodWiring::none(),
         agent_listen_flag: true,
     }
@@ -245,9 +244,9 @@ async fn a_cell_that_never_answers_is_terminated_and_the_retry_starts_a_new_one(
     });
     let provider = provider(backend.clone(), dir.path()).await;
     let web = pod("u1", "");
-    let err = provider.create_pod(&web).await.unwrap_err();
-    assert!(err.is_transient(), "{err:?}");
-    assert!(err.to_string().contains("boot timeout"), "{err}");
+    let mut updates = provider.status_updates().unwrap();
+    // The create returns once the cell is started; the boot goes on in the background.
+    provider.create_pod(&web).await.unwrap();
     {
         let started = backend.started.lock().unwrap();
         assert_eq!(started.len(), 1);
@@ -265,16 +264,44 @@ async fn a_cell_that_never_answers_is_terminated_and_the_retry_starts_a_new_one(
             "{text}"
         );
     }
-    assert!(backend.live().is_empty(), "the silent cell was terminated");
-    // Not running for the node: it will call create again.
+    // After the boot timeout the silent cell is terminated, the pod's status says why, and a
+    // new cell (a new start attempt) is started.
+    let said = tokio::time::timeout(Duration::from_secs(120), async {
+        use futures::StreamExt as _;
+        while let Some(update) = updates.next().await {
+            if update
+                .status
+                .message
+                .as_deref()
+                .is_some_and(|m| m.contains("did not answer within the boot timeout"))
+            {
+                return update.status;
+            }
+        }
+        panic!("the status stream ended");
+    })
+    .await
+    .expect("a boot-timeout status");
+    assert_eq!(said.phase.as_deref(), Some("Pending"));
+    until("a second start", || {
+        backend.started.lock().unwrap().len() >= 2
+    })
+    .await;
+    assert!(
+        backend
+            .terminated
+            .lock()
+            .unwrap()
+            .contains(&CellId("cell-0".into()))
+    );
+    assert_eq!(backend.started.lock().unwrap()[1].idempotency_token, "u1-1");
+    // Not running for the node until an agent runs it.
     assert_eq!(
         provider.pod_status(&PodRef::of(&web.pod)).await.unwrap(),
         None
     );
-    let _ = provider.create_pod(&web).await.unwrap_err();
-    let started = backend.started.lock().unwrap();
-    assert_eq!(started.len(), 2);
-    assert_eq!(started[1].idempotency_token, "u1-1");
+    provider.delete_pod(&PodRef::of(&web.pod), 0).await.unwrap();
+    assert!(backend.live().is_empty());
 }
 
 #[tokio::test]
@@ -282,6 +309,8 @@ async fn after_a_restart_cells_are_adopted_and_never_started_twice() {
     let dir = tempfile::tempdir().unwrap();
     let backend = Arc::new(FakeBackend::default());
     backend.add("old-1", "ctl", "node-a", "u1", Duration::from_secs(600));
+    let mut settings = settings("node-a");
+    settings.boot_timeout = Duration::from_secs(3600);
     backend.add(
         "other-controller",
         "ctl-b",
@@ -296,7 +325,7 @@ async fn after_a_restart_cells_are_adopted_and_never_started_twice() {
         "u3",
         Duration::from_secs(600),
     );
-    let provider = provider(backend.clone(), dir.path()).await;
+    let provider = provider_with(backend.clone(), dir.path(), settings).await;
     let listed = provider.list_pods().await.unwrap();
     let uids: Vec<&str> = listed.iter().map(|p| p.pod.uid.as_str()).collect();
     assert_eq!(uids, vec!["u1"]);
@@ -409,13 +438,13 @@ async fn a_cell_adopted_while_booting_keeps_its_boot_timeout() {
         vec!["booting".to_string()],
         "a booting cell is not lost after healthTimeout"
     );
-    // The node asks for the pod: its create waits for that cell and starts no second one.
+    // The node asks for the pod: it waits for that cell and starts no second one.
     let mut api = api_pod("u1", "");
     api.metadata.name = Some("pod-u1".into());
-    let create = {
-        let provider = provider.clone();
-        tokio::spawn(async move { provider.create_pod(&ResolvedPod::unresolved(api)).await })
-    };
+    provider
+        .create_pod(&ResolvedPod::unresolved(api))
+        .await
+        .unwrap();
     until("more checks", checks_after(40)).await;
     assert!(backend.started.lock().unwrap().is_empty());
     assert_eq!(backend.live(), vec!["booting".to_string()]);
@@ -426,8 +455,6 @@ async fn a_cell_adopted_while_booting_keeps_its_boot_timeout() {
         uid: "u1".into(),
     };
     provider.delete_pod(&pod_ref, 30).await.unwrap();
-    let created = create.await.unwrap();
-    assert!(created.is_err(), "{created:?}");
     assert!(backend.live().is_empty());
     assert!(backend.started.lock().unwrap().is_empty());
 }
@@ -448,38 +475,6 @@ async fn a_cell_whose_boot_timed_out_before_the_restart_is_lost_after_the_health
         backend.live().is_empty()
     })
     .await;
-}
-
-#[tokio::test]
-async fn deleting_a_pod_whose_cell_boots_stops_the_boot() {
-    let dir = tempfile::tempdir().unwrap();
-    let backend = Arc::new(FakeBackend {
-        address: silent_address(),
-        ..FakeBackend::default()
-    });
-    let mut settings = settings("node-a");
-    settings.boot_timeout = Duration::from_secs(3600);
-    let provider = provider_with(backend.clone(), dir.path(), settings).await;
-    let web = pod("u1", "");
-    let create = {
-        let provider = provider.clone();
-        let web = web.clone();
-        tokio::spawn(async move { provider.create_pod(&web).await })
-    };
-    until("the cell to be started", || backend.live().len() == 1).await;
-    provider
-        .delete_pod(&PodRef::of(&web.pod), 30)
-        .await
-        .unwrap();
-    let error = create.await.unwrap().unwrap_err();
-    assert!(error.to_string().contains("being deleted"), "{error}");
-    assert!(backend.live().is_empty(), "the booting cell is terminated");
-    assert_eq!(
-        backend.started.lock().unwrap().len(),
-        1,
-        "nothing else started"
-    );
-    assert!(provider.list_pods().await.unwrap().is_empty());
 }
 
 #[tokio::test]
@@ -521,7 +516,7 @@ async fn a_cell_no_pod_claims_is_reported_to_the_orphan_sweep_only_after_the_gra
 }
 
 #[tokio::test]
-async fn a_create_gives_back_while_the_cell_boots_and_the_next_one_waits_on_for_that_cell() {
+async fn a_create_returns_once_the_cell_is_started_and_a_delete_ends_the_boot() {
     let dir = tempfile::tempdir().unwrap();
     let backend = Arc::new(FakeBackend {
         address: silent_address(),
@@ -529,24 +524,26 @@ async fn a_create_gives_back_while_the_cell_boots_and_the_next_one_waits_on_for_
     });
     let mut settings = settings("node-a");
     settings.boot_timeout = Duration::from_secs(3600);
-    settings.create_wait = Duration::from_millis(200);
     let provider = provider_with(backend.clone(), dir.path(), settings).await;
     let web = pod("u1", "");
-    for _ in 0..3 {
-        let error = provider.create_pod(&web).await.unwrap_err();
-        assert!(error.is_transient(), "{error:?}");
-        assert!(error.to_string().contains("still booting"), "{error}");
-    }
+    // The boot takes as long as it takes (an hour here): the create does not wait for it, so
+    // the node is free to delete the pod meanwhile.
+    provider.create_pod(&web).await.unwrap();
+    provider.create_pod(&web).await.unwrap();
     assert_eq!(
         backend.started.lock().unwrap().len(),
         1,
         "one cell, waited for"
     );
+    until("the boot to wait for the agent", || {
+        backend.describes.load(std::sync::atomic::Ordering::SeqCst) > 0
+    })
+    .await;
     assert_eq!(backend.live(), vec!["cell-0".to_string()]);
-    // Between the calls, the node can delete the pod: the cell goes.
     provider
         .delete_pod(&PodRef::of(&web.pod), 30)
         .await
         .unwrap();
     assert!(backend.live().is_empty());
+    assert_eq!(backend.started.lock().unwrap().len(), 1);
 }

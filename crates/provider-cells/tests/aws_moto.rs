@@ -19,8 +19,8 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{Event, Pod};
-use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, DeleteParams, PostParams};
 use updraft_cells_aws::moto::MotoServer;
 use updraft_cells_aws::{AwsBackend, AwsConfig, BootImage};
 use updraft_cells_backend::cloud_init::{EC2_USER_DATA_LIMIT, UserData};
@@ -29,7 +29,7 @@ use updraft_provider::Provider as _;
 use updraft_provider_cells::CellsConfig;
 use updraft_testing::{TestCluster, eventually, unique_name, wait_for, wait_for_deletion};
 
-use common::{CELL_CONDITION, TIMEOUT, delete_node, start_node};
+use common::{CELL_CONDITION, TIMEOUT, delete_node, start_node, start_node_configured};
 
 /// The message of the pod's cell condition, whatever its status.
 fn cell_condition(pod: &Pod) -> Option<String> {
@@ -324,7 +324,16 @@ async fn a_pod_gets_one_ec2_instance_that_is_adopted_after_a_restart_and_termina
     let restarted = updraft_provider_cells::CellsProvider::from_config(&config, &node_name)
         .await
         .unwrap();
-    let adopted = restarted.list_pods().await.unwrap();
+    // No node claims it here: it is reported once its grace period (1 s) is over.
+    let adopted = eventually(TIMEOUT, || async {
+        let listed = restarted.list_pods().await.map_err(|e| e.to_string())?;
+        if listed.is_empty() {
+            Err("the adopted cell's pod is not listed yet".to_owned())
+        } else {
+            Ok(listed)
+        }
+    })
+    .await;
     assert_eq!(adopted.len(), 1, "{adopted:?}");
     assert_eq!(adopted[0].pod.uid, uid);
     restarted.shutdown();
@@ -375,8 +384,12 @@ async fn a_pod_gets_one_ec2_instance_that_is_adopted_after_a_restart_and_termina
         .await
         .unwrap();
 
-    // The node comes back: it sweeps the orphan; the pod's instance is the same one.
-    let (provider, stop) = start_node(&cluster, &node_name, &config).await;
+    // The node comes back: it sweeps the orphan once its grace period is over; the pod's
+    // instance is the same one.
+    let (provider, stop) = start_node_configured(&cluster, &node_name, &config, |node| {
+        node.orphan_sweep_interval = std::time::Duration::from_secs(2);
+    })
+    .await;
     eventually(TIMEOUT, || async {
         let live = live_instances(&ec2, &controller_id).await;
         let ids: Vec<&str> = live.iter().map(|c| c.id.0.as_str()).collect();
@@ -395,18 +408,18 @@ async fn a_pod_gets_one_ec2_instance_that_is_adopted_after_a_restart_and_termina
     );
     assert_eq!(foreign_live[0].id, foreign.id);
 
-    // The agent never answers inside moto: after the boot timeout the pod's Events say so.
-    let events = Api::<Event>::namespaced(cluster.client(), namespace.name());
+    // The agent never answers inside moto: after the boot timeout the pod's status says so
+    // (and a new instance is started for it).
     let boot_timeout = eventually(TIMEOUT, || async {
-        let list = events
-            .list(&ListParams::default().fields("involvedObject.name=burst"))
-            .await
-            .map_err(|e| e.to_string())?;
-        list.items
-            .iter()
-            .filter_map(|e| e.message.clone())
-            .find(|m| m.contains("did not answer within the boot timeout"))
-            .ok_or_else(|| format!("no boot-timeout event yet: {:?}", list.items.len()))
+        let pod = pods.get("burst").await.map_err(|e| e.to_string())?;
+        let message = pod.status.and_then(|s| s.message).unwrap_or_default();
+        if message.contains("did not answer within the boot timeout") {
+            Ok(message)
+        } else {
+            Err(format!(
+                "no boot timeout in the pod's status yet: {message:?}"
+            ))
+        }
     })
     .await;
     assert!(boot_timeout.contains("cell i-"), "{boot_timeout}");

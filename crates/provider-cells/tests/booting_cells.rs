@@ -100,7 +100,7 @@ async fn a_cell_booting_when_updraft_is_killed_is_adopted_and_never_started_twic
             .await
             .map(|c| c.state.is_ending())
             .unwrap_or(true);
-        if ended || log.contains("still within its boot timeout") {
+        if ended || log.contains("waiting for it to boot") {
             Ok(())
         } else {
             Err("the restarted Updraft has not waited past healthTimeout yet".to_owned())
