@@ -16,8 +16,13 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
+use tokio_util::sync::CancellationToken;
 
 /// Timeouts of the streaming endpoints; `Default` is the kubelet's defaults.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,9 +44,101 @@ impl Default for StreamingConfig {
     }
 }
 
+/// Labels of a streaming session: which endpoint, over which transport, with which
+/// negotiated subprotocol.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SessionLabels {
+    /// `exec`, `attach` or `portforward`.
+    pub endpoint: &'static str,
+    /// `spdy` (an HTTP upgrade to SPDY/3.1) or `websocket`.
+    pub transport: &'static str,
+    /// The subprotocol agreed on (`X-Stream-Protocol-Version` for SPDY,
+    /// `Sec-WebSocket-Protocol` for WebSocket; empty when a WebSocket client named none).
+    pub protocol: &'static str,
+}
+
+/// Counts the streaming sessions the kubelet API accepted, by endpoint, transport and
+/// subprotocol (`updraft_kubelet_streaming_sessions_total`): it shows which path a client's
+/// `kubectl exec`/`port-forward` took, e.g. WebSocket passed through by the API server
+/// (`ExtendWebSocketsToKubelet`) or SPDY translated by it. Clones share the counters; the
+/// endpoints find them in the request (see [`StreamingMetrics::count_sessions_of`]).
+#[derive(Debug, Clone, Default)]
+pub struct StreamingMetrics {
+    sessions: Family<SessionLabels, Counter>,
+}
+
+impl StreamingMetrics {
+    /// Registers the counters in `registry` (under its prefix, e.g. `updraft_`).
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "kubelet_streaming_sessions",
+            "Exec, attach and port-forward sessions accepted by the kubelet API, by endpoint, \
+             transport and negotiated subprotocol",
+            self.sessions.clone(),
+        );
+    }
+
+    /// Sessions accepted so far with these labels.
+    pub fn sessions(
+        &self,
+        endpoint: &'static str,
+        transport: &'static str,
+        protocol: &'static str,
+    ) -> u64 {
+        self.sessions
+            .get(&SessionLabels {
+                endpoint,
+                transport,
+                protocol,
+            })
+            .map_or(0, |counter| counter.get())
+    }
+
+    /// `router` with these counters in every request, where the streaming endpoints count
+    /// the sessions they accept (without it they count into nothing).
+    pub fn count_sessions_of(&self, router: axum::Router) -> axum::Router {
+        router.layer(axum::Extension(self.clone()))
+    }
+
+    /// The counters `request` carries (see [`StreamingMetrics::count_sessions_of`]); unshared
+    /// ones when it carries none.
+    pub(crate) fn of<B>(request: &http::Request<B>) -> Self {
+        request
+            .extensions()
+            .get::<Self>()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Counts one accepted session.
+    pub(crate) fn accepted(
+        &self,
+        endpoint: &'static str,
+        transport: &'static str,
+        protocol: &'static str,
+    ) {
+        self.sessions
+            .get_or_create(&SessionLabels {
+                endpoint,
+                transport,
+                protocol,
+            })
+            .inc();
+    }
+}
+
+/// How long a session that was told of the idle timeout ([`IdleTimeout::with_notice`]) has
+/// to say so to its client before the connection fails anyway.
+const NOTICE_GRACE: Duration = Duration::from_secs(10);
+
 /// A connection that fails its reads with [`io::ErrorKind::TimedOut`] once it has carried no
 /// traffic for `idle` (and every read and write after that), which ends whatever session
 /// runs over it.
+///
+/// With a notice ([`IdleTimeout::with_notice`]) the session is told first: the notice fires
+/// at the timeout, reads then wait, and writes still go through for a grace period (10 s)
+/// so that the session can tell its client why it ends (exec and attach write a status on
+/// their error stream); after the grace period the connection fails as without a notice.
 ///
 /// The deadline is checked only while a read is pending: the session's reader always waits
 /// on the connection, so that is where expiry is noticed; a timer reset per byte moved would
@@ -51,6 +148,10 @@ pub(crate) struct IdleTimeout<T> {
     idle: Duration,
     last_activity: Instant,
     timer: Pin<Box<Sleep>>,
+    /// Told when the timeout passes (before the connection fails).
+    notice: Option<CancellationToken>,
+    /// The notice has been given; the grace period runs.
+    noticed: bool,
     expired: bool,
 }
 
@@ -63,8 +164,19 @@ impl<T> IdleTimeout<T> {
             idle,
             last_activity: now,
             timer: Box::pin(tokio::time::sleep_until(now + idle)),
+            notice: None,
+            noticed: false,
             expired: false,
         }
+    }
+
+    /// `inner`, whose session is told through the returned token when it has been idle for
+    /// `idle`, and closed 10 s later.
+    pub(crate) fn with_notice(inner: T, idle: Duration) -> (Self, CancellationToken) {
+        let notice = CancellationToken::new();
+        let mut connection = Self::new(inner, idle);
+        connection.notice = Some(notice.clone());
+        (connection, notice)
     }
 
     fn timed_out(&self) -> io::Error {
@@ -77,23 +189,39 @@ impl<T> IdleTimeout<T> {
         )
     }
 
-    /// Ready with the error once the connection has been idle for too long; otherwise the
-    /// timer is armed for the current deadline (waking `cx`).
+    /// Ready with the error once the connection has been idle for too long (and the grace
+    /// period after a notice is over); otherwise the timer is armed for the next deadline
+    /// (waking `cx`).
     fn poll_expiry(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
         loop {
             if self.timer.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
             }
-            let deadline = self.last_activity + self.idle;
-            if deadline <= Instant::now() {
-                self.expired = true;
-                tracing::info!(
-                    "closing a streaming connection idle for {:?} (streaming idle timeout)",
-                    self.idle
-                );
-                return Poll::Ready(self.timed_out());
+            let now = Instant::now();
+            if !self.noticed {
+                let deadline = self.last_activity + self.idle;
+                if deadline > now {
+                    self.timer.as_mut().reset(deadline);
+                    continue;
+                }
+                if let Some(notice) = &self.notice {
+                    tracing::info!(
+                        "a streaming connection was idle for {:?} (streaming idle timeout); \
+                         ending its session",
+                        self.idle
+                    );
+                    notice.cancel();
+                    self.noticed = true;
+                    self.timer.as_mut().reset(now + NOTICE_GRACE);
+                    continue;
+                }
             }
-            self.timer.as_mut().reset(deadline);
+            self.expired = true;
+            tracing::info!(
+                "closing a streaming connection idle for {:?} (streaming idle timeout)",
+                self.idle
+            );
+            return Poll::Ready(self.timed_out());
         }
     }
 }
@@ -199,6 +327,29 @@ mod tests {
         assert!(err.to_string().contains("idle"), "{err}");
         assert_eq!(
             conn.write(b"z").await.unwrap_err().kind(),
+            io::ErrorKind::TimedOut
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_noticed_connection_is_told_first_and_may_still_write() {
+        let (mut peer, ours) = tokio::io::duplex(1024);
+        let (conn, notice) = IdleTimeout::with_notice(ours, Duration::from_secs(10));
+        let (mut read_half, mut write_half) = tokio::io::split(conn);
+        let reader = tokio::spawn(async move {
+            let mut buf = [0u8; 8];
+            read_half.read(&mut buf).await
+        });
+        notice.cancelled().await;
+        assert!(!reader.is_finished(), "reads wait during the grace period");
+        write_half.write_all(b"bye").await.unwrap();
+        let mut got = [0u8; 3];
+        peer.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"bye");
+        let err = reader.await.unwrap().unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(
+            write_half.write(b"late").await.unwrap_err().kind(),
             io::ErrorKind::TimedOut
         );
     }

@@ -5,6 +5,10 @@
 //!   any number of forwarded connections, each a pair of streams (`streamType: data` and
 //!   `error`, matched by the `requestID` header). This is what kubectl exercises: API servers
 //!   1.31+ tunnel kubectl's WebSocket port-forward to the kubelet as SPDY.
+//! - **SPDY/3.1 tunnelled through a WebSocket** (subprotocol `SPDY/3.1+portforward.k8s.io`,
+//!   [`tunnel`]): the same SPDY session inside a WebSocket's binary messages. kubectl 1.31+
+//!   asks for this; API servers 1.36+ pass it through to nodes that declare
+//!   `ExtendWebSocketsToKubelet`, and unwrap it into plain SPDY for the others.
 //! - **WebSocket** (`v4.channel.k8s.io`, `v4.base64.channel.k8s.io` or no subprotocol) with
 //!   the ports in `port` query parameters ([`websocket`]): one forwarded connection per port,
 //!   on channels `2i` (data) and `2i+1` (error).
@@ -14,6 +18,7 @@
 //! to that connection's error stream, which kubectl prints.
 
 mod spdy;
+pub mod tunnel;
 pub mod websocket;
 
 use std::sync::Arc;
@@ -24,7 +29,7 @@ use axum::response::{IntoResponse, Response};
 use updraft_provider::{Duplex, PodRef, Provider, ProviderError};
 
 use crate::routes::{Endpoints, bound_pod};
-use crate::streaming::StreamingConfig;
+use crate::streaming::{StreamingConfig, StreamingMetrics};
 
 /// The SPDY subprotocol of port-forwarding.
 pub const PORT_FORWARD_PROTOCOL: &str = "portforward.k8s.io";
@@ -66,7 +71,8 @@ fn unsupported() -> Response {
 
 /// Serves a port-forward request for `pod` (already checked to be bound to this node):
 /// answers the upgrade and runs the session in the background, with `config`'s idle and
-/// stream-creation timeouts.
+/// stream-creation timeouts; the accepted session is counted in the request's
+/// [`StreamingMetrics`].
 pub async fn port_forward(
     request: Request,
     provider: Arc<dyn Provider>,
@@ -76,11 +82,16 @@ pub async fn port_forward(
     if provider.port_forward().is_none() {
         return unsupported();
     }
+    let metrics = StreamingMetrics::of(&request);
     let forwarder = Forwarder { provider, pod };
     if is_websocket_upgrade(request.headers()) {
-        websocket::upgrade(request, forwarder, config)
+        if tunnel::requested(request.headers()) {
+            tunnel::upgrade(request, forwarder, config, metrics)
+        } else {
+            websocket::upgrade(request, forwarder, config, metrics)
+        }
     } else {
-        spdy::upgrade(request, forwarder, config)
+        spdy::upgrade(request, forwarder, config, metrics)
     }
 }
 

@@ -19,7 +19,7 @@ use tokio::time::Instant;
 use updraft_spdy::{Config, Connection, Headers, Role, RstStatus, Stream};
 
 use super::{Forwarder, PORT_FORWARD_PROTOCOL, header_has_token};
-use crate::streaming::{IdleTimeout, StreamingConfig};
+use crate::streaming::{IdleTimeout, StreamingConfig, StreamingMetrics};
 
 /// The request header listing the client's subprotocols, and the response header naming ours.
 const PROTOCOL_HEADER: &str = "x-stream-protocol-version";
@@ -35,6 +35,7 @@ pub(super) fn upgrade(
     mut request: Request,
     forwarder: Forwarder,
     config: StreamingConfig,
+    metrics: StreamingMetrics,
 ) -> Response {
     let headers = request.headers();
     if !(header_has_token(headers, header::CONNECTION, "upgrade")
@@ -84,6 +85,7 @@ pub(super) fn upgrade(
             Err(err) => tracing::debug!("port-forward upgrade failed: {err}"),
         }
     });
+    metrics.accepted("portforward", "spdy", PORT_FORWARD_PROTOCOL);
     let mut response = StatusCode::SWITCHING_PROTOCOLS.into_response();
     let headers = response.headers_mut();
     headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));

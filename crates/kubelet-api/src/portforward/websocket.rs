@@ -27,7 +27,7 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
 use super::{Forwarder, header_has_token};
-use crate::streaming::{IdleTimeout, StreamingConfig};
+use crate::streaming::{IdleTimeout, StreamingConfig, StreamingMetrics};
 
 /// The binary channel subprotocol.
 pub const CHANNEL_PROTOCOL_V4: &str = "v4.channel.k8s.io";
@@ -173,6 +173,7 @@ pub(super) fn upgrade(
     mut request: Request,
     forwarder: Forwarder,
     config: StreamingConfig,
+    metrics: StreamingMetrics,
 ) -> Response {
     let bad_request = |message: String| (StatusCode::BAD_REQUEST, message + "\n").into_response();
     let ports = match requested_ports(request.uri().query()) {
@@ -230,6 +231,12 @@ pub(super) fn upgrade(
             Err(err) => tracing::debug!("port-forward WebSocket upgrade failed: {err}"),
         }
     });
+    let counted_protocol = match protocol.as_str() {
+        CHANNEL_PROTOCOL_V4 => CHANNEL_PROTOCOL_V4,
+        BASE64_CHANNEL_PROTOCOL_V4 => BASE64_CHANNEL_PROTOCOL_V4,
+        _ => "",
+    };
+    metrics.accepted("portforward", "websocket", counted_protocol);
     let mut response = StatusCode::SWITCHING_PROTOCOLS.into_response();
     let response_headers = response.headers_mut();
     response_headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));

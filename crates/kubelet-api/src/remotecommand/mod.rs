@@ -23,7 +23,7 @@ use tokio::io::AsyncReadExt as _;
 use tokio::sync::mpsc;
 use updraft_provider::{ExitStatus, ProviderError, StreamIo, TerminalSize};
 
-use crate::streaming::StreamingConfig;
+use crate::streaming::{StreamingConfig, StreamingMetrics};
 
 /// The provider side of a session: given the client's streams, runs until done.
 pub type Session = Box<dyn FnOnce(StreamIo) -> BoxFuture<'static, SessionResult> + Send>;
@@ -38,6 +38,16 @@ pub enum Kind {
     /// The main process: the session ends with Success unless attaching failed, as the
     /// kubelet reports it (the exit code is in the pod's status).
     Attach,
+}
+
+impl Kind {
+    /// The endpoint's name (a metrics label).
+    fn endpoint(self) -> &'static str {
+        match self {
+            Self::Exec => "exec",
+            Self::Attach => "attach",
+        }
+    }
 }
 
 /// The streams the client asked for (query `stdin`, `stdout`, `stderr`, `tty`, `command`).
@@ -127,8 +137,31 @@ fn status_bytes(kind: Kind, result: &SessionResult, format: StatusFormat) -> Opt
             })
         }
     };
+    encode_status(&status, format)
+}
+
+/// What the error stream carries when the session was ended by the streaming idle timeout
+/// (`idle`): a failure naming it, so that the client does not take the closed connection
+/// for a successful end.
+fn idle_timeout_status(idle: std::time::Duration, format: StatusFormat) -> Option<Vec<u8>> {
+    let status = serde_json::json!({
+        "metadata": {},
+        "status": "Failure",
+        "message": format!(
+            "the session was closed after {idle:?} without traffic (the node's streaming \
+             connection idle timeout, --streaming-connection-idle-timeout)"
+        ),
+        "reason": "Timeout",
+        "code": 504
+    });
+    encode_status(&status, format)
+}
+
+/// `status` in the error stream's format: JSON (always), or its message for the text
+/// protocols (nothing on success).
+fn encode_status(status: &serde_json::Value, format: StatusFormat) -> Option<Vec<u8>> {
     match format {
-        StatusFormat::Json => serde_json::to_vec(&status).ok(),
+        StatusFormat::Json => serde_json::to_vec(status).ok(),
         StatusFormat::Text => {
             if status["status"] == "Success" {
                 None
@@ -213,7 +246,8 @@ fn is_websocket(headers: &HeaderMap) -> bool {
 
 /// Serves an exec or attach request: upgrades to SPDY or WebSocket as the client asks, opens
 /// the streams, runs `session` and reports its outcome. The session is dropped (cancelled) as
-/// soon as the client goes away or the connection is idle for `streaming.idle_timeout`.
+/// soon as the client goes away or the connection is idle for `streaming.idle_timeout`. The
+/// accepted session is counted in the request's [`StreamingMetrics`].
 pub fn serve(
     request: Request,
     options: Options,
@@ -221,10 +255,11 @@ pub fn serve(
     session: Session,
     streaming: StreamingConfig,
 ) -> Response {
+    let metrics = &StreamingMetrics::of(&request);
     if is_websocket(request.headers()) {
-        websocket::serve(request, options, kind, session, streaming)
+        websocket::serve(request, options, kind, session, streaming, metrics)
     } else {
-        spdy::serve(request, options, kind, session, streaming)
+        spdy::serve(request, options, kind, session, streaming, metrics)
     }
 }
 
@@ -236,6 +271,8 @@ fn refuse(status: StatusCode, message: impl std::fmt::Display) -> Response {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
+    use std::time::Duration;
+
     use super::*;
 
     #[test]
@@ -266,6 +303,20 @@ mod tests {
         let success =
             status_bytes(Kind::Attach, &Ok(ExitStatus::Code(1)), StatusFormat::Json).unwrap();
         assert!(String::from_utf8(success).unwrap().contains("Success"));
+    }
+
+    #[test]
+    fn an_idle_timeout_is_a_failure_naming_it() {
+        let json = idle_timeout_status(Duration::from_secs(5), StatusFormat::Json).unwrap();
+        let status: serde_json::Value = serde_json::from_slice(&json).unwrap();
+        assert_eq!(status["status"], "Failure");
+        assert_eq!(status["reason"], "Timeout");
+        assert!(
+            status["message"].as_str().unwrap().contains("idle timeout"),
+            "{status}"
+        );
+        let text = idle_timeout_status(Duration::from_secs(5), StatusFormat::Text).unwrap();
+        assert!(String::from_utf8(text).unwrap().contains("idle timeout"));
     }
 
     #[tokio::test]

@@ -7,11 +7,14 @@ use axum::response::{IntoResponse, Response};
 use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt as _;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use updraft_provider::StreamIo;
 use updraft_spdy::{Config, Connection, Headers, RecvStream, Role, RstStatus, SendStream, Stream};
 
-use super::{Kind, Options, Session, StatusFormat, read_resizes, refuse, status_bytes};
-use crate::streaming::{IdleTimeout, StreamingConfig};
+use super::{
+    Kind, Options, Session, StatusFormat, idle_timeout_status, read_resizes, refuse, status_bytes,
+};
+use crate::streaming::{IdleTimeout, StreamingConfig, StreamingMetrics};
 
 /// The negotiation header (client: what it speaks, in preference order; server: the choice).
 const PROTOCOL_HEADER: &str = "x-stream-protocol-version";
@@ -43,6 +46,7 @@ pub(super) fn serve(
     kind: Kind,
     session: Session,
     streaming: StreamingConfig,
+    metrics: &StreamingMetrics,
 ) -> Response {
     let upgrade_to_spdy = request
         .headers()
@@ -82,12 +86,14 @@ pub(super) fn serve(
         return response;
     };
     tracing::debug!(protocol, ?options, ?kind, "remote command over SPDY");
+    metrics.accepted(kind.endpoint(), "spdy", protocol);
     let on_upgrade = hyper::upgrade::on(&mut request);
     tokio::spawn(async move {
         match on_upgrade.await {
             Ok(upgraded) => {
-                let io = IdleTimeout::new(TokioIo::new(upgraded), streaming.idle_timeout);
-                run(io, version, options, kind, session, streaming).await;
+                let (io, idle) =
+                    IdleTimeout::with_notice(TokioIo::new(upgraded), streaming.idle_timeout);
+                run(io, idle, version, options, kind, session, streaming).await;
             }
             Err(err) => tracing::debug!("SPDY upgrade failed: {err}"),
         }
@@ -172,8 +178,11 @@ impl Streams {
     }
 }
 
+/// Runs one session over `io`; `idle` fires when the connection has been idle for the
+/// streaming idle timeout (the session then ends with a status saying so).
 async fn run<T>(
     io: T,
+    idle: CancellationToken,
     version: u8,
     options: Options,
     kind: Kind,
@@ -205,6 +214,10 @@ async fn run<T>(
                 Some(stream) => streams.add(stream),
                 None => return,
             },
+            () = idle.cancelled() => {
+                handle.close().await;
+                return;
+            }
             () = &mut deadline => {
                 tracing::info!(
                     "closing a remote command session: the client opened {} of {expected} streams within {creation_timeout:?} (the stream creation timeout)",
@@ -243,25 +256,29 @@ async fn run<T>(
         tty: options.tty,
         resize: options.tty.then_some(resize_rx),
     };
-    // The client going away cancels the session (dropping it kills the process).
-    let result = tokio::select! {
-        result = session(io) => Some(result),
+    // The client going away cancels the session (dropping it kills the process), and so
+    // does the idle timeout.
+    let format = if version >= 4 {
+        StatusFormat::Json
+    } else {
+        StatusFormat::Text
+    };
+    let status = tokio::select! {
+        result = session(io) => {
+            tracing::debug!(?result, "remote command session ended");
+            Some(status_bytes(kind, &result, format))
+        }
         reason = handle.closed() => {
             tracing::debug!("remote command client went away: {reason}");
             None
         }
+        () = idle.cancelled() => Some(idle_timeout_status(streaming.idle_timeout, format)),
     };
     if let Some(resizing) = resizing {
         resizing.abort();
     }
-    tracing::debug!(?result, "remote command session ended");
-    if let Some(result) = result {
-        let format = if version >= 4 {
-            StatusFormat::Json
-        } else {
-            StatusFormat::Text
-        };
-        if let Some(status) = status_bytes(kind, &result, format) {
+    if let Some(status) = status {
+        if let Some(status) = status {
             let _ = error.write_all(&status).await;
         }
         let _ = error.shutdown().await;
@@ -304,7 +321,15 @@ mod tests {
             stream_creation_timeout: Duration::from_millis(200),
             ..StreamingConfig::default()
         };
-        let server = tokio::spawn(run(server_io, 5, options, Kind::Exec, session, streaming));
+        let server = tokio::spawn(run(
+            server_io,
+            CancellationToken::new(),
+            5,
+            options,
+            Kind::Exec,
+            session,
+            streaming,
+        ));
         let (client, _incoming) =
             Connection::new(client_io, Role::Client, Config::spdystream_compatible()).unwrap();
         let mut headers = Headers::new();
@@ -319,5 +344,71 @@ mod tests {
             .expect("the server to finish")
             .unwrap();
         assert!(!started.load(Ordering::SeqCst), "no process was started");
+    }
+
+    /// Set when dropped: the session was cancelled (the provider kills the process then).
+    struct DropFlag(Arc<AtomicBool>);
+
+    impl Drop for DropFlag {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_session_ended_by_the_idle_timeout_reports_it_as_a_failure() {
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let cancelled = Arc::new(AtomicBool::new(false));
+        let session: Session = {
+            let flag = DropFlag(cancelled.clone());
+            Box::new(move |_io| {
+                Box::pin(async move {
+                    let _flag = flag;
+                    std::future::pending::<()>().await;
+                    Ok(ExitStatus::Code(0))
+                })
+            })
+        };
+        let options = Options {
+            stdout: true,
+            command: vec!["sleep".into(), "1000".into()],
+            ..Options::default()
+        };
+        let streaming = StreamingConfig {
+            idle_timeout: Duration::from_millis(300),
+            ..StreamingConfig::default()
+        };
+        let (io, idle) = IdleTimeout::with_notice(server_io, streaming.idle_timeout);
+        let server = tokio::spawn(run(io, idle, 5, options, Kind::Exec, session, streaming));
+        let (client, _incoming) =
+            Connection::new(client_io, Role::Client, Config::spdystream_compatible()).unwrap();
+        let mut headers = Headers::new();
+        headers.insert("streamType", "error");
+        let mut error = client.open_stream(headers, true).unwrap();
+        let mut headers = Headers::new();
+        headers.insert("streamType", "stdout");
+        let _stdout = client.open_stream(headers, true).unwrap();
+        let mut status = Vec::new();
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            tokio::io::AsyncReadExt::read_to_end(&mut error, &mut status),
+        )
+        .await
+        .expect("a status on the error stream")
+        .unwrap();
+        let status: serde_json::Value = serde_json::from_slice(&status).unwrap();
+        assert_eq!(status["status"], "Failure", "{status}");
+        assert!(
+            status["message"].as_str().unwrap().contains("idle timeout"),
+            "{status}"
+        );
+        tokio::time::timeout(Duration::from_secs(30), server)
+            .await
+            .expect("the server to finish")
+            .unwrap();
+        assert!(
+            cancelled.load(Ordering::SeqCst),
+            "the session was cancelled"
+        );
     }
 }

@@ -10,10 +10,13 @@ use tokio::sync::mpsc;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_util::sync::CancellationToken;
 use updraft_provider::StreamIo;
 
-use super::{Kind, Options, Session, StatusFormat, read_resizes, refuse, status_bytes};
-use crate::streaming::{IdleTimeout, StreamingConfig};
+use super::{
+    Kind, Options, Session, StatusFormat, idle_timeout_status, read_resizes, refuse, status_bytes,
+};
+use crate::streaming::{IdleTimeout, StreamingConfig, StreamingMetrics};
 use crate::ws_channels::{Encoding, Framing, Mux};
 
 const STDIN: u8 = 0;
@@ -75,6 +78,7 @@ pub(super) fn serve(
     kind: Kind,
     session: Session,
     streaming: StreamingConfig,
+    metrics: &StreamingMetrics,
 ) -> Response {
     let Some(key) = request
         .headers()
@@ -108,6 +112,7 @@ pub(super) fn serve(
             ),
         );
     };
+    metrics.accepted(kind.endpoint(), "websocket", protocol);
     let on_upgrade = hyper::upgrade::on(&mut request);
     tokio::spawn(async move {
         match on_upgrade.await {
@@ -115,13 +120,14 @@ pub(super) fn serve(
                 let config = WebSocketConfig::default()
                     .max_message_size(Some(MAX_MESSAGE))
                     .max_frame_size(Some(MAX_MESSAGE));
-                let ws = WebSocketStream::from_raw_socket(
-                    IdleTimeout::new(TokioIo::new(upgraded), streaming.idle_timeout),
-                    Role::Server,
-                    Some(config),
-                )
-                .await;
-                run(ws, framing, format, options, kind, session).await;
+                let (io, idle) =
+                    IdleTimeout::with_notice(TokioIo::new(upgraded), streaming.idle_timeout);
+                let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
+                let idle = IdleNotice {
+                    fired: idle,
+                    after: streaming.idle_timeout,
+                };
+                run(ws, framing, format, options, kind, session, idle).await;
             }
             Err(err) => tracing::debug!("WebSocket upgrade failed: {err}"),
         }
@@ -142,6 +148,12 @@ pub(super) fn serve(
         .into_response()
 }
 
+/// Fires when the connection has been idle for the streaming idle timeout (`after`).
+struct IdleNotice {
+    fired: CancellationToken,
+    after: std::time::Duration,
+}
+
 async fn run<S>(
     ws: WebSocketStream<S>,
     framing: Framing,
@@ -149,6 +161,7 @@ async fn run<S>(
     options: Options,
     kind: Kind,
     session: Session,
+    idle: IdleNotice,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
 {
@@ -191,16 +204,17 @@ async fn run<S>(
         resize: options.tty.then_some(resize_rx),
     };
     drop(mux);
-    let result = tokio::select! {
-        result = session(io) => Some(result),
+    // The client going away cancels the session (dropping it kills the process), and so
+    // does the idle timeout, which the client is told.
+    let status = tokio::select! {
+        result = session(io) => status_bytes(kind, &result, format),
         () = closed.cancelled() => None,
+        () = idle.fired.cancelled() => idle_timeout_status(idle.after, format),
     };
     if let Some(resizing) = resizing {
         resizing.abort();
     }
-    if let Some(result) = result
-        && let Some(status) = status_bytes(kind, &result, format)
-    {
+    if let Some(status) = status {
         let _ = error.write_all(&status).await;
     }
     // The last writer: dropping it makes the connection send Close after what is queued.
