@@ -33,7 +33,7 @@ mod forward;
 mod sandbox;
 mod stats;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -66,6 +66,11 @@ pub struct MockConfig {
     pub pod_ip_base: Ipv4Addr,
     /// Where pods with `mock.updraft.dev/run: "true"` get their scratch directories.
     pub scratch_dir: PathBuf,
+    /// Whether each pod's resolved env and files are kept for [`MockProvider::resolved`]
+    /// (tests read them back). `updraft run` turns it off: a real provider hands them on to
+    /// where the pod runs instead of holding them, and the benchmarks, which run this
+    /// provider, should measure the node, not the mock's test records.
+    pub keep_inputs: bool,
 }
 
 impl Default for MockConfig {
@@ -74,6 +79,7 @@ impl Default for MockConfig {
             host_ip: "127.0.0.1".into(),
             pod_ip_base: Ipv4Addr::new(10, 244, 0, 0),
             scratch_dir: std::env::temp_dir().join("updraft-mock"),
+            keep_inputs: true,
         }
     }
 }
@@ -157,14 +163,38 @@ impl Behaviour {
 #[derive(Debug)]
 struct MockPod {
     pod: PodRef,
-    /// What the node gave the provider last (create or update); its `pod` is the spec the
-    /// statuses are built from.
-    resolved: ResolvedPod,
+    /// What the mock keeps of the pod the node gave it last (see [`kept`]), JSON-encoded: a
+    /// k8s-openapi `Pod` takes several KB in memory however sparse, and the mock needs it
+    /// only at a start, an exit or a container change.
+    spec: Box<[u8]>,
+    /// The resolved env and files the node gave it last, if `MockConfig::keep_inputs`.
+    inputs: Option<Inputs>,
     status: PodStatus,
     /// The pod's timer (start delay or exit), aborted when the pod is deleted.
     timer: Option<tokio::task::JoinHandle<()>>,
     /// The pod's processes, with `mock.updraft.dev/run: "true"`; dropping kills them.
     sandbox: Option<Sandbox>,
+}
+
+/// A pod's resolved env (per container) and volume files (per volume).
+type Inputs = (
+    BTreeMap<String, Vec<updraft_provider::EnvVar>>,
+    BTreeMap<String, updraft_provider::VolumeFiles>,
+);
+
+impl MockPod {
+    /// The slim pod [`kept`] encoded.
+    fn slim_pod(&self) -> Pod {
+        serde_json::from_slice(&self.spec).unwrap_or_default()
+    }
+
+    /// The pod's `restartPolicy` (the API's default, `Always`, when unset).
+    fn restart_policy(&self) -> String {
+        self.slim_pod()
+            .spec
+            .and_then(|s| s.restart_policy)
+            .unwrap_or_else(|| "Always".into())
+    }
 }
 
 #[derive(Debug, Default)]
@@ -204,12 +234,21 @@ impl MockProvider {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// What the node last gave the provider for `pod` (env, volume files), if it runs.
+    /// What the node last gave the provider for `pod`, if it runs: the pod as the mock keeps
+    /// it (identity, annotations, restart policy, containers' names, images and resources)
+    /// and, with `MockConfig::keep_inputs`, its env and volume files.
     pub fn resolved(&self, namespace: &str, name: &str) -> Option<ResolvedPod> {
         self.lock()
             .pods
             .get(&(namespace.to_owned(), name.to_owned()))
-            .map(|p| p.resolved.clone())
+            .map(|p| {
+                let (env, volumes) = p.inputs.clone().unwrap_or_default();
+                ResolvedPod {
+                    pod: Arc::new(p.slim_pod()),
+                    env,
+                    volumes,
+                }
+            })
     }
 
     /// Makes the backend report itself unhealthy with `problem` (`None`: healthy again), as
@@ -248,7 +287,7 @@ impl MockProvider {
         entry.status.phase = Some("Running".into());
         entry.status.conditions = Some(conditions(true, &now));
         entry.status.container_statuses = Some(container_statuses(
-            &entry.resolved.pod,
+            &entry.slim_pod(),
             &entry.pod,
             restarts,
             |_| ContainerState {
@@ -277,13 +316,7 @@ impl MockProvider {
             let Some(entry) = state.pods.get_mut(key) else {
                 return;
             };
-            let policy = entry
-                .resolved
-                .pod
-                .spec
-                .as_ref()
-                .and_then(|s| s.restart_policy.clone())
-                .unwrap_or_else(|| "Always".into());
+            let policy = entry.restart_policy();
             let restart = policy == "Always" || (policy == "OnFailure" && code != 0);
             let now = updraft_provider::now();
             let restarts = entry
@@ -294,7 +327,7 @@ impl MockProvider {
                 .map_or(0, |c| c.restart_count);
             let reason = if code == 0 { "Completed" } else { "Error" };
             entry.status.container_statuses = Some(container_statuses(
-                &entry.resolved.pod,
+                &entry.slim_pod(),
                 &entry.pod,
                 restarts,
                 |_| ContainerState {
@@ -397,13 +430,8 @@ impl MockProvider {
                 }
             }
         }
-        let policy = entry
-            .resolved
-            .pod
-            .spec
-            .as_ref()
-            .and_then(|s| s.restart_policy.clone())
-            .unwrap_or_else(|| "Always".into());
+        let policy = entry.restart_policy();
+        let statuses = entry.status.container_statuses.get_or_insert_with(Vec::new);
         let exit_codes: Option<Vec<i32>> = statuses
             .iter()
             .map(|c| c.state.as_ref()?.terminated.as_ref().map(|t| t.exit_code))
@@ -469,13 +497,11 @@ fn conditions(ready: bool, now: &Time) -> Vec<PodCondition> {
     .collect()
 }
 
-/// What the mock keeps of a pod it is handed: identity, annotations, restart policy and the
-/// containers' names, images and resources (its statuses and stats are built from those),
-/// plus the resolved env and files that tests read back. Not the whole pod: the node's
-/// cache holds that, and a second full copy per pod would double the node's memory in the
-/// benchmarks, which run on this provider.
-fn kept(resolved: &ResolvedPod) -> ResolvedPod {
-    let pod = &resolved.pod;
+/// What the mock keeps of a pod it is handed, encoded: identity, annotations, restart policy
+/// and the containers' names, images and resources (its statuses and stats are built from
+/// those). Not the whole pod: the node's cache holds that, and a second full copy per pod
+/// would double the node's memory in the benchmarks, which run on this provider.
+fn kept(pod: &Pod) -> Box<[u8]> {
     let slim = Pod {
         metadata: ObjectMeta {
             name: pod.metadata.name.clone(),
@@ -500,10 +526,16 @@ fn kept(resolved: &ResolvedPod) -> ResolvedPod {
         }),
         status: None,
     };
-    ResolvedPod {
-        pod: Arc::new(slim),
-        env: resolved.env.clone(),
-        volumes: resolved.volumes.clone(),
+    // Encoding a k8s-openapi struct into memory cannot fail; an empty record would decode
+    // as a pod without containers.
+    serde_json::to_vec(&slim).unwrap_or_default().into_boxed_slice()
+}
+
+impl MockProvider {
+    fn inputs(&self, resolved: &ResolvedPod) -> Option<Inputs> {
+        self.config
+            .keep_inputs
+            .then(|| (resolved.env.clone(), resolved.volumes.clone()))
     }
 }
 
@@ -595,7 +627,8 @@ impl Provider for MockProvider {
                 key.clone(),
                 MockPod {
                     pod: pod_ref,
-                    resolved: kept(resolved),
+                    spec: kept(&resolved.pod),
+                    inputs: self.inputs(resolved),
                     status,
                     timer: None,
                     sandbox: None,
@@ -634,7 +667,8 @@ impl Provider for MockProvider {
             .get_mut(&(pod_ref.namespace.clone(), pod_ref.name.clone()))
         {
             Some(entry) if entry.pod.uid == pod_ref.uid => {
-                entry.resolved = kept(resolved);
+                entry.spec = kept(&resolved.pod);
+                entry.inputs = self.inputs(resolved);
                 Ok(())
             }
             _ => Err(ProviderError::NotFound(format!("pod {pod_ref}"))),

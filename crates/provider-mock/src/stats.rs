@@ -35,12 +35,8 @@ fn pod_stats(pod: &MockPod, now: SystemTime) -> Option<PodStats> {
         return None;
     }
     let start_time = pod.status.start_time.as_ref().map_or(now, system_time);
-    let specs = pod
-        .resolved
-        .pod
-        .spec
-        .as_ref()
-        .map(|s| s.containers.as_slice())?;
+    let slim = pod.slim_pod();
+    let specs = slim.spec.as_ref().map(|s| s.containers.as_slice())?;
     let containers: Vec<ContainerStats> = pod
         .status
         .container_statuses

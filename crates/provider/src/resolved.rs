@@ -37,8 +37,8 @@ pub type VolumeFiles = BTreeMap<String, VolumeFile>;
 /// A pod with everything the provider needs resolved by the node.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ResolvedPod {
-    /// The pod as in the API server: the node's cached copy, shared rather than copied
-    /// (a provider that keeps it costs no second copy per pod).
+    /// The pod as in the API server (decoded from the node's compact cache for this call; a
+    /// provider that keeps all of it per pod adds its full in-memory size to the node's).
     pub pod: Arc<Pod>,
     /// Environment per container name (init and app containers), in definition order.
     pub env: BTreeMap<String, Vec<EnvVar>>,

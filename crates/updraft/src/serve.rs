@@ -9,7 +9,7 @@ use updraft_kubelet_api::auth::{Auth, AuthConfig};
 use updraft_kubelet_api::csr::{ServingRequest, keep_renewed, request_serving_certificate};
 use updraft_kubelet_api::routes::{KubeletOptions, KubeletState, PodLookup, routes_with};
 use updraft_kubelet_api::server::{protect, serve};
-use updraft_kubelet_api::streaming::StreamingConfig;
+use updraft_kubelet_api::streaming::{StreamingConfig, StreamingMetrics};
 use updraft_kubelet_api::tls::{ServingCertificate, server_config};
 use updraft_node::VirtualNode;
 use updraft_provider::Provider;
@@ -121,20 +121,27 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             let provider_file = read_mock_config(args.provider_config.as_ref())?;
             let provider = Arc::new(MockProvider::new(MockConfig {
                 host_ip: args.node_ip.clone(),
+                keep_inputs: false,
                 ..MockConfig::default()
             }));
             let node_config = args.node_config(&provider_file.capacity);
-            run_with(args, provider, node_config, Metrics::new()).await
+            let streaming = StreamingMetrics::default();
+            let metrics = Metrics::with_extra(|registry| streaming.register(registry));
+            run_with(args, provider, node_config, metrics, streaming).await
         }
         ProviderKind::Cells => {
             let config = read_cells_config(args.provider_config.as_ref())?;
             let provider = CellsProvider::from_config(&config, &args.node_name)
                 .await
                 .context("starting the cells provider")?;
-            let metrics = Metrics::with_extra(|registry| provider.register_metrics(registry));
+            let streaming = StreamingMetrics::default();
+            let metrics = Metrics::with_extra(|registry| {
+                provider.register_metrics(registry);
+                streaming.register(registry);
+            });
             let node_config = args.node_config(&config.capacity);
             let provider = Arc::new(provider);
-            let result = run_with(args, provider.clone(), node_config, metrics).await;
+            let result = run_with(args, provider.clone(), node_config, metrics, streaming).await;
             // Cells keep running: the next start adopts them.
             provider.shutdown();
             result
@@ -148,6 +155,7 @@ async fn run_with<P: Provider>(
     provider: Arc<P>,
     node_config: updraft_node::NodeConfig,
     metrics: Metrics,
+    streaming_metrics: StreamingMetrics,
 ) -> anyhow::Result<()> {
     let client = kube_client(&args, &metrics).await?;
     let pod_metrics = metrics.pods.clone();
@@ -181,7 +189,10 @@ async fn run_with<P: Provider>(
             stream_creation_timeout: args.stream_creation_timeout,
         },
     };
-    let app = protect(routes_with(kubelet, options), auth);
+    let app = protect(
+        streaming_metrics.count_sessions_of(routes_with(kubelet, options)),
+        auth,
+    );
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("listening on {listen} for the kubelet API"))?;
