@@ -367,8 +367,11 @@ async fn write_messages<S>(
                     }
                 }
                 None => {
-                    // Every writer is gone: the session is over.
-                    let _ = sink.send(Message::Close(None)).await;
+                    // Every writer is gone: the session is over. A normal closure code: Go
+                    // clients (kubectl) take a Close without one for a failed connection and
+                    // drop what they read on the error channel.
+                    let close = CloseFrame { code: CloseCode::Normal, reason: "".into() };
+                    let _ = sink.send(Message::Close(Some(close))).await;
                     let _ = sink.close().await;
                     return;
                 }

@@ -15,8 +15,10 @@ use tokio::net::{TcpListener, TcpStream};
 use updraft_kubelet_api::streaming::StreamingConfig;
 use updraft_testing::TestCluster;
 
-/// Short enough for a test, long enough that a session printing every 0.2 s never comes close.
-const IDLE: Duration = Duration::from_secs(5);
+/// Short enough for a test, long enough that a session printing every 0.2 s never comes close,
+/// and shorter than the API server's SPDY PING period towards the kubelet (5 s: a PING is
+/// traffic, so an idle timeout of 5 s would race it).
+const IDLE: Duration = Duration::from_secs(3);
 
 fn short_idle() -> StreamingConfig {
     StreamingConfig {
@@ -84,11 +86,17 @@ async fn an_idle_kubectl_exec_is_closed_and_its_process_killed_a_talking_one_is_
     within("the pid", stdout.read_line(&mut pid)).await.unwrap();
     let pid: i32 = pid.trim().parse().expect("a pid");
     assert!(alive(pid));
-    // kubectl ends (what it reports is the API server's translation of a closed connection:
-    // no status on the error stream, as when the kubelet's spdystream idles out).
-    within("kubectl exec to end after the idle timeout", silent.wait())
+    // kubectl ends with an error naming the idle timeout (not as if the command succeeded).
+    let mut stderr = silent.stderr.take().unwrap();
+    let status = within("kubectl exec to end after the idle timeout", silent.wait())
         .await
         .unwrap();
+    let mut message = String::new();
+    within("kubectl's stderr", stderr.read_to_string(&mut message))
+        .await
+        .unwrap();
+    assert!(!status.success(), "an idled-out exec looked like success");
+    assert!(message.contains("idle timeout"), "kubectl said: {message}");
     updraft_testing::eventually(TIMEOUT, || async {
         if alive(pid) {
             Err(format!("process {pid} still runs"))

@@ -1,6 +1,6 @@
 //! What the virtual node says about itself.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Taint;
@@ -44,7 +44,16 @@ pub struct NodeConfig {
     /// The fraction of a projected service-account token's lifetime after which it is
     /// requested again and the pod updated (0.8, like the kubelet).
     pub token_refresh_fraction: f64,
+    /// `status.declaredFeatures`: what the node's kubelet API supports that API servers (1.36+)
+    /// act on. By default [`EXTEND_WEBSOCKETS_TO_KUBELET`], as the kubelet declares it: the
+    /// API server then passes kubectl's WebSocket exec, attach and port-forward through to
+    /// the node instead of translating them to SPDY.
+    pub declared_features: BTreeSet<String>,
 }
+
+/// The node feature that makes API servers pass exec, attach and port-forward WebSockets
+/// through to the node (the kubelet's beta feature gate of the same name, on by default).
+pub const EXTEND_WEBSOCKETS_TO_KUBELET: &str = "ExtendWebSocketsToKubelet";
 
 impl NodeConfig {
     /// The defaults for a node called `name` run by provider `provider`.
@@ -81,6 +90,7 @@ impl NodeConfig {
             pod_workers: 10,
             orphan_sweep_interval: Duration::from_secs(60),
             token_refresh_fraction: 0.8,
+            declared_features: BTreeSet::from([EXTEND_WEBSOCKETS_TO_KUBELET.to_owned()]),
         }
     }
 

@@ -221,6 +221,8 @@ impl<P: Provider> NodeController<P> {
                     "operatingSystem": config.operating_system,
                     "architecture": config.architecture
                 },
+                // Sorted and unique (a BTreeSet), as validation requires.
+                "declaredFeatures": config.declared_features,
                 "conditions": [
                     ready,
                     condition("MemoryPressure", "False", "KubeletHasSufficientMemory", "the provider manages memory"),

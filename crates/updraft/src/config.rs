@@ -131,12 +131,47 @@ pub struct RunArgs {
     /// port-forward session.
     #[arg(long, env = "UPDRAFT_STREAM_CREATION_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub stream_creation_timeout: std::time::Duration,
+    /// Feature gates, as the kubelet takes them: `Name=true|false`, comma-separated or
+    /// repeated. Known: `ExtendWebSocketsToKubelet` (default true: the Node declares it, so
+    /// API servers 1.36+ pass kubectl's exec/attach/port-forward WebSockets through to
+    /// Updraft; false leaves them translating to SPDY).
+    #[arg(long = "feature-gates", env = "UPDRAFT_FEATURE_GATES", value_delimiter = ',', value_parser = parse_feature_gate)]
+    pub feature_gates: Vec<(FeatureGate, bool)>,
     /// Log filter (`info`, `updraft_node=debug`, …).
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     pub log_level: String,
     /// Log format.
     #[arg(long, env = "UPDRAFT_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+}
+
+/// The feature gates `--feature-gates` knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FeatureGate {
+    /// Declare `ExtendWebSocketsToKubelet` in the Node's `status.declaredFeatures`.
+    ExtendWebSocketsToKubelet,
+}
+
+fn parse_feature_gate(text: &str) -> Result<(FeatureGate, bool), String> {
+    let (name, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?} is not Name=true|false"))?;
+    let gate = match name.trim() {
+        updraft_node::config::EXTEND_WEBSOCKETS_TO_KUBELET => {
+            FeatureGate::ExtendWebSocketsToKubelet
+        }
+        other => {
+            return Err(format!(
+                "unknown feature gate {other:?}; known: {}",
+                updraft_node::config::EXTEND_WEBSOCKETS_TO_KUBELET
+            ));
+        }
+    };
+    let enabled = value
+        .trim()
+        .parse::<bool>()
+        .map_err(|_| format!("{text:?}: the value must be true or false"))?;
+    Ok((gate, enabled))
 }
 
 fn parse_label(text: &str) -> Result<(String, String), String> {
@@ -234,6 +269,18 @@ impl RunArgs {
             effect: self.taint_effect.clone(),
             time_added: None,
         });
+        for (gate, enabled) in &self.feature_gates {
+            match gate {
+                FeatureGate::ExtendWebSocketsToKubelet => {
+                    let name = updraft_node::config::EXTEND_WEBSOCKETS_TO_KUBELET.to_owned();
+                    if *enabled {
+                        config.declared_features.insert(name);
+                    } else {
+                        config.declared_features.remove(&name);
+                    }
+                }
+            }
+        }
         for (resource, value) in capacity {
             config
                 .capacity
@@ -281,6 +328,21 @@ mod tests {
             let err = parse_duration(bad).unwrap_err();
             assert!(err.contains("not a duration"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn feature_gates_parse_like_the_kubelets_flag() {
+        assert_eq!(
+            parse_feature_gate("ExtendWebSocketsToKubelet=false"),
+            Ok((FeatureGate::ExtendWebSocketsToKubelet, false))
+        );
+        let err = parse_feature_gate("NoSuchGate=true").unwrap_err();
+        assert!(
+            err.contains("NoSuchGate") && err.contains("ExtendWebSocketsToKubelet"),
+            "{err}"
+        );
+        assert!(parse_feature_gate("ExtendWebSocketsToKubelet=maybe").is_err());
+        assert!(parse_feature_gate("ExtendWebSocketsToKubelet").is_err());
     }
 
     #[test]

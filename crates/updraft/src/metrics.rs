@@ -27,12 +27,8 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// A registry with every metric registered.
-    pub fn new() -> Self {
-        Self::with_extra(|_| {})
-    }
-
-    /// A registry with every metric registered, plus what `extra` registers (a provider's).
+    /// A registry with every metric registered, plus what `extra` registers (a provider's,
+    /// the kubelet API's session counters).
     pub fn with_extra(extra: impl FnOnce(&mut Registry)) -> Self {
         let mut registry = Registry::with_prefix("updraft");
         extra(&mut registry);

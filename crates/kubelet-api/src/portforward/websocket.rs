@@ -24,7 +24,8 @@ use tokio::task::JoinSet;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 
 use super::{Forwarder, header_has_token};
 use crate::streaming::{IdleTimeout, StreamingConfig, StreamingMetrics};
@@ -269,6 +270,12 @@ async fn run_session<S>(
                 return;
             }
         }
+        // A normal closure code: Go clients take a Close without one for a failure.
+        let close = CloseFrame {
+            code: CloseCode::Normal,
+            reason: "".into(),
+        };
+        let _ = sink.send(Message::Close(Some(close))).await;
         let _ = sink.close().await;
     });
 

@@ -16,7 +16,7 @@ use updraft_devcluster::pki::{CertificateAuthority, Identity};
 use updraft_kubelet_api::auth::{Auth, AuthConfig};
 use updraft_kubelet_api::routes::{KubeletOptions, KubeletState, PodLookup, routes_with};
 use updraft_kubelet_api::server::{protect, serve};
-use updraft_kubelet_api::streaming::StreamingConfig;
+use updraft_kubelet_api::streaming::{StreamingConfig, StreamingMetrics};
 use updraft_kubelet_api::tls::{ServingCertificate, server_config};
 use updraft_node::{NodeConfig, VirtualNode};
 use updraft_provider_mock::{MockConfig, MockProvider};
@@ -32,6 +32,8 @@ pub struct KubeletNode {
     pub address: IpAddr,
     pub port: u16,
     pub ca_pem: String,
+    /// The sessions its kubelet API accepted, by endpoint, transport and subprotocol.
+    pub metrics: StreamingMetrics,
     stop: Option<tokio::sync::watch::Sender<bool>>,
 }
 
@@ -61,6 +63,18 @@ pub async fn start_node_with(
     listener: tokio::net::TcpListener,
     streaming: StreamingConfig,
 ) -> KubeletNode {
+    start_node_declaring(cluster, listener, streaming, false).await
+}
+
+/// [`start_node_with`], the Node declaring `ExtendWebSocketsToKubelet` if `websockets` (the
+/// API server then passes kubectl's WebSocket through instead of unwrapping its SPDY tunnel,
+/// which it does for the other tests).
+pub async fn start_node_declaring(
+    cluster: &TestCluster,
+    listener: tokio::net::TcpListener,
+    streaming: StreamingConfig,
+    websockets: bool,
+) -> KubeletNode {
     if let Ok(filter) = std::env::var("UPDRAFT_TEST_LOG") {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(filter)
@@ -89,9 +103,13 @@ pub async fn start_node_with(
     let mut config = NodeConfig::new(&name, "mock");
     config.internal_ip = local.ip().to_string();
     config.kubelet_port = local.port();
+    if !websockets {
+        config.declared_features.clear();
+    }
+    let metrics = StreamingMetrics::default();
     let node = VirtualNode::new(client.clone(), config, Arc::new(provider.clone()));
     let app = protect(
-        routes_with(
+        metrics.count_sessions_of(routes_with(
             KubeletState {
                 provider: Arc::new(provider.clone()),
                 client: client.clone(),
@@ -102,7 +120,7 @@ pub async fn start_node_with(
                 pods: PodLookup::Cache(node.pods()),
                 streaming,
             },
-        ),
+        )),
         auth,
     );
     let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -130,6 +148,7 @@ pub async fn start_node_with(
         address: local.ip(),
         port: local.port(),
         ca_pem: ca.cert_pem().to_owned(),
+        metrics,
         stop: Some(stop),
     }
 }

@@ -13,7 +13,7 @@ use updraft_devcluster::pki::{CertificateAuthority, Identity};
 use updraft_kubelet_api::auth::{Auth, AuthConfig};
 use updraft_kubelet_api::routes::{KubeletOptions, KubeletState, PodLookup, routes_with};
 use updraft_kubelet_api::server::{protect, serve};
-use updraft_kubelet_api::streaming::StreamingConfig;
+use updraft_kubelet_api::streaming::{StreamingConfig, StreamingMetrics};
 use updraft_kubelet_api::tls::{ServingCertificate, server_config};
 use updraft_node::{NodeConfig, VirtualNode};
 use updraft_provider_mock::{MockConfig, MockProvider};
@@ -28,6 +28,8 @@ pub struct Kubelet {
     pub name: String,
     pub port: u16,
     pub ca_pem: String,
+    /// The sessions its kubelet API accepted, by endpoint, transport and subprotocol.
+    pub metrics: StreamingMetrics,
     pub scratch: tempfile::TempDir,
     stop: Option<tokio::sync::watch::Sender<bool>>,
 }
@@ -53,6 +55,17 @@ pub async fn start(cluster: &TestCluster) -> Kubelet {
 
 /// [`start`] with the given streaming timeouts.
 pub async fn start_with(cluster: &TestCluster, streaming: StreamingConfig) -> Kubelet {
+    start_declaring(cluster, streaming, false).await
+}
+
+/// [`start_with`], the Node declaring `ExtendWebSocketsToKubelet` if `websockets` (the API
+/// server then passes kubectl's WebSockets through instead of translating them to SPDY, which
+/// it does for the other tests).
+pub async fn start_declaring(
+    cluster: &TestCluster,
+    streaming: StreamingConfig,
+    websockets: bool,
+) -> Kubelet {
     if let Ok(filter) = std::env::var("UPDRAFT_TEST_LOG") {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(filter)
@@ -88,9 +101,13 @@ pub async fn start_with(cluster: &TestCluster, streaming: StreamingConfig) -> Ku
     let mut config = NodeConfig::new(&name, "mock");
     config.internal_ip = local.ip().to_string();
     config.kubelet_port = local.port();
+    if !websockets {
+        config.declared_features.clear();
+    }
+    let metrics = StreamingMetrics::default();
     let node = VirtualNode::new(client.clone(), config, Arc::new(provider.clone()));
     let app = protect(
-        routes_with(
+        metrics.count_sessions_of(routes_with(
             KubeletState {
                 provider: Arc::new(provider.clone()),
                 client: client.clone(),
@@ -101,7 +118,7 @@ pub async fn start_with(cluster: &TestCluster, streaming: StreamingConfig) -> Ku
                 pods: PodLookup::Cache(node.pods()),
                 streaming,
             },
-        ),
+        )),
         auth,
     );
     let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -127,6 +144,7 @@ pub async fn start_with(cluster: &TestCluster, streaming: StreamingConfig) -> Ku
         name,
         port: local.port(),
         ca_pem: ca.cert_pem().to_owned(),
+        metrics,
         scratch,
         stop: Some(stop),
     }
