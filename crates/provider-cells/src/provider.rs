@@ -16,6 +16,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -208,6 +209,9 @@ struct PodState {
     watcher: Option<CancellationToken>,
     /// Whether the pod's boot task runs ([`Inner::spawn_boot`]).
     booting: bool,
+    /// The cell was just taken from the standby pool: its boot task is a delivery the pool's
+    /// refill waits for.
+    standby_delivery: bool,
 }
 
 #[derive(Debug)]
@@ -877,6 +881,7 @@ impl Inner {
                     Some(cell) => self.view(cell, None),
                     None => match self.take_standby(resolved).await {
                         Some(view) => {
+                            lock(&tracked.state).standby_delivery = true;
                             self.set_status(tracked, starting_status(&view.summary));
                             view
                         }
@@ -991,18 +996,27 @@ impl Inner {
     /// pod's lock, delivers the pod under it, and after a failed boot starts a new cell, with
     /// backoff, until the pod runs, is deleted, or Updraft stops. One per pod at a time.
     fn spawn_boot(self: &Arc<Self>, tracked: &Arc<TrackedPod>) {
-        {
+        let standby_delivery = {
             let mut state = lock(&tracked.state);
             if state.booting {
                 return;
             }
             state.booting = true;
+            std::mem::take(&mut state.standby_delivery)
+        };
+        if standby_delivery {
+            self.standby.deliveries.fetch_add(1, Ordering::SeqCst);
         }
         let inner = self.clone();
         let tracked = tracked.clone();
         tokio::spawn(async move {
             inner.boot(&tracked).await;
             lock(&tracked.state).booting = false;
+            // The pool refills once the pods that took its cells are delivered: on a busy host
+            // new cells would compete with them.
+            if standby_delivery && inner.standby.deliveries.fetch_sub(1, Ordering::SeqCst) == 1 {
+                inner.standby.wake.notify_one();
+            }
         });
     }
 

@@ -78,8 +78,10 @@ pub(super) struct StandbyPool {
     /// Cells this run started (with the entry's type, launch type and when), counted until a
     /// listing shows them.
     started: Mutex<HashMap<CellId, (String, LaunchType, Instant)>>,
-    /// Wakes the refill loop (after a claim).
-    wake: Arc<Notify>,
+    /// Wakes the refill loop (after a claim, and when the last delivery to a taken cell ends).
+    pub(super) wake: Arc<Notify>,
+    /// Pods being delivered to standby cells they took: the refill starts no cell meanwhile.
+    pub(super) deliveries: std::sync::atomic::AtomicUsize,
     /// Whether the refill loop runs.
     running: AtomicBool,
     /// Numbers the standby cells' idempotency tokens within this run.
@@ -291,6 +293,11 @@ impl Inner {
         }
         // Claims may go on while new cells boot.
         drop(claiming);
+        if !missing.is_empty() && self.standby.deliveries.load(Ordering::SeqCst) > 0 {
+            tracing::debug!("standby pool: refilling once the pods that took standby cells run");
+            self.refresh_metrics();
+            return;
+        }
         for (entry, count) in missing {
             for _ in 0..count {
                 if self.shutdown.is_cancelled() {
