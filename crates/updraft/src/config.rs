@@ -346,6 +346,30 @@ mod tests {
     }
 
     #[test]
+    fn the_node_declares_websocket_pass_through_unless_the_gate_is_off() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            run: RunArgs,
+        }
+        let declared = |args: &[&str]| {
+            let cli = <Cli as clap::Parser>::try_parse_from(
+                std::iter::once("updraft").chain(args.iter().copied()),
+            )
+            .unwrap();
+            cli.run.node_config(&BTreeMap::new()).declared_features
+        };
+        assert!(declared(&[]).contains("ExtendWebSocketsToKubelet"));
+        assert!(declared(&["--feature-gates", "ExtendWebSocketsToKubelet=false"]).is_empty());
+        assert!(
+            declared(&[
+                "--feature-gates=ExtendWebSocketsToKubelet=false,ExtendWebSocketsToKubelet=true"
+            ])
+            .contains("ExtendWebSocketsToKubelet")
+        );
+    }
+
+    #[test]
     fn config_file_errors_name_the_field() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("provider.yaml");
