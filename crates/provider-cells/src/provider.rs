@@ -1010,17 +1010,22 @@ impl Inner {
         let inner = self.clone();
         let tracked = tracked.clone();
         tokio::spawn(async move {
-            inner.boot(&tracked).await;
+            let mut standby_delivery = standby_delivery;
+            inner.boot(&tracked, &mut standby_delivery).await;
             lock(&tracked.state).booting = false;
-            // The pool refills once the pods that took its cells are delivered: on a busy host
-            // new cells would compete with them.
-            if standby_delivery && inner.standby.deliveries.fetch_sub(1, Ordering::SeqCst) == 1 {
-                inner.standby.wake.notify_one();
-            }
+            inner.delivered_from_standby(&mut standby_delivery);
         });
     }
 
-    async fn boot(self: &Arc<Self>, tracked: &Arc<TrackedPod>) {
+    /// The pool refills once the pods that took its cells are delivered (or their first
+    /// delivery failed): on a busy host new cells would compete with them.
+    fn delivered_from_standby(&self, counted: &mut bool) {
+        if std::mem::take(counted) && self.standby.deliveries.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.standby.wake.notify_one();
+        }
+    }
+
+    async fn boot(self: &Arc<Self>, tracked: &Arc<TrackedPod>, standby_delivery: &mut bool) {
         let mut delay = Duration::from_secs(1);
         loop {
             if self.shutdown.is_cancelled() || tracked.deleting.is_cancelled() {
@@ -1083,6 +1088,7 @@ impl Inner {
                     }
                 }
             };
+            self.delivered_from_standby(standby_delivery);
             match outcome {
                 Ok(()) => delay = Duration::from_secs(1),
                 Err(e) => {

@@ -303,6 +303,11 @@ impl Inner {
                 if self.shutdown.is_cancelled() {
                     return;
                 }
+                // A claim came in meanwhile: its delivery first (the next wake goes on).
+                if self.standby.deliveries.load(Ordering::SeqCst) > 0 {
+                    self.refresh_metrics();
+                    return;
+                }
                 if let Err(e) = self.start_standby(&entry).await {
                     tracing::warn!(
                         instance_type = %entry.instance_type,
