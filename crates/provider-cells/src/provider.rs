@@ -1002,7 +1002,9 @@ impl Inner {
                 return;
             }
             state.booting = true;
-            std::mem::take(&mut state.standby_delivery)
+            // Local cells share this host's CPU with every pod starting: their pool waits for
+            // all boots, a cloud's only for the deliveries to the cells taken from it.
+            std::mem::take(&mut state.standby_delivery) || self.backend.kind() == "local"
         };
         if standby_delivery {
             self.standby.deliveries.fetch_add(1, Ordering::SeqCst);

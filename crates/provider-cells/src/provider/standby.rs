@@ -80,7 +80,8 @@ pub(super) struct StandbyPool {
     started: Mutex<HashMap<CellId, (String, LaunchType, Instant)>>,
     /// Wakes the refill loop (after a claim, and when the last delivery to a taken cell ends).
     pub(super) wake: Arc<Notify>,
-    /// Pods being delivered to standby cells they took: the refill starts no cell meanwhile.
+    /// Pods being delivered to standby cells they took (on the local backend: pods booting at
+    /// all): the refill starts no cell meanwhile.
     pub(super) deliveries: std::sync::atomic::AtomicUsize,
     /// Whether the refill loop runs.
     running: AtomicBool,
