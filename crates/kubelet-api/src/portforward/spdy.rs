@@ -269,22 +269,21 @@ async fn forward_pair(forwarder: Forwarder, port: u16, data: Stream, mut error: 
     let _ = error.shutdown().await;
 }
 
+/// Test doubles shared by the port-forward sessions' tests (plain SPDY and tunnelled).
 #[cfg(test)]
-mod tests {
-    use std::sync::Arc;
+pub(super) mod test_support {
+    #![allow(clippy::expect_used)]
     use std::time::Duration;
 
     use k8s_openapi::api::core::v1::PodStatus;
-    use tokio::io::AsyncReadExt as _;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     use updraft_provider::{
         Duplex, PodRef, PortForward, Provider, ProviderError, ProviderPod, ResolvedPod, Result,
     };
-    use updraft_spdy::{ConnectionHandle, StreamError};
-
-    use super::*;
+    use updraft_spdy::{Headers, Stream};
 
     /// Port 1 echoes; any other port refuses, as a closed port would.
-    struct EchoProvider;
+    pub(crate) struct EchoProvider;
 
     #[async_trait::async_trait]
     impl Provider for EchoProvider {
@@ -321,6 +320,39 @@ mod tests {
         }
     }
 
+    /// The headers of one stream of a port-forward pair.
+    pub(crate) fn headers(kind: &str, port: &str, request_id: &str) -> Headers {
+        let mut headers = Headers::new();
+        headers.insert("streamType", kind);
+        headers.insert("port", port);
+        if !request_id.is_empty() {
+            headers.insert("requestID", request_id);
+        }
+        headers
+    }
+
+    pub(crate) async fn read_all(stream: &mut Stream) -> Vec<u8> {
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut out))
+            .await
+            .expect("the stream to end")
+            .expect("reading");
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use tokio::io::AsyncReadExt as _;
+    use updraft_provider::PodRef;
+    use updraft_spdy::{ConnectionHandle, StreamError};
+
+    use super::test_support::{EchoProvider, headers, read_all};
+    use super::*;
+
     fn session(creation_timeout: Duration) -> ConnectionHandle {
         let (client_io, server_io) = tokio::io::duplex(256 * 1024);
         let forwarder = Forwarder {
@@ -339,25 +371,6 @@ mod tests {
         let (client, _incoming) =
             Connection::new(client_io, Role::Client, Config::spdystream_compatible()).unwrap();
         client
-    }
-
-    fn headers(kind: &str, port: &str, request_id: &str) -> Headers {
-        let mut headers = Headers::new();
-        headers.insert("streamType", kind);
-        headers.insert("port", port);
-        if !request_id.is_empty() {
-            headers.insert("requestID", request_id);
-        }
-        headers
-    }
-
-    async fn read_all(stream: &mut Stream) -> Vec<u8> {
-        let mut out = Vec::new();
-        tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut out))
-            .await
-            .expect("the stream to end")
-            .expect("reading");
-        out
     }
 
     #[tokio::test]

@@ -303,13 +303,11 @@ mod tests {
     use std::time::Duration;
 
     use futures::{SinkExt as _, StreamExt as _};
-    use k8s_openapi::api::core::v1::PodStatus;
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    use updraft_provider::{
-        Duplex, PodRef, PortForward, Provider, ProviderError, ProviderPod, ResolvedPod, Result,
-    };
-    use updraft_spdy::{Config, Connection, Headers, Role as SpdyRole, Stream as SpdyStream};
+    use updraft_provider::PodRef;
+    use updraft_spdy::{Config, Connection, Role as SpdyRole};
 
+    use super::super::spdy::test_support::{EchoProvider, headers, read_all};
     use super::*;
 
     /// A WebSocket pair over an in-memory pipe: (server, client).
@@ -436,61 +434,6 @@ mod tests {
         assert!(!requested(&HeaderMap::new()));
     }
 
-    /// Port 1 echoes; any other port refuses, as a closed port would.
-    struct EchoProvider;
-
-    #[async_trait::async_trait]
-    impl Provider for EchoProvider {
-        async fn create_pod(&self, _: &ResolvedPod) -> Result<()> {
-            Ok(())
-        }
-        async fn update_pod(&self, _: &ResolvedPod) -> Result<()> {
-            Ok(())
-        }
-        async fn delete_pod(&self, _: &PodRef, _: i64) -> Result<()> {
-            Ok(())
-        }
-        async fn pod_status(&self, _: &PodRef) -> Result<Option<PodStatus>> {
-            Ok(None)
-        }
-        async fn list_pods(&self) -> Result<Vec<ProviderPod>> {
-            Ok(Vec::new())
-        }
-        fn port_forward(&self) -> Option<&dyn PortForward> {
-            Some(self)
-        }
-    }
-
-    #[async_trait::async_trait]
-    impl PortForward for EchoProvider {
-        async fn port_forward(&self, _: &PodRef, port: u16, stream: Box<dyn Duplex>) -> Result<()> {
-            if port != 1 {
-                return Err(ProviderError::Transient("connection refused".into()));
-            }
-            let (mut rx, mut tx) = tokio::io::split(stream);
-            let _ = tokio::io::copy(&mut rx, &mut tx).await;
-            let _ = tx.shutdown().await;
-            Ok(())
-        }
-    }
-
-    fn pair_headers(kind: &str, port: &str, request_id: &str) -> Headers {
-        let mut headers = Headers::new();
-        headers.insert("streamType", kind);
-        headers.insert("port", port);
-        headers.insert("requestID", request_id);
-        headers
-    }
-
-    async fn read_all(stream: &mut SpdyStream) -> Vec<u8> {
-        let mut out = Vec::new();
-        tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut out))
-            .await
-            .expect("the stream to end")
-            .expect("reading");
-        out
-    }
-
     /// A SPDY client session inside a WebSocket, against the port-forward session: the same
     /// byte stream kubectl's tunnelling dialer produces.
     #[tokio::test]
@@ -515,18 +458,10 @@ mod tests {
             Config::spdystream_compatible(),
         )
         .unwrap();
-        let mut refused_error = spdy
-            .open_stream(pair_headers("error", "2", "0"), true)
-            .unwrap();
-        let _refused_data = spdy
-            .open_stream(pair_headers("data", "2", "0"), false)
-            .unwrap();
-        let _error = spdy
-            .open_stream(pair_headers("error", "1", "1"), true)
-            .unwrap();
-        let mut data = spdy
-            .open_stream(pair_headers("data", "1", "1"), false)
-            .unwrap();
+        let mut refused_error = spdy.open_stream(headers("error", "2", "0"), true).unwrap();
+        let _refused_data = spdy.open_stream(headers("data", "2", "0"), false).unwrap();
+        let _error = spdy.open_stream(headers("error", "1", "1"), true).unwrap();
+        let mut data = spdy.open_stream(headers("data", "1", "1"), false).unwrap();
         let payload: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
         let (mut rx, mut tx) = tokio::io::split(&mut data);
         let sent = payload.clone();
