@@ -528,7 +528,9 @@ fn kept(pod: &Pod) -> Box<[u8]> {
     };
     // Encoding a k8s-openapi struct into memory cannot fail; an empty record would decode
     // as a pod without containers.
-    serde_json::to_vec(&slim).unwrap_or_default().into_boxed_slice()
+    serde_json::to_vec(&slim)
+        .unwrap_or_default()
+        .into_boxed_slice()
 }
 
 impl MockProvider {
