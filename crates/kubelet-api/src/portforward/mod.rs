@@ -24,12 +24,18 @@ pub mod websocket;
 use std::sync::Arc;
 
 use axum::extract::{Path, Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use std::time::Duration;
+
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use hyper_util::rt::TokioIo;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use updraft_provider::{Duplex, PodRef, Provider, ProviderError};
 
 use crate::routes::{Endpoints, bound_pod};
-use crate::streaming::{StreamingConfig, StreamingMetrics};
+use crate::streaming::{IdleTimeout, StreamingConfig, StreamingMetrics};
 
 /// The SPDY subprotocol of port-forwarding.
 pub const PORT_FORWARD_PROTOCOL: &str = "portforward.k8s.io";
@@ -127,6 +133,73 @@ fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) 
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// The server-side WebSocket of a port-forward session, with the idle timeout applied.
+type ServerWebSocket = WebSocketStream<IdleTimeout<TokioIo<hyper::upgrade::Upgraded>>>;
+
+/// Answers a WebSocket upgrade request with `protocol` (none if empty) after checking its
+/// version and key, and once upgraded runs `session` on the socket, whose messages and frames
+/// are limited to `max_message` bytes. Returns the 101, or a 400 naming what is wrong.
+fn accept_websocket<F, Fut>(
+    mut request: Request,
+    protocol: &str,
+    max_message: usize,
+    idle_timeout: Duration,
+    session: F,
+) -> Response
+where
+    F: FnOnce(ServerWebSocket) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let headers = request.headers();
+    if !header_has_token(headers, header::SEC_WEBSOCKET_VERSION, "13") {
+        let mut response = (
+            StatusCode::BAD_REQUEST,
+            "unsupported WebSocket version: only 13 is\n",
+        )
+            .into_response();
+        response.headers_mut().insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
+        return response;
+    }
+    let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
+        return (
+            StatusCode::BAD_REQUEST,
+            "the Sec-WebSocket-Key header is required\n",
+        )
+            .into_response();
+    };
+    let accept = derive_accept_key(key.as_bytes());
+    let on_upgrade = hyper::upgrade::on(&mut request);
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                let io = IdleTimeout::new(TokioIo::new(upgraded), idle_timeout);
+                let limits = WebSocketConfig::default()
+                    .max_message_size(Some(max_message))
+                    .max_frame_size(Some(max_message));
+                session(WebSocketStream::from_raw_socket(io, Role::Server, Some(limits)).await)
+                    .await;
+            }
+            Err(err) => tracing::debug!("port-forward WebSocket upgrade failed: {err}"),
+        }
+    });
+    let mut response = StatusCode::SWITCHING_PROTOCOLS.into_response();
+    let response_headers = response.headers_mut();
+    response_headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    response_headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    if let Ok(accept) = HeaderValue::from_str(&accept) {
+        response_headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    }
+    if let Ok(protocol) = HeaderValue::from_str(protocol)
+        && !protocol.is_empty()
+    {
+        response_headers.insert(header::SEC_WEBSOCKET_PROTOCOL, protocol);
+    }
+    response
 }
 
 fn is_websocket_upgrade(headers: &HeaderMap) -> bool {

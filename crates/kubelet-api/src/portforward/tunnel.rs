@@ -17,20 +17,18 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use axum::extract::Request;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
 use futures::{Sink, Stream};
-use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
-use super::{Forwarder, PORT_FORWARD_PROTOCOL, header_has_token};
-use crate::streaming::{IdleTimeout, StreamingConfig, StreamingMetrics};
+use super::{Forwarder, PORT_FORWARD_PROTOCOL, accept_websocket};
+use crate::streaming::{StreamingConfig, StreamingMetrics};
 
 /// The WebSocket subprotocol of SPDY-tunnelled port-forwarding.
 pub const TUNNEL_PROTOCOL: &str = "SPDY/3.1+portforward.k8s.io";
@@ -66,7 +64,7 @@ pub(super) fn requested(headers: &HeaderMap) -> bool {
 /// Answers a WebSocket upgrade asking for a SPDY tunnel and runs the port-forward session
 /// inside it once upgraded.
 pub(super) fn upgrade(
-    mut request: Request,
+    request: Request,
     forwarder: Forwarder,
     config: StreamingConfig,
     metrics: StreamingMetrics,
@@ -88,52 +86,16 @@ pub(super) fn upgrade(
         )
             .into_response();
     }
-    if !header_has_token(headers, header::SEC_WEBSOCKET_VERSION, "13") {
-        let mut response = (
-            StatusCode::BAD_REQUEST,
-            "unsupported WebSocket version: only 13 is\n",
-        )
-            .into_response();
-        response.headers_mut().insert(
-            header::SEC_WEBSOCKET_VERSION,
-            HeaderValue::from_static("13"),
-        );
-        return response;
-    }
-    let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
-        return (
-            StatusCode::BAD_REQUEST,
-            "the Sec-WebSocket-Key header is required\n",
-        )
-            .into_response();
-    };
-    let accept = derive_accept_key(key.as_bytes());
-    let on_upgrade = hyper::upgrade::on(&mut request);
-    tokio::spawn(async move {
-        match on_upgrade.await {
-            Ok(upgraded) => {
-                let io = IdleTimeout::new(TokioIo::new(upgraded), config.idle_timeout);
-                let limits = WebSocketConfig::default()
-                    .max_message_size(Some(MAX_MESSAGE))
-                    .max_frame_size(Some(MAX_MESSAGE));
-                let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(limits)).await;
-                super::spdy::run_session(WebSocketBytes::new(socket), forwarder, config).await;
-            }
-            Err(err) => tracing::debug!("port-forward tunnel upgrade failed: {err}"),
-        }
-    });
-    metrics.accepted("portforward", "websocket", TUNNEL_PROTOCOL);
-    let mut response = StatusCode::SWITCHING_PROTOCOLS.into_response();
-    let response_headers = response.headers_mut();
-    response_headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    response_headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    if let Ok(accept) = HeaderValue::from_str(&accept) {
-        response_headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
-    }
-    response_headers.insert(
-        header::SEC_WEBSOCKET_PROTOCOL,
-        HeaderValue::from_static(TUNNEL_PROTOCOL),
+    let response = accept_websocket(
+        request,
+        TUNNEL_PROTOCOL,
+        MAX_MESSAGE,
+        config.idle_timeout,
+        move |socket| super::spdy::run_session(WebSocketBytes::new(socket), forwarder, config),
     );
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        metrics.accepted("portforward", "websocket", TUNNEL_PROTOCOL);
+    }
     response
 }
 
@@ -306,6 +268,9 @@ mod tests {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     use updraft_provider::PodRef;
     use updraft_spdy::{Config, Connection, Role as SpdyRole};
+
+    use axum::http::HeaderValue;
+    use tokio_tungstenite::tungstenite::protocol::Role;
 
     use super::super::spdy::test_support::{EchoProvider, headers, read_all};
     use super::*;

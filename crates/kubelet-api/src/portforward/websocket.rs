@@ -12,23 +12,21 @@
 //! WebSocket is closed. A client that closes the WebSocket ends every forward at once.
 
 use axum::extract::Request;
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use bytes::Bytes;
 use futures::{SinkExt as _, StreamExt as _};
-use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _, WriteHalf};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 
-use super::{Forwarder, header_has_token};
-use crate::streaming::{IdleTimeout, StreamingConfig, StreamingMetrics};
+use super::{Forwarder, accept_websocket};
+use crate::streaming::{StreamingConfig, StreamingMetrics};
 
 /// The binary channel subprotocol.
 pub const CHANNEL_PROTOCOL_V4: &str = "v4.channel.k8s.io";
@@ -171,7 +169,7 @@ fn percent_decode(text: &str) -> String {
 
 /// Answers a WebSocket upgrade for port-forwarding and runs the session once upgraded.
 pub(super) fn upgrade(
-    mut request: Request,
+    request: Request,
     forwarder: Forwarder,
     config: StreamingConfig,
     metrics: StreamingMetrics,
@@ -206,49 +204,20 @@ pub(super) fn upgrade(
              port-forward speaks {CHANNEL_PROTOCOL_V4} and {BASE64_CHANNEL_PROTOCOL_V4}"
         ));
     };
-    if !header_has_token(headers, header::SEC_WEBSOCKET_VERSION, "13") {
-        let mut response = bad_request("unsupported WebSocket version: only 13 is".into());
-        response.headers_mut().insert(
-            header::SEC_WEBSOCKET_VERSION,
-            HeaderValue::from_static("13"),
-        );
-        return response;
-    }
-    let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
-        return bad_request("the Sec-WebSocket-Key header is required".into());
-    };
-    let accept = derive_accept_key(key.as_bytes());
-    let on_upgrade = hyper::upgrade::on(&mut request);
-    tokio::spawn(async move {
-        match on_upgrade.await {
-            Ok(upgraded) => {
-                let io = IdleTimeout::new(TokioIo::new(upgraded), config.idle_timeout);
-                let limits = WebSocketConfig::default()
-                    .max_message_size(Some(MAX_MESSAGE))
-                    .max_frame_size(Some(MAX_MESSAGE));
-                let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(limits)).await;
-                run_session(socket, framing, ports, forwarder).await;
-            }
-            Err(err) => tracing::debug!("port-forward WebSocket upgrade failed: {err}"),
-        }
-    });
     let counted_protocol = match protocol.as_str() {
         CHANNEL_PROTOCOL_V4 => CHANNEL_PROTOCOL_V4,
         BASE64_CHANNEL_PROTOCOL_V4 => BASE64_CHANNEL_PROTOCOL_V4,
         _ => "",
     };
-    metrics.accepted("portforward", "websocket", counted_protocol);
-    let mut response = StatusCode::SWITCHING_PROTOCOLS.into_response();
-    let response_headers = response.headers_mut();
-    response_headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    response_headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    if let Ok(accept) = HeaderValue::from_str(&accept) {
-        response_headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
-    }
-    if let Ok(protocol) = HeaderValue::from_str(&protocol)
-        && !protocol.is_empty()
-    {
-        response_headers.insert(header::SEC_WEBSOCKET_PROTOCOL, protocol);
+    let response = accept_websocket(
+        request,
+        &protocol,
+        MAX_MESSAGE,
+        config.idle_timeout,
+        move |socket| run_session(socket, framing, ports, forwarder),
+    );
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        metrics.accepted("portforward", "websocket", counted_protocol);
     }
     response
 }
