@@ -11,13 +11,13 @@
 
 use std::collections::BTreeMap;
 
-use futures::future::{BoxFuture, Shared};
-use futures::{FutureExt as _, StreamExt as _};
+use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use kube::api::Api;
 use kube::runtime::WatchStreamExt as _;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher;
+use tokio::sync::watch;
 use updraft_provider::EnvVar;
 
 /// The namespace and name of the API server's own Service, whose variables every container
@@ -28,10 +28,10 @@ const MASTER_SERVICE: (&str, &str) = ("default", "kubernetes");
 #[derive(Clone)]
 pub struct Services {
     store: Store<Service>,
-    /// Resolves once the first list is in. Every waiter shares this one future: kube-runtime's
-    /// `Store::wait_until_ready` wakes only the last of several concurrent waiters, so
-    /// reconciliations waiting on it side by side would hang.
-    listed: Shared<BoxFuture<'static, bool>>,
+    /// Turns true when the watch's first list is in (its `InitDone`), like the pod cache's
+    /// flag. Not kube-runtime's `Store::wait_until_ready`: that wakes only the last of several
+    /// concurrent waiters, and reconciliations wait here side by side.
+    listed: watch::Receiver<bool>,
 }
 
 impl Services {
@@ -42,19 +42,18 @@ impl Services {
         let stream = watcher::watcher(Api::<Service>::all(client), watcher::Config::default())
             .default_backoff()
             .modify(slim);
+        let (mark_listed, listed) = watch::channel(false);
         let run = async move {
             let mut changes = reflector::reflector(writer, stream).boxed();
             while let Some(change) = changes.next().await {
-                if let Err(err) = change {
-                    tracing::debug!("watching services: {err}");
+                match change {
+                    Ok(watcher::Event::InitDone) => {
+                        mark_listed.send_replace(true);
+                    }
+                    Ok(_) => {}
+                    Err(err) => tracing::debug!("watching services: {err}"),
                 }
             }
-        };
-        let listed = {
-            let store = store.clone();
-            async move { store.wait_until_ready().await.is_ok() }
-                .boxed()
-                .shared()
         };
         (Self { store, listed }, run)
     }
@@ -62,7 +61,13 @@ impl Services {
     /// Waits until the first list of Services has arrived, so that no container starts
     /// without the variables of Services that already exist.
     pub async fn ready(&self) {
-        if !self.listed.clone().await {
+        if self
+            .listed
+            .clone()
+            .wait_for(|listed| *listed)
+            .await
+            .is_err()
+        {
             tracing::warn!("the service cache never became ready: its watch ended");
         }
     }
