@@ -1,7 +1,45 @@
-//! EC2 errors classified into the backend's error kinds.
+//! EC2 errors classified into the backend's error kinds, and the configuration's own errors.
 
 use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use updraft_cells_backend::BackendError;
+
+/// The AWS backend's configuration cannot work.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AwsConfigError {
+    /// A setting of [`crate::AwsConfig`] is missing or malformed.
+    #[error("{field}: {problem}")]
+    Invalid {
+        /// The field as the provider config names it (`region`, `aws.subnetId`,
+        /// `aws.bootImage.filters`, …).
+        field: String,
+        /// What is wrong and what to write instead.
+        problem: String,
+    },
+}
+
+impl AwsConfigError {
+    pub(crate) fn invalid(field: impl Into<String>, problem: impl Into<String>) -> AwsConfigError {
+        AwsConfigError::Invalid {
+            field: field.into(),
+            problem: problem.into(),
+        }
+    }
+
+    /// The config field the error is about.
+    pub fn field(&self) -> &str {
+        match self {
+            AwsConfigError::Invalid { field, .. } => field,
+        }
+    }
+}
+
+impl From<AwsConfigError> for BackendError {
+    fn from(error: AwsConfigError) -> BackendError {
+        BackendError::InvalidRequest {
+            detail: format!("aws backend config: {error}"),
+        }
+    }
+}
 
 /// The EC2 error code of a service error (`InvalidAMIID.NotFound`, …), if it is one.
 pub(crate) fn code<E: ProvideErrorMetadata, R>(error: &SdkError<E, R>) -> Option<&str> {
@@ -91,6 +129,32 @@ pub(crate) fn classify_code(
         | "InternalFailure" => BackendError::Transient { detail },
         _ if status >= 500 => BackendError::Transient { detail },
         _ => BackendError::InvalidRequest { detail },
+    }
+}
+
+/// `error` with `context` put before its detail (the kind is kept: a throttled lookup stays
+/// transient, a refused one stays invalid).
+pub(crate) fn in_context(context: &str, error: BackendError) -> BackendError {
+    let with = |detail: String| format!("{context}: {detail}");
+    match error {
+        BackendError::NotFound { id } => BackendError::InvalidRequest {
+            detail: with(format!("not found ({id})")),
+        },
+        BackendError::Capacity { detail } => BackendError::Capacity {
+            detail: with(detail),
+        },
+        BackendError::Quota { detail } => BackendError::Quota {
+            detail: with(detail),
+        },
+        BackendError::InvalidRequest { detail } => BackendError::InvalidRequest {
+            detail: with(detail),
+        },
+        BackendError::Unauthorized { detail } => BackendError::Unauthorized {
+            detail: with(detail),
+        },
+        BackendError::Transient { detail } => BackendError::Transient {
+            detail: with(detail),
+        },
     }
 }
 

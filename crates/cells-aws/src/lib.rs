@@ -47,15 +47,16 @@ use aws_sdk_ec2::types::{
 };
 use base64::Engine;
 use tokio::sync::OnceCell;
+use updraft_cells_backend::cloud_init::EC2_USER_DATA_LIMIT;
 use updraft_cells_backend::{
     BackendError, Cell, CellBackend, CellId, CellIdentity, CellSpec, CellState, LaunchType,
     StartedCell,
 };
 
-pub use errors::{classify, spot_refused};
+pub use errors::{AwsConfigError, classify, spot_refused};
 pub use tags::{
     LABEL_PREFIX, MAX_POD_LABELS, TAG_CONTROLLER_ID, TAG_NAME, TAG_NAMESPACE, TAG_NODE, TAG_POD,
-    TAG_POD_UID, TAG_STANDBY, identity_from_tags, identity_tags,
+    TAG_POD_UID, TAG_STANDBY, TAG_START_TOKEN, identity_from_tags, identity_tags,
 };
 
 /// The port the cell agent listens on (Kip's itzo used the same).
@@ -76,7 +77,9 @@ pub enum BootImage {
     },
 }
 
-/// The backend's settings (the `cloud.aws` part of the provider config).
+/// The backend's settings (from the provider config: `region`, `controllerId`, `agent.port`,
+/// `extraCidrs`, `extraSecurityGroups` and the `aws:` section). [`AwsConfig::validate`] names
+/// the field of every setting that cannot work.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AwsConfig {
     /// Region, e.g. `us-east-1`.
@@ -135,6 +138,181 @@ impl AwsConfig {
             .clone()
             .unwrap_or_else(|| format!("updraft-{}-cells", self.controller_id))
     }
+
+    /// Checks every setting without calling EC2; the error names the first bad field as the
+    /// provider config spells it. What only EC2 can tell (an AMI or subnet that does not
+    /// exist) is checked by [`AwsBackend::prepare`].
+    pub fn validate(&self) -> Result<(), AwsConfigError> {
+        self.validate_connection()?;
+        let controller_id = &self.controller_id;
+        if controller_id.trim().is_empty() {
+            return Err(AwsConfigError::invalid(
+                "controllerId",
+                "is empty; every cell is tagged with it and listings filter on it",
+            ));
+        }
+        if controller_id.chars().count() > 200 || !tags::tag_text_ok(controller_id) {
+            return Err(AwsConfigError::invalid(
+                "controllerId",
+                format!(
+                    "{controller_id:?} cannot be an EC2 tag value: use at most 200 letters, digits, spaces and _ . : / = + - @"
+                ),
+            ));
+        }
+        let subnet = &self.subnet_id;
+        if subnet.trim().is_empty() {
+            return Err(AwsConfigError::invalid(
+                "aws.subnetId",
+                "is empty; name the subnet the cells start in, e.g. subnet-0123456789abcdef0",
+            ));
+        }
+        if !subnet.starts_with("subnet-") || subnet.len() <= "subnet-".len() {
+            return Err(AwsConfigError::invalid(
+                "aws.subnetId",
+                format!("{subnet:?} is not a subnet id (subnet-…)"),
+            ));
+        }
+        validate_image("aws.bootImage", &self.boot_image)?;
+        if let Some(arm64) = &self.arm64_boot_image {
+            validate_image("aws.arm64BootImage", arm64)?;
+        }
+        if let Some(name) = &self.security_group_name
+            && name.trim().is_empty()
+        {
+            return Err(AwsConfigError::invalid(
+                "aws.securityGroupName",
+                "is empty; leave it out for updraft-<controllerId>-cells",
+            ));
+        }
+        if self.agent_port == 0 {
+            return Err(AwsConfigError::invalid("agent.port", "must not be 0"));
+        }
+        for (index, cidr) in self.extra_cidrs.iter().enumerate() {
+            if !is_cidr(cidr) {
+                return Err(AwsConfigError::invalid(
+                    format!("extraCidrs[{index}]"),
+                    format!("{cidr:?} is not a CIDR like 10.20.0.0/16"),
+                ));
+            }
+        }
+        for (index, group) in self.extra_security_groups.iter().enumerate() {
+            if group.trim().is_empty() {
+                return Err(AwsConfigError::invalid(
+                    format!("extraSecurityGroups[{index}]"),
+                    "is empty; give a group id (sg-…) or a group name in the subnet's VPC",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The settings every EC2 call needs: the region and the endpoint.
+    fn validate_connection(&self) -> Result<(), AwsConfigError> {
+        let region = &self.region;
+        if region.trim().is_empty() {
+            return Err(AwsConfigError::invalid(
+                "region",
+                "is missing; set the region the cells run in, e.g. us-east-1",
+            ));
+        }
+        if !region
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        {
+            return Err(AwsConfigError::invalid(
+                "region",
+                format!("{region:?} is not an AWS region name (like us-east-1)"),
+            ));
+        }
+        if let Some(endpoint) = &self.endpoint_url {
+            let host = endpoint
+                .strip_prefix("https://")
+                .or_else(|| endpoint.strip_prefix("http://"));
+            if host.is_none_or(|host| host.is_empty() || host.starts_with('/')) {
+                return Err(AwsConfigError::invalid(
+                    "aws.endpointUrl",
+                    format!(
+                        "{endpoint:?} is not an http(s) URL; leave it out for the regional endpoint"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Checks a boot image setting: an AMI id, or at least one well-formed filter.
+fn validate_image(field: &str, image: &BootImage) -> Result<(), AwsConfigError> {
+    match image {
+        BootImage::Id(id) => {
+            if !id.starts_with("ami-") || id.len() <= "ami-".len() {
+                return Err(AwsConfigError::invalid(
+                    format!("{field}.id"),
+                    format!("{id:?} is not an AMI id (ami-…)"),
+                ));
+            }
+        }
+        BootImage::Filters { owners, filters } => {
+            if filters.is_empty() {
+                return Err(AwsConfigError::invalid(
+                    format!("{field}.filters"),
+                    "give at least one filter (e.g. name: [updraft-cell-*]) or an id (ami-…); \
+                     without one any image of the owners could boot",
+                ));
+            }
+            for (name, values) in filters {
+                if name.is_empty() || !name.chars().all(|c| c.is_ascii_graphic()) {
+                    return Err(AwsConfigError::invalid(
+                        format!("{field}.filters"),
+                        format!(
+                            "{name:?} is not an EC2 filter name (like name, architecture or tag:Key)"
+                        ),
+                    ));
+                }
+                if values.is_empty() || values.iter().any(|value| value.trim().is_empty()) {
+                    return Err(AwsConfigError::invalid(
+                        format!("{field}.filters.{name}"),
+                        format!("needs one or more non-empty values, got {values:?}"),
+                    ));
+                }
+            }
+            if owners.iter().any(|owner| owner.trim().is_empty()) {
+                return Err(AwsConfigError::invalid(
+                    format!("{field}.owners"),
+                    "has an empty entry; give account ids, self or amazon",
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether `text` is an IPv4 or IPv6 CIDR (`address/prefix`).
+fn is_cidr(text: &str) -> bool {
+    let Some((address, prefix)) = text.split_once('/') else {
+        return false;
+    };
+    let Ok(prefix) = prefix.parse::<u8>() else {
+        return false;
+    };
+    match address.parse::<IpAddr>() {
+        Ok(IpAddr::V4(_)) => prefix <= 32,
+        Ok(IpAddr::V6(_)) => prefix <= 128,
+        Err(_) => false,
+    }
+}
+
+/// The EC2 client token of a start: at most 64 printable ASCII characters, with `-od` for the
+/// on-demand launch that replaces a refused spot one (a token names one request's parameters).
+fn client_token(token: &str, on_demand_fallback: bool) -> String {
+    const MAX: usize = 64;
+    let suffix = if on_demand_fallback { "-od" } else { "" };
+    let base: String = token
+        .chars()
+        .filter(char::is_ascii_graphic)
+        .take(MAX - suffix.len())
+        .collect();
+    format!("{base}{suffix}")
 }
 
 /// The resolved boot image.
@@ -160,6 +338,8 @@ pub struct AwsBackend {
     arm64_image: OnceCell<Image>,
     network: OnceCell<Network>,
     arm64_types: tokio::sync::Mutex<BTreeMap<String, bool>>,
+    /// What [`AwsConfig::validate`] found wrong, reported by every call that needs it.
+    config_error: Option<AwsConfigError>,
 }
 
 fn http_client() -> aws_sdk_ec2::config::SharedHttpClient {
@@ -205,12 +385,28 @@ impl AwsBackend {
         let sdk_config = loader.load().await;
         AwsBackend {
             client: Client::new(&sdk_config),
+            config_error: config.validate().err(),
             config,
             image: OnceCell::new(),
             arm64_image: OnceCell::new(),
             network: OnceCell::new(),
             arm64_types: tokio::sync::Mutex::new(BTreeMap::new()),
         }
+    }
+
+    /// The configuration error, if any: starting cells needs every setting.
+    fn check_config(&self) -> Result<(), BackendError> {
+        match &self.config_error {
+            Some(error) => Err(error.clone().into()),
+            None => Ok(()),
+        }
+    }
+
+    /// Listing, describing and terminating need only the region and the endpoint.
+    fn check_connection(&self) -> Result<(), BackendError> {
+        self.config
+            .validate_connection()
+            .map_err(BackendError::from)
     }
 
     /// The SDK client, for callers that need more of EC2.
@@ -226,19 +422,26 @@ impl AwsBackend {
     /// Resolves the boot image and the network (creating the managed security group if needed)
     /// now, so configuration errors surface at startup instead of at the first pod.
     pub async fn prepare(&self) -> Result<(), BackendError> {
+        self.check_config()?;
         self.boot_image().await?;
+        if let Some(arm64) = &self.config.arm64_boot_image {
+            self.arm64_image
+                .get_or_try_init(|| self.resolve_image("aws.arm64BootImage", arm64))
+                .await?;
+        }
         self.managed_security_group().await?;
         Ok(())
     }
 
     /// The AMI id cells boot from.
     pub async fn boot_image(&self) -> Result<String, BackendError> {
+        self.check_config()?;
         Ok(self.image().await?.id.clone())
     }
 
     async fn image(&self) -> Result<&Image, BackendError> {
         self.image
-            .get_or_try_init(|| self.resolve_image(&self.config.boot_image))
+            .get_or_try_init(|| self.resolve_image("aws.bootImage", &self.config.boot_image))
             .await
     }
 
@@ -251,7 +454,7 @@ impl AwsBackend {
             return self.image().await;
         }
         self.arm64_image
-            .get_or_try_init(|| self.resolve_image(arm64))
+            .get_or_try_init(|| self.resolve_image("aws.arm64BootImage", arm64))
             .await
     }
 
@@ -289,11 +492,18 @@ impl AwsBackend {
         Ok(arm64)
     }
 
-    async fn resolve_image(&self, spec: &BootImage) -> Result<Image, BackendError> {
+    /// The image `spec` names; `field` is the setting it comes from, named in every error.
+    async fn resolve_image(&self, field: &str, spec: &BootImage) -> Result<Image, BackendError> {
         let region = &self.config.region;
         let request = self.client.describe_images();
-        let (request, what) = match spec {
-            BootImage::Id(id) => (request.image_ids(id), format!("boot image {id}")),
+        let (request, not_found) = match spec {
+            BootImage::Id(id) => (
+                request.image_ids(id),
+                format!(
+                    "{field}: no image {id} in {region} (AMI ids are per region: copy the image \
+                     to {region} or use its id there)"
+                ),
+            ),
             BootImage::Filters { owners, filters } => {
                 let mut request = request;
                 for owner in owners {
@@ -307,25 +517,37 @@ impl AwsBackend {
                             .build(),
                     );
                 }
+                let owned_by = if owners.is_empty() {
+                    String::new()
+                } else {
+                    format!(" owned by {}", owners.join(", "))
+                };
                 (
                     request,
-                    format!("a boot image owned by {owners:?} matching {filters:?}"),
+                    format!(
+                        "{field}: no image{owned_by} in {region} matches the filters {filters:?}; \
+                         check the filter names and values"
+                    ),
                 )
             }
-        };
-        let not_found = || BackendError::InvalidRequest {
-            detail: format!(
-                "no {what} in {region}; check the bootImage setting (AMI ids are per region)"
-            ),
         };
         let output = match request.send().await {
             Ok(output) => output,
             Err(error) => {
-                return Err(match classify("DescribeImages", error) {
-                    BackendError::InvalidRequest { .. } | BackendError::NotFound { .. } => {
-                        not_found()
+                let missing =
+                    errors::code(&error).is_some_and(|code| code.starts_with("InvalidAMIID."));
+                return Err(match spec {
+                    BootImage::Id(_) if missing => {
+                        BackendError::InvalidRequest { detail: not_found }
                     }
-                    other => other,
+                    BootImage::Id(_) => {
+                        errors::in_context(field, classify("DescribeImages", error))
+                    }
+                    // A filter EC2 does not know is refused with its name in the message.
+                    BootImage::Filters { filters, .. } => errors::in_context(
+                        &format!("{field}: looking up an image with the filters {filters:?}"),
+                        classify("DescribeImages", error),
+                    ),
                 });
             }
         };
@@ -339,7 +561,7 @@ impl AwsBackend {
                     .then(a.name().cmp(&b.name()))
                     .then(a.image_id().cmp(&b.image_id()))
             })
-            .ok_or_else(not_found)?;
+            .ok_or(BackendError::InvalidRequest { detail: not_found })?;
         Ok(Image {
             id: newest.image_id().unwrap_or_default().to_string(),
             root_device_name: newest.root_device_name().map(str::to_string),
@@ -348,6 +570,7 @@ impl AwsBackend {
 
     /// The id of the managed security group, created (with the agent-port rule) if missing.
     pub async fn managed_security_group(&self) -> Result<String, BackendError> {
+        self.check_config()?;
         Ok(self.network().await?.managed_group_id.clone())
     }
 
@@ -369,19 +592,23 @@ impl AwsBackend {
                 BackendError::InvalidRequest { .. } | BackendError::NotFound { .. } => {
                     BackendError::InvalidRequest {
                         detail: format!(
-                            "subnet {subnet_id} not found in {}; check the subnetID setting",
+                            "aws.subnetId: subnet {subnet_id} not found in {}; name a subnet of \
+                             this account and region",
                             self.config.region
                         ),
                     }
                 }
-                other => other,
+                other => errors::in_context("aws.subnetId", other),
             })?;
         let vpc_id = subnets
             .subnets()
             .first()
             .and_then(|subnet| subnet.vpc_id())
             .ok_or_else(|| BackendError::InvalidRequest {
-                detail: format!("subnet {subnet_id} not found or has no VPC"),
+                detail: format!(
+                    "aws.subnetId: subnet {subnet_id} not found in {} or it has no VPC",
+                    self.config.region
+                ),
             })?
             .to_string();
         let vpcs = self
@@ -569,7 +796,9 @@ impl AwsBackend {
                     .and_then(|group| group.group_id())
                     .ok_or_else(|| BackendError::InvalidRequest {
                         detail: format!(
-                            "security group {name:?} not found in VPC {}",
+                            "security group {name:?} not found in VPC {} (from extraSecurityGroups \
+                             or the pod's security-groups annotation); give an id (sg-…) or the \
+                             name of a group in that VPC",
                             network.vpc_id
                         ),
                     })?;
@@ -588,7 +817,13 @@ impl AwsBackend {
         group_ids: &[String],
         launch_type: LaunchType,
     ) -> Result<String, BackendError> {
-        let instance_tags = identity_tags(&spec.name, &spec.identity);
+        let on_demand_fallback =
+            launch_type == LaunchType::OnDemand && spec.launch_type == LaunchType::Spot;
+        let token = client_token(&spec.idempotency_token, on_demand_fallback);
+        let mut instance_tags = identity_tags(&spec.name, &spec.identity);
+        if !spec.idempotency_token.is_empty() {
+            instance_tags.push(tags::tag(TAG_START_TOKEN, &token));
+        }
         let tag_spec = |resource| {
             TagSpecification::builder()
                 .resource_type(resource)
@@ -603,12 +838,6 @@ impl AwsBackend {
             .associate_public_ip_address(!spec.private_ip_only)
             .delete_on_termination(true)
             .build();
-        let token = match launch_type {
-            LaunchType::OnDemand if spec.launch_type == LaunchType::Spot => {
-                format!("{}-od", spec.idempotency_token)
-            }
-            _ => spec.idempotency_token.clone(),
-        };
         let mut request = self
             .client
             .run_instances()
@@ -620,9 +849,8 @@ impl AwsBackend {
             .user_data(base64::engine::general_purpose::STANDARD.encode(&spec.user_data))
             .tag_specifications(tag_spec(ResourceType::Instance))
             .tag_specifications(tag_spec(ResourceType::Volume));
-        if !token.is_empty() {
-            // EC2 client tokens are at most 64 ASCII characters.
-            request = request.client_token(token.chars().take(64).collect::<String>());
+        if !spec.idempotency_token.is_empty() {
+            request = request.client_token(token);
         }
         if launch_type == LaunchType::Spot {
             request = request.instance_market_options(
@@ -677,6 +905,66 @@ impl AwsBackend {
         let id = instance.instance_id().unwrap_or_default().to_string();
         self.ensure_pod_ip(&id, instance).await?;
         Ok(id)
+    }
+
+    /// The cell an earlier start with the same idempotency token launched (spot, or its
+    /// on-demand fallback), if any: a repeated start returns it instead of launching another,
+    /// as EC2 does for a repeated client token. A live cell is preferred; an ended one is
+    /// returned like EC2 returns it (the caller starts its next attempt with a new token).
+    async fn started_before(&self, spec: &CellSpec) -> Result<Option<StartedCell>, BackendError> {
+        if spec.idempotency_token.is_empty() {
+            return Ok(None);
+        }
+        let tokens = vec![
+            client_token(&spec.idempotency_token, false),
+            client_token(&spec.idempotency_token, true),
+        ];
+        let filters = vec![
+            Filter::builder()
+                .name(format!("tag:{TAG_CONTROLLER_ID}"))
+                .values(&spec.identity.controller_id)
+                .build(),
+            Filter::builder()
+                .name(format!("tag:{TAG_START_TOKEN}"))
+                .set_values(Some(tokens))
+                .build(),
+        ];
+        let cells = self.describe_many(filters, Vec::new()).await?;
+        let Some(cell) = cells
+            .iter()
+            .find(|cell| !cell.state.is_ending())
+            .or_else(|| cells.first())
+        else {
+            return Ok(None);
+        };
+        tracing::info!(
+            cell = %cell.id,
+            token = %spec.idempotency_token,
+            state = %cell.state,
+            "a start with this token launched the cell before; not launching another"
+        );
+        if !cell.state.is_ending() && cell.pod_ip.is_none() {
+            // The earlier start stopped between launching and assigning the pod's address.
+            let described = self
+                .client
+                .describe_instances()
+                .instance_ids(&cell.id.0)
+                .send()
+                .await
+                .map_err(|error| classify("DescribeInstances", error))?;
+            if let Some(instance) = described
+                .reservations()
+                .iter()
+                .flat_map(|reservation| reservation.instances())
+                .next()
+            {
+                self.ensure_pod_ip(&cell.id.0, instance).await?;
+            }
+        }
+        Ok(Some(StartedCell {
+            id: cell.id.clone(),
+            launch_type: cell.launch_type,
+        }))
     }
 
     /// Makes sure the primary interface has a secondary private IP for the pod. EC2 assigns it
@@ -830,8 +1118,25 @@ impl CellBackend for AwsBackend {
     }
 
     async fn start(&self, spec: &CellSpec) -> Result<StartedCell, BackendError> {
+        self.check_config()?;
+        if spec.user_data.len() > EC2_USER_DATA_LIMIT {
+            return Err(BackendError::InvalidRequest {
+                detail: format!(
+                    "the user data of cell {} is {} bytes, over EC2's limit of {EC2_USER_DATA_LIMIT} \
+                     bytes (before base64); shrink the cloud-init file",
+                    spec.name,
+                    spec.user_data.len()
+                ),
+            });
+        }
+        if let Some(started) = self.started_before(spec).await? {
+            return Ok(started);
+        }
         let image = match &spec.image {
-            Some(id) => self.resolve_image(&BootImage::Id(id.clone())).await?,
+            Some(id) => {
+                self.resolve_image("the cell's image", &BootImage::Id(id.clone()))
+                    .await?
+            }
             None => self.image_for(&spec.instance_type).await?.clone(),
         };
         let network = self.network().await?;
@@ -870,6 +1175,7 @@ impl CellBackend for AwsBackend {
     }
 
     async fn describe(&self, id: &CellId) -> Result<Cell, BackendError> {
+        self.check_connection()?;
         let cells = self
             .describe_many(Vec::new(), vec![id.0.clone()])
             .await
@@ -884,6 +1190,7 @@ impl CellBackend for AwsBackend {
     }
 
     async fn list(&self, controller_id: &str) -> Result<Vec<Cell>, BackendError> {
+        self.check_connection()?;
         let filters = vec![
             Filter::builder()
                 .name(format!("tag:{TAG_CONTROLLER_ID}"))
@@ -953,6 +1260,7 @@ impl CellBackend for AwsBackend {
     }
 
     async fn terminate(&self, id: &CellId) -> Result<(), BackendError> {
+        self.check_connection()?;
         let result = self
             .client
             .terminate_instances()
@@ -973,5 +1281,127 @@ impl CellBackend for AwsBackend {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn good() -> AwsConfig {
+        AwsConfig::new(
+            "us-east-1",
+            "burst-prod",
+            BootImage::Id("ami-0123456789abcdef0".into()),
+            "subnet-0123456789abcdef0",
+        )
+    }
+
+    fn field_of(config: AwsConfig) -> String {
+        config
+            .validate()
+            .expect_err("invalid config")
+            .field()
+            .to_owned()
+    }
+
+    #[test]
+    fn a_good_config_validates() {
+        let mut config = good();
+        config.endpoint_url = Some("http://127.0.0.1:5000".into());
+        config.extra_cidrs = vec!["10.20.0.0/16".into(), "fd00::/8".into()];
+        config.extra_security_groups = vec!["sg-0123".into(), "web".into()];
+        config.arm64_boot_image = Some(BootImage::Filters {
+            owners: vec!["self".into()],
+            filters: BTreeMap::from([("name".into(), vec!["updraft-cell-arm64-*".into()])]),
+        });
+        assert_eq!(config.validate(), Ok(()));
+    }
+
+    #[test]
+    fn every_bad_setting_is_named() {
+        let with = |change: fn(&mut AwsConfig)| {
+            let mut config = good();
+            change(&mut config);
+            field_of(config)
+        };
+        assert_eq!(with(|c| c.region = String::new()), "region");
+        assert_eq!(with(|c| c.region = "US East 1".into()), "region");
+        assert_eq!(
+            with(|c| c.endpoint_url = Some("127.0.0.1:5000".into())),
+            "aws.endpointUrl"
+        );
+        assert_eq!(with(|c| c.controller_id = " ".into()), "controllerId");
+        assert_eq!(with(|c| c.controller_id = "a;b".into()), "controllerId");
+        assert_eq!(with(|c| c.subnet_id = String::new()), "aws.subnetId");
+        assert_eq!(with(|c| c.subnet_id = "vpc-0123".into()), "aws.subnetId");
+        assert_eq!(
+            with(|c| c.boot_image = BootImage::Id("ubuntu".into())),
+            "aws.bootImage.id"
+        );
+        assert_eq!(
+            with(|c| c.boot_image = BootImage::Filters {
+                owners: vec!["self".into()],
+                filters: BTreeMap::new(),
+            }),
+            "aws.bootImage.filters"
+        );
+        assert_eq!(
+            with(|c| c.boot_image = BootImage::Filters {
+                owners: Vec::new(),
+                filters: BTreeMap::from([("name".into(), Vec::new())]),
+            }),
+            "aws.bootImage.filters.name"
+        );
+        assert_eq!(
+            with(|c| c.boot_image = BootImage::Filters {
+                owners: Vec::new(),
+                filters: BTreeMap::from([("image name".into(), vec!["x".into()])]),
+            }),
+            "aws.bootImage.filters"
+        );
+        assert_eq!(
+            with(|c| c.arm64_boot_image = Some(BootImage::Id("ami-".into()))),
+            "aws.arm64BootImage.id"
+        );
+        assert_eq!(
+            with(|c| c.security_group_name = Some(String::new())),
+            "aws.securityGroupName"
+        );
+        assert_eq!(with(|c| c.agent_port = 0), "agent.port");
+        assert_eq!(
+            with(|c| c.extra_cidrs = vec!["10.0.0.0/8".into(), "10.0.0.0".into()]),
+            "extraCidrs[1]"
+        );
+        assert_eq!(
+            with(|c| c.extra_cidrs = vec!["10.0.0.0/33".into()]),
+            "extraCidrs[0]"
+        );
+        assert_eq!(
+            with(|c| c.extra_security_groups = vec![String::new()]),
+            "extraSecurityGroups[0]"
+        );
+        let message = {
+            let mut config = good();
+            config.region = String::new();
+            BackendError::from(config.validate().expect_err("no region")).to_string()
+        };
+        assert!(
+            message.contains("region") && message.contains("us-east-1"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn client_tokens_fit_ec2_and_the_fallback_has_its_own() {
+        assert_eq!(client_token("uid-1", false), "uid-1");
+        assert_eq!(client_token("uid-1", true), "uid-1-od");
+        let long = "x".repeat(100);
+        assert_eq!(client_token(&long, false).len(), 64);
+        let fallback = client_token(&long, true);
+        assert_eq!(fallback.len(), 64);
+        assert!(fallback.ends_with("-od"));
+        assert_ne!(fallback, client_token(&long, false));
+        assert_eq!(client_token("ü id\n-1", false), "id-1");
     }
 }

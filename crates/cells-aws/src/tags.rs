@@ -19,9 +19,13 @@ pub const TAG_POD: &str = "updraft:pod";
 pub const TAG_POD_UID: &str = "updraft:pod-uid";
 /// `true` on a standby cell (pre-started, owned by no pod yet); removed when a pod takes it.
 pub const TAG_STANDBY: &str = "updraft:standby";
+/// The client token of the start that launched the cell: a repeated start with the same token
+/// finds the instance instead of launching a second one (EC2 dedupes client tokens itself;
+/// the tag makes the check visible and works where the API does not, e.g. moto).
+pub const TAG_START_TOKEN: &str = "updraft:start-token";
 /// Prefix of the tags that copy pod labels: `updraft:label:app.kubernetes.io/name`.
 pub const LABEL_PREFIX: &str = "updraft:label:";
-/// At most this many pod labels are copied (EC2 allows 50 tags per resource; 6 are ours).
+/// At most this many pod labels are copied (EC2 allows 50 tags per resource; up to 7 are ours).
 pub const MAX_POD_LABELS: usize = 40;
 
 /// EC2 tag keys are at most 128 characters, values 256.
@@ -33,7 +37,7 @@ pub(crate) fn tag(key: &str, value: &str) -> Tag {
 }
 
 /// Whether EC2 accepts the text in a tag: letters, digits, spaces and `_ . : / = + - @`.
-fn tag_text_ok(text: &str) -> bool {
+pub(crate) fn tag_text_ok(text: &str) -> bool {
     text.chars()
         .all(|c| c.is_alphanumeric() || c == ' ' || "_.:/=+-@".contains(c))
 }

@@ -1,14 +1,23 @@
 //! The EC2 backend against a real `moto_server` on loopback (one server per test, dummy
-//! credentials): start, tags, describe, terminate, spot, the managed security group, listing for
-//! garbage collection, restart recovery, and errors.
+//! credentials): start, tags (within EC2's limits, on the instance and its volume), describe,
+//! terminate, spot and its on-demand fallback, the managed and extra security groups, the pod's
+//! secondary private IP, user data and its size limit, listing for garbage collection, restart
+//! recovery (a repeated start launches nothing), and errors that name the bad setting.
+//!
+//! Where moto grants what EC2 may refuse (spot capacity, addresses), a loopback proxy in front
+//! of it answers with EC2's error instead.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: a panic is a failure report
 
 use std::collections::BTreeMap;
 
 use base64::Engine;
 use updraft_cells_aws::moto::MotoServer;
-use updraft_cells_aws::{AwsBackend, AwsConfig, BootImage, TAG_CONTROLLER_ID, TAG_POD_UID};
-use updraft_cells_backend::cloud_init::{Bootstrap, BootstrapFile, EC2_USER_DATA_LIMIT, UserData};
+use updraft_cells_aws::{
+    AwsBackend, AwsConfig, BootImage, MAX_POD_LABELS, TAG_CONTROLLER_ID, TAG_POD_UID,
+};
+use updraft_cells_backend::cloud_init::{
+    Bootstrap, BootstrapFile, CloudConfig, EC2_USER_DATA_LIMIT, UserData,
+};
 use updraft_cells_backend::{
     BackendError, CellBackend, CellId, CellIdentity, CellSpec, CellState, LaunchType,
 };
@@ -213,7 +222,14 @@ async fn spot_cells_are_spot() {
 #[tokio::test]
 async fn security_group_is_created_once_and_reused() {
     let ec2 = ec2().await;
-    let first = backend(&ec2.moto, config(&ec2, "ctl")).await;
+    let first = backend(
+        &ec2.moto,
+        AwsConfig {
+            extra_cidrs: vec!["127.0.0.0/8".into()],
+            ..config(&ec2, "ctl")
+        },
+    )
+    .await;
     first.prepare().await.expect("prepare");
     let group = first.managed_security_group().await.expect("group");
     let second = backend(&ec2.moto, config(&ec2, "ctl")).await;
@@ -247,14 +263,38 @@ async fn security_group_is_created_once_and_reused() {
         .find(|p| p.from_port() == Some(6421))
         .expect("agent port rule");
     assert_eq!(rule.ip_protocol(), Some("tcp"));
-    let cidrs: Vec<&str> = rule
+    let mut cidrs: Vec<&str> = rule
         .ip_ranges()
         .iter()
         .filter_map(|r| r.cidr_ip())
         .collect();
-    assert_eq!(cidrs, ["10.0.0.0/16"]);
+    cidrs.sort();
+    assert_eq!(
+        cidrs,
+        ["10.0.0.0/16", "127.0.0.0/8"],
+        "the VPC and extraCidrs"
+    );
 
-    // Extra groups by name are resolved in the VPC and attached with the managed one.
+    // Extra groups: the configured ones (here by id) and the pod's (here by name, resolved in
+    // the VPC) are attached with the managed one.
+    let ops = first
+        .client()
+        .create_security_group()
+        .group_name("ops")
+        .description("configured extra")
+        .vpc_id(&ec2.vpc_id)
+        .send()
+        .await
+        .expect("configured extra group");
+    let ops_id = ops.group_id().expect("id").to_string();
+    let second = backend(
+        &ec2.moto,
+        AwsConfig {
+            extra_security_groups: vec![ops_id.clone()],
+            ..config(&ec2, "ctl")
+        },
+    )
+    .await;
     let extra = first
         .client()
         .create_security_group()
@@ -280,9 +320,9 @@ async fn security_group_is_created_once_and_reused() {
         .iter()
         .filter_map(|g| g.group_id().map(str::to_string))
         .collect();
-    assert_eq!(attached.len(), 2, "{attached:?}");
+    assert_eq!(attached.len(), 3, "{attached:?}");
     assert!(
-        attached.contains(&group) && attached.contains(&extra_id),
+        attached.contains(&group) && attached.contains(&extra_id) && attached.contains(&ops_id),
         "{attached:?}"
     );
 
@@ -292,6 +332,15 @@ async fn security_group_is_created_once_and_reused() {
     assert!(
         error.to_string().contains("\"no-such-group\" not found"),
         "{error}"
+    );
+    assert!(
+        !second
+            .list("ctl")
+            .await
+            .expect("list")
+            .iter()
+            .any(|cell| cell.name.ends_with("web-3")),
+        "nothing started for the pod with the unknown group"
     );
 }
 
@@ -398,7 +447,9 @@ async fn errors_are_clear_and_typed() {
     );
     let message = error.to_string();
     assert!(
-        message.contains("ami-0000000000000dead") && message.contains("us-east-1"),
+        message.contains("aws.bootImage")
+            && message.contains("ami-0000000000000dead")
+            && message.contains("us-east-1"),
         "{message}"
     );
 
@@ -414,7 +465,58 @@ async fn errors_are_clear_and_typed() {
     )
     .await;
     let error = no_match.prepare().await.expect_err("no image");
-    assert!(error.to_string().contains("nothing-*"), "{error}");
+    let message = error.to_string();
+    assert!(
+        message.contains("aws.bootImage") && message.contains("nothing-*"),
+        "{message}"
+    );
+
+    // A filter EC2 does not know: its error names the setting and the filter.
+    let unknown_filter = backend(
+        &ec2.moto,
+        AwsConfig {
+            boot_image: BootImage::Filters {
+                owners: Vec::new(),
+                filters: BTreeMap::from([("nmae".to_string(), vec!["updraft-*".to_string()])]),
+            },
+            ..config(&ec2, "ctl")
+        },
+    )
+    .await;
+    let error = unknown_filter
+        .start(&spec("ctl", "web-1", LaunchType::OnDemand))
+        .await
+        .expect_err("unknown filter");
+    let message = error.to_string();
+    assert!(
+        message.contains("aws.bootImage") && message.contains("nmae"),
+        "{message}"
+    );
+
+    // A filter without values never reaches EC2.
+    let empty_filter = backend(
+        &ec2.moto,
+        AwsConfig {
+            boot_image: BootImage::Filters {
+                owners: vec!["self".into()],
+                filters: BTreeMap::from([("name".to_string(), Vec::new())]),
+            },
+            ..config(&ec2, "ctl")
+        },
+    )
+    .await;
+    let error = empty_filter
+        .start(&spec("ctl", "web-1", LaunchType::OnDemand))
+        .await
+        .expect_err("empty filter");
+    assert!(
+        matches!(error, BackendError::InvalidRequest { .. }),
+        "{error:?}"
+    );
+    assert!(
+        error.to_string().contains("aws.bootImage.filters.name"),
+        "{error}"
+    );
 
     let bad_subnet = backend(
         &ec2.moto,
@@ -425,7 +527,45 @@ async fn errors_are_clear_and_typed() {
     )
     .await;
     let error = bad_subnet.prepare().await.expect_err("bad subnet");
-    assert!(error.to_string().contains("subnet-0000dead"), "{error}");
+    let message = error.to_string();
+    assert!(
+        message.contains("aws.subnetId") && message.contains("subnet-0000dead"),
+        "{message}"
+    );
+    let error = bad_subnet
+        .start(&spec("ctl", "web-1", LaunchType::OnDemand))
+        .await
+        .expect_err("bad subnet");
+    assert!(
+        matches!(error, BackendError::InvalidRequest { .. }),
+        "{error:?}"
+    );
+    assert!(error.to_string().contains("aws.subnetId"), "{error}");
+
+    // No region: every call says so, and none reaches EC2.
+    let no_region = backend(
+        &ec2.moto,
+        AwsConfig {
+            region: String::new(),
+            ..config(&ec2, "ctl")
+        },
+    )
+    .await;
+    let error = no_region
+        .start(&spec("ctl", "web-1", LaunchType::OnDemand))
+        .await
+        .expect_err("no region");
+    assert!(
+        matches!(error, BackendError::InvalidRequest { .. }),
+        "{error:?}"
+    );
+    let message = error.to_string();
+    assert!(
+        message.contains("region") && message.contains("e.g. us-east-1"),
+        "{message}"
+    );
+    let error = no_region.list("ctl").await.expect_err("no region");
+    assert!(error.to_string().contains("region"), "{error}");
 
     let backend = backend(&ec2.moto, config(&ec2, "ctl")).await;
     let missing = CellId("i-0123456789abcdef0".into());
@@ -444,90 +584,132 @@ async fn errors_are_clear_and_typed() {
         .await
         .expect_err("unknown instance");
     assert!(matches!(error, BackendError::NotFound { .. }), "{error:?}");
+
+    // None of the broken configurations started anything.
+    assert_eq!(backend.list("ctl").await.expect("list"), Vec::new());
 }
 
-/// A loopback proxy in front of moto that refuses every spot `RunInstances` with EC2's
-/// `InsufficientInstanceCapacity` (moto itself always has spot capacity) and forwards the rest.
-fn spot_refusing_proxy(moto_endpoint: String) -> String {
-    use std::io::{BufRead, BufReader, Read, Write};
-    use std::net::{TcpListener, TcpStream};
+/// What the proxy answers instead of moto: EC2's error code and message.
+type Refusal = (&'static str, &'static str);
 
-    fn read_message(reader: &mut BufReader<TcpStream>) -> Option<(Vec<u8>, Vec<u8>)> {
-        let mut head = Vec::new();
-        loop {
-            let mut line = Vec::new();
-            if reader.read_until(b'\n', &mut line).ok()? == 0 {
-                return None;
+/// A loopback proxy in front of moto that records every request body (EC2's query protocol:
+/// `Action=RunInstances&…`) and answers those `refuse` picks with an EC2 error, the way EC2
+/// refuses what moto always grants (spot capacity, addresses). Everything else is forwarded.
+struct Ec2Proxy {
+    endpoint: String,
+    requests: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Ec2Proxy {
+    fn start(moto_endpoint: String, refuse: fn(&str) -> Option<Refusal>) -> Ec2Proxy {
+        use std::io::{BufRead, BufReader, Read, Write};
+        use std::net::{TcpListener, TcpStream};
+
+        fn read_message(reader: &mut BufReader<TcpStream>) -> Option<(Vec<u8>, Vec<u8>)> {
+            let mut head = Vec::new();
+            loop {
+                let mut line = Vec::new();
+                if reader.read_until(b'\n', &mut line).ok()? == 0 {
+                    return None;
+                }
+                head.extend_from_slice(&line);
+                if line == b"\r\n" {
+                    break;
+                }
             }
-            head.extend_from_slice(&line);
-            if line == b"\r\n" {
-                break;
-            }
+            let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
+            let length = text
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+            let mut body = vec![0; length];
+            reader.read_exact(&mut body).ok()?;
+            Some((head, body))
         }
-        let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
-        let length = text
-            .lines()
-            .find_map(|l| l.strip_prefix("content-length:"))
-            .and_then(|v| v.trim().parse::<usize>().ok())
-            .unwrap_or(0);
-        let mut body = vec![0; length];
-        reader.read_exact(&mut body).ok()?;
-        Some((head, body))
-    }
 
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
-    let address = listener.local_addr().expect("proxy address");
-    let upstream = moto_endpoint.trim_start_matches("http://").to_string();
-    std::thread::spawn(move || {
-        for client in listener.incoming().flatten() {
-            let upstream = upstream.clone();
-            std::thread::spawn(move || {
-                let mut writer = client.try_clone().expect("clone");
-                let mut reader = BufReader::new(client);
-                while let Some((head, body)) = read_message(&mut reader) {
-                    let text = String::from_utf8_lossy(&body);
-                    if text.contains("Action=RunInstances")
-                        && text.contains("InstanceMarketOptions.MarketType=spot")
-                    {
-                        let xml = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response><Errors><Error><Code>InsufficientInstanceCapacity</Code><Message>There is no Spot capacity available that matches your request.</Message></Error></Errors><RequestID>proxy</RequestID></Response>";
-                        let response = format!(
-                            "HTTP/1.1 400 Bad Request\r\nContent-Type: text/xml\r\nContent-Length: {}\r\n\r\n{xml}",
-                            xml.len()
-                        );
-                        if writer.write_all(response.as_bytes()).is_err() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        let address = listener.local_addr().expect("proxy address");
+        let upstream = moto_endpoint.trim_start_matches("http://").to_string();
+        let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let recorded = requests.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let upstream = upstream.clone();
+                let recorded = recorded.clone();
+                std::thread::spawn(move || {
+                    let mut writer = client.try_clone().expect("clone");
+                    let mut reader = BufReader::new(client);
+                    while let Some((head, body)) = read_message(&mut reader) {
+                        let text = String::from_utf8_lossy(&body).into_owned();
+                        recorded.lock().expect("requests").push(text.clone());
+                        if let Some((code, message)) = refuse(&text) {
+                            let xml = format!(
+                                "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response><Errors><Error><Code>{code}</Code><Message>{message}</Message></Error></Errors><RequestID>proxy</RequestID></Response>"
+                            );
+                            let response = format!(
+                                "HTTP/1.1 400 Bad Request\r\nContent-Type: text/xml\r\nContent-Length: {}\r\n\r\n{xml}",
+                                xml.len()
+                            );
+                            if writer.write_all(response.as_bytes()).is_err() {
+                                return;
+                            }
+                            continue;
+                        }
+                        let Ok(server) = TcpStream::connect(&upstream) else {
+                            return;
+                        };
+                        let mut server_writer = server.try_clone().expect("clone");
+                        if server_writer.write_all(&head).is_err()
+                            || server_writer.write_all(&body).is_err()
+                        {
                             return;
                         }
-                        continue;
+                        let mut server_reader = BufReader::new(server);
+                        let Some((head, body)) = read_message(&mut server_reader) else {
+                            return;
+                        };
+                        if writer.write_all(&head).is_err() || writer.write_all(&body).is_err() {
+                            return;
+                        }
                     }
-                    let Ok(server) = TcpStream::connect(&upstream) else {
-                        return;
-                    };
-                    let mut server_writer = server.try_clone().expect("clone");
-                    if server_writer.write_all(&head).is_err()
-                        || server_writer.write_all(&body).is_err()
-                    {
-                        return;
-                    }
-                    let mut server_reader = BufReader::new(server);
-                    let Some((head, body)) = read_message(&mut server_reader) else {
-                        return;
-                    };
-                    if writer.write_all(&head).is_err() || writer.write_all(&body).is_err() {
-                        return;
-                    }
-                }
-            });
+                });
+            }
+        });
+        Ec2Proxy {
+            endpoint: format!("http://{address}"),
+            requests,
         }
-    });
-    format!("http://{address}")
+    }
+
+    /// The bodies of the requests of `action` seen so far.
+    fn requests(&self, action: &str) -> Vec<String> {
+        let needle = format!("Action={action}&");
+        self.requests
+            .lock()
+            .expect("requests")
+            .iter()
+            .filter(|body| body.starts_with(&needle) || body.contains(&format!("&{needle}")))
+            .cloned()
+            .collect()
+    }
+}
+
+/// Refuses every spot `RunInstances` as EC2 does when it has no spot capacity.
+fn no_spot_capacity(body: &str) -> Option<Refusal> {
+    (body.contains("Action=RunInstances") && body.contains("InstanceMarketOptions.MarketType=spot"))
+        .then_some((
+            "InsufficientInstanceCapacity",
+            "There is no Spot capacity available that matches your request.",
+        ))
 }
 
 #[tokio::test]
 async fn refused_spot_falls_back_to_on_demand_when_configured() {
     let ec2 = ec2().await;
-    let proxy = spot_refusing_proxy(ec2.moto.endpoint());
+    let proxy = Ec2Proxy::start(ec2.moto.endpoint(), no_spot_capacity);
     let through_proxy = |fallback| AwsConfig {
-        endpoint_url: Some(proxy.clone()),
+        endpoint_url: Some(proxy.endpoint.clone()),
         spot_fallback_to_on_demand: fallback,
         ..config(&ec2, "ctl")
     };
@@ -547,14 +729,38 @@ async fn refused_spot_falls_back_to_on_demand_when_configured() {
     );
 
     let lenient = AwsBackend::with_credentials(through_proxy(true), "testing", "testing").await;
-    let started = lenient
-        .start(&spec("ctl", "batch-2", LaunchType::Spot))
-        .await
-        .expect("fallback start");
+    let batch = spec("ctl", "batch-2", LaunchType::Spot);
+    let started = lenient.start(&batch).await.expect("fallback start");
     assert_eq!(started.launch_type, LaunchType::OnDemand);
     let cell = lenient.describe(&started.id).await.expect("describe");
     assert_eq!(cell.launch_type, LaunchType::OnDemand);
     assert_eq!(lenient.list("ctl").await.expect("list").len(), 1);
+
+    // The on-demand launch has a client token of its own (EC2 refuses a token reused with
+    // other parameters), and a repeated start (a retry, a restart) finds it: spot is not
+    // tried again and no second instance appears.
+    let tokens: Vec<String> = proxy
+        .requests("RunInstances")
+        .iter()
+        .filter(|body| body.contains("uid-batch-2"))
+        .map(|body| {
+            body.split('&')
+                .find_map(|pair| pair.strip_prefix("ClientToken="))
+                .expect("a client token")
+                .to_string()
+        })
+        .collect();
+    assert_eq!(tokens, ["uid-batch-2-1", "uid-batch-2-1-od"]);
+    let launches = proxy.requests("RunInstances").len();
+    let restarted = AwsBackend::with_credentials(through_proxy(true), "testing", "testing").await;
+    let again = restarted.start(&batch).await.expect("repeated start");
+    assert_eq!(again, started);
+    assert_eq!(restarted.list("ctl").await.expect("list").len(), 1);
+    assert_eq!(
+        proxy.requests("RunInstances").len(),
+        launches,
+        "no launch request"
+    );
 }
 
 #[tokio::test]
@@ -595,4 +801,332 @@ async fn arm64_types_boot_the_arm64_image() {
         .await
         .expect("x86 start");
     assert_eq!(image_of(intel.id).await, AMI);
+}
+
+/// Every instance (in any state) tagged with the pod UID `uid`.
+async fn instances_of_pod(backend: &AwsBackend, uid: &str) -> Vec<aws_sdk_ec2::types::Instance> {
+    let described = backend
+        .client()
+        .describe_instances()
+        .filters(
+            aws_sdk_ec2::types::Filter::builder()
+                .name(format!("tag:{TAG_POD_UID}"))
+                .values(uid)
+                .build(),
+        )
+        .send()
+        .await
+        .expect("describe instances");
+    described
+        .reservations()
+        .iter()
+        .flat_map(|r| r.instances().iter().cloned())
+        .collect()
+}
+
+fn tag_map(tags: &[aws_sdk_ec2::types::Tag]) -> BTreeMap<String, String> {
+    tags.iter()
+        .map(|t| {
+            (
+                t.key().unwrap_or("").to_string(),
+                t.value().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn tags_name_the_pod_within_ec2s_limits() {
+    let ec2 = ec2().await;
+    let backend = backend(&ec2.moto, config(&ec2, "ctl")).await;
+    let mut labelled = spec("ctl", "labelled", LaunchType::OnDemand);
+    labelled.identity.pod_labels = (0..60)
+        .map(|i| (format!("label-{i:02}"), format!("value-{i}")))
+        .collect();
+    labelled.identity.pod_labels.insert(
+        format!("example.com/{}", "k".repeat(120)),
+        "key too long for a tag".into(),
+    );
+    labelled
+        .identity
+        .pod_labels
+        .insert("note".into(), "semi;colon".into());
+    // moto refuses more than 50 tags per resource, as EC2 does.
+    let started = backend.start(&labelled).await.expect("start, 62 labels");
+
+    let cell = backend.describe(&started.id).await.expect("describe");
+    assert!(cell.tags.len() <= 50, "{} tags", cell.tags.len());
+    assert!(
+        cell.tags
+            .iter()
+            .all(|(k, v)| k.chars().count() <= 128 && v.chars().count() <= 256),
+        "{:?}",
+        cell.tags
+    );
+    let identity = cell.identity.expect("identity from tags");
+    assert_eq!(
+        (
+            identity.controller_id.as_str(),
+            identity.node.as_str(),
+            identity.namespace.as_str(),
+            identity.pod_name.as_str(),
+            identity.pod_uid.as_str()
+        ),
+        ("ctl", "burst", "default", "labelled", "uid-labelled")
+    );
+    assert_eq!(identity.pod_labels.len(), MAX_POD_LABELS);
+    for (key, value) in &identity.pod_labels {
+        assert_eq!(&labelled.identity.pod_labels[key], value, "label {key}");
+    }
+    assert!(!identity.pod_labels.contains_key("note"));
+
+    // The root volume carries the same identity (a volume left behind is attributable).
+    let described = backend
+        .client()
+        .describe_instances()
+        .instance_ids(&started.id.0)
+        .send()
+        .await
+        .expect("describe instances");
+    let volume_id = described.reservations()[0].instances()[0].block_device_mappings()[0]
+        .ebs()
+        .and_then(|ebs| ebs.volume_id())
+        .expect("root volume")
+        .to_string();
+    let volumes = backend
+        .client()
+        .describe_volumes()
+        .volume_ids(&volume_id)
+        .send()
+        .await
+        .expect("describe volumes");
+    let volume_tags = tag_map(volumes.volumes()[0].tags());
+    assert_eq!(volume_tags[TAG_POD_UID], "uid-labelled");
+    assert_eq!(volume_tags[TAG_CONTROLLER_ID], "ctl");
+    assert_eq!(volume_tags["Name"], "burst-default-labelled");
+}
+
+#[tokio::test]
+async fn the_pod_gets_one_secondary_private_ip_on_the_primary_interface() {
+    let ec2 = ec2().await;
+    let proxy = Ec2Proxy::start(ec2.moto.endpoint(), |_| None);
+    let backend = AwsBackend::with_credentials(
+        AwsConfig {
+            endpoint_url: Some(proxy.endpoint.clone()),
+            ..config(&ec2, "ctl")
+        },
+        "testing",
+        "testing",
+    )
+    .await;
+    let started = backend
+        .start(&spec("ctl", "web-1", LaunchType::OnDemand))
+        .await
+        .expect("start");
+
+    // EC2 is asked for the pod's address at launch, on the primary interface...
+    let launches = proxy.requests("RunInstances");
+    assert_eq!(launches.len(), 1);
+    for field in [
+        "NetworkInterface.1.DeviceIndex=0",
+        "NetworkInterface.1.SecondaryPrivateIpAddressCount=1",
+    ] {
+        assert!(launches[0].contains(field), "{field}: {}", launches[0]);
+    }
+    // ...and the instance has exactly one secondary address (moto ignores the launch field,
+    // so the backend assigned it; two would mean both happened).
+    let described = backend
+        .client()
+        .describe_instances()
+        .instance_ids(&started.id.0)
+        .send()
+        .await
+        .expect("describe instances");
+    let interfaces = described.reservations()[0].instances()[0].network_interfaces();
+    assert_eq!(interfaces.len(), 1, "{interfaces:?}");
+    let addresses = interfaces[0].private_ip_addresses();
+    assert_eq!(addresses.len(), 2, "{addresses:?}");
+    let address = |primary: bool| {
+        addresses
+            .iter()
+            .find(|a| a.primary().unwrap_or(false) == primary)
+            .and_then(|a| a.private_ip_address())
+            .expect("address")
+            .to_string()
+    };
+    let (primary, secondary) = (address(true), address(false));
+    assert_ne!(primary, secondary);
+    assert!(
+        primary.starts_with("10.0.1.") && secondary.starts_with("10.0.1."),
+        "{primary} {secondary}"
+    );
+
+    // The agent is reached on the primary address, the pod gets the secondary one; a restarted
+    // Updraft's listing says the same.
+    let cell = backend.describe(&started.id).await.expect("describe");
+    assert_eq!(cell.management_ip.map(|ip| ip.to_string()), Some(primary));
+    assert_eq!(cell.pod_ip.map(|ip| ip.to_string()), Some(secondary));
+    let listed = backend.list("ctl").await.expect("list");
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        (listed[0].management_ip, listed[0].pod_ip),
+        (cell.management_ip, cell.pod_ip)
+    );
+}
+
+/// Refuses every `AssignPrivateIpAddresses`, as EC2 does when the interface or subnet has no
+/// address left.
+fn no_more_addresses(body: &str) -> Option<Refusal> {
+    body.contains("Action=AssignPrivateIpAddresses").then_some((
+        "PrivateIpAddressLimitExceeded",
+        "Number of private addresses will exceed limit.",
+    ))
+}
+
+#[tokio::test]
+async fn a_cell_without_its_pod_address_is_not_left_running() {
+    let ec2 = ec2().await;
+    let proxy = Ec2Proxy::start(ec2.moto.endpoint(), no_more_addresses);
+    let backend = AwsBackend::with_credentials(
+        AwsConfig {
+            endpoint_url: Some(proxy.endpoint.clone()),
+            ..config(&ec2, "ctl")
+        },
+        "testing",
+        "testing",
+    )
+    .await;
+    let error = backend
+        .start(&spec("ctl", "web-1", LaunchType::OnDemand))
+        .await
+        .expect_err("no address for the pod");
+    let message = error.to_string();
+    assert!(
+        message.contains("AssignPrivateIpAddresses")
+            && message.contains("PrivateIpAddressLimitExceeded"),
+        "{message}"
+    );
+    assert_eq!(backend.list("ctl").await.expect("list"), Vec::new());
+    let launched = instances_of_pod(&backend, "uid-web-1").await;
+    assert_eq!(launched.len(), 1, "one launch");
+    assert_eq!(
+        launched[0].state().and_then(|s| s.name()),
+        Some(&aws_sdk_ec2::types::InstanceStateName::Terminated)
+    );
+}
+
+#[tokio::test]
+async fn user_data_is_checked_against_the_ec2_limit_before_launch() {
+    let ec2 = ec2().await;
+    let backend = backend(&ec2.moto, config(&ec2, "ctl")).await;
+    let mut at_limit = spec("ctl", "big-1", LaunchType::OnDemand);
+    at_limit.user_data = vec![b'#'; EC2_USER_DATA_LIMIT];
+    let started = backend.start(&at_limit).await.expect("16 KiB fit");
+    let attribute = backend
+        .client()
+        .describe_instance_attribute()
+        .instance_id(&started.id.0)
+        .attribute(aws_sdk_ec2::types::InstanceAttributeName::UserData)
+        .send()
+        .await
+        .expect("user data attribute");
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(
+            attribute
+                .user_data()
+                .and_then(|v| v.value())
+                .expect("user data"),
+        )
+        .expect("base64");
+    assert_eq!(decoded, at_limit.user_data);
+
+    let mut over = spec("ctl", "big-2", LaunchType::OnDemand);
+    over.user_data = vec![b'#'; EC2_USER_DATA_LIMIT + 1];
+    let error = backend.start(&over).await.expect_err("over the limit");
+    assert!(
+        matches!(error, BackendError::InvalidRequest { .. }),
+        "{error:?}"
+    );
+    let message = error.to_string();
+    assert!(
+        message.contains("16385 bytes") && message.contains("16384"),
+        "{message}"
+    );
+    assert!(instances_of_pod(&backend, "uid-big-2").await.is_empty());
+
+    // The bootstrap plus an operator's cloud-init that cannot fit even compressed is refused
+    // when the user data is built, naming both sizes, the limit and the biggest file.
+    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    let noise: Vec<u8> = (0..24 * 1024)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 24) as u8
+        })
+        .collect();
+    let cloud_init = format!(
+        "#cloud-config\nwrite_files:\n- path: /opt/blob\n  encoding: b64\n  content: {}\n",
+        base64::engine::general_purpose::STANDARD.encode(&noise)
+    );
+    let operator = CloudConfig::parse(&cloud_init, "cloud-init.yaml").expect("valid cloud-init");
+    let bootstrap = Bootstrap {
+        files: Vec::new(),
+        commands: vec![vec!["/usr/local/bin/updraft-agent".into()]],
+    };
+    let error =
+        UserData::build(&bootstrap, Some(&operator), EC2_USER_DATA_LIMIT).expect_err("too large");
+    let message = error.to_string();
+    assert!(
+        message.contains("over the 16384-byte limit") && message.contains("/opt/blob"),
+        "{message}"
+    );
+}
+
+#[tokio::test]
+async fn a_repeated_start_finds_its_cell_instead_of_launching_another() {
+    let ec2 = ec2().await;
+    let web = spec("ctl", "web-1", LaunchType::OnDemand);
+    let before_restart = backend(&ec2.moto, config(&ec2, "ctl")).await;
+    let started = before_restart.start(&web).await.expect("start");
+    drop(before_restart);
+
+    // A restarted Updraft that starts the same attempt again (its answer was lost) gets the
+    // same instance.
+    let restarted = backend(&ec2.moto, config(&ec2, "ctl")).await;
+    let again = restarted.start(&web).await.expect("repeated start");
+    assert_eq!(again, started);
+    assert_eq!(instances_of_pod(&restarted, "uid-web-1").await.len(), 1);
+
+    // Once that instance has ended, the same token still names it (as EC2 answers a repeated
+    // client token): nothing is launched; the next attempt's token starts a new cell.
+    restarted.terminate(&started.id).await.expect("terminate");
+    let ended = restarted
+        .start(&web)
+        .await
+        .expect("start of an ended attempt");
+    assert_eq!(ended.id, started.id);
+    assert!(
+        restarted
+            .describe(&ended.id)
+            .await
+            .expect("describe")
+            .state
+            .is_ending()
+    );
+    assert_eq!(instances_of_pod(&restarted, "uid-web-1").await.len(), 1);
+    let next_attempt = CellSpec {
+        idempotency_token: "uid-web-1-2".into(),
+        ..web.clone()
+    };
+    let replacement = restarted.start(&next_attempt).await.expect("new attempt");
+    assert_ne!(replacement.id, started.id);
+    let live: Vec<CellId> = restarted
+        .list("ctl")
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|cell| cell.id)
+        .collect();
+    assert_eq!(live, [replacement.id]);
 }
