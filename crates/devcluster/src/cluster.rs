@@ -15,6 +15,7 @@ use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
 use kube::api::{Api, Patch, PatchParams, PostParams};
+use nix::fcntl::{Flock, FlockArg};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
@@ -33,6 +34,10 @@ const SCHEDULER_PORT: u16 = 10259;
 const SERVICE_CIDR: &str = "10.96.0.0/16";
 /// The user name in the certificate the API server presents to kubelets (and so to Updraft).
 pub const KUBELET_CLIENT_USER: &str = "kube-apiserver-kubelet-client";
+/// The user name in the front-proxy client certificate: what the API server's aggregation
+/// layer presents to extension API servers (metrics-server), which accept the user named in
+/// its `X-Remote-User` header only from this name (`--requestheader-allowed-names`).
+pub const FRONT_PROXY_CLIENT_USER: &str = "front-proxy-client";
 
 /// One control-plane process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,6 +144,20 @@ impl Component {
                 // through a kubelet-serving CSR or issued from it.
                 format!("--kubelet-certificate-authority={ca}"),
                 "--kubelet-preferred-address-types=InternalIP,Hostname".into(),
+                // The aggregation layer's front proxy: requests for an APIService (e.g.
+                // metrics.k8s.io) go to its server with the front-proxy client certificate and
+                // the caller's identity in these headers; the API server publishes the CA and
+                // header names in kube-system/extension-apiserver-authentication, where
+                // extension servers read them. `--enable-aggregator-routing` stays off: the
+                // endpoint resolver it selects refuses ExternalName Services, the only kind
+                // that can lead to a loopback address here (no kube-proxy for ClusterIPs).
+                format!("--requestheader-client-ca-file={}", p("front-proxy-ca.crt")),
+                format!("--requestheader-allowed-names={FRONT_PROXY_CLIENT_USER}"),
+                "--requestheader-extra-headers-prefix=X-Remote-Extra-".into(),
+                "--requestheader-group-headers=X-Remote-Group".into(),
+                "--requestheader-username-headers=X-Remote-User".into(),
+                format!("--proxy-client-cert-file={}", p("front-proxy-client.crt")),
+                format!("--proxy-client-key-file={}", p("front-proxy-client.key")),
                 "--allow-privileged=true".into(),
                 // Loopback addresses are not valid Endpoints, so the `kubernetes` Service
                 // cannot point at this API server; nothing in-cluster needs it.
@@ -206,6 +225,18 @@ fn running_pid(layout: &Layout, toolchain: &Toolchain, component: Component) -> 
     let expected = component.binary(toolchain);
     let expected = std::fs::canonicalize(&expected).unwrap_or(expected);
     runs_program(pid, &expected).then_some(pid)
+}
+
+/// The arguments process `pid` runs with, without the program's name.
+fn running_args(pid: u32) -> Option<Vec<String>> {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let mut args = cmdline
+        .strip_suffix(&[0])
+        .unwrap_or(&cmdline)
+        .split(|&byte| byte == 0)
+        .map(|arg| String::from_utf8_lossy(arg).into_owned());
+    args.next()?;
+    Some(args.collect())
 }
 
 /// Whether process `pid` runs `program` — also when the file has been replaced since it
@@ -278,6 +309,19 @@ fn ensure_pki(layout: &Layout) -> Result<()> {
         &dir,
         "apiserver-kubelet-client",
         &Identity::client(KUBELET_CLIENT_USER, &[]),
+    )?;
+    // Added after the first clusters were made: an existing state directory gets the
+    // front-proxy files on its next `up`, its other certificates stay as they are.
+    let (front_proxy_ca, new_ca) = CertificateAuthority::load_or_create_named(
+        &dir,
+        pki::FRONT_PROXY_CA,
+        "updraft-dev-front-proxy-ca",
+    )?;
+    front_proxy_ca.write_issued(
+        &dir,
+        "front-proxy-client",
+        &Identity::client(FRONT_PROXY_CLIENT_USER, &[]),
+        new_ca,
     )?;
 
     let server = kubeconfig::server_url(APISERVER_PORT);
@@ -475,18 +519,30 @@ async fn bootstrap_rbac(layout: &Layout) -> Result<()> {
 }
 
 /// Starts whatever is not running yet (building the toolchain first if needed) and waits
-/// until the API server is ready and the cluster bootstrap is applied. Idempotent.
+/// until the API server is ready and the cluster bootstrap is applied. Idempotent; a
+/// component that runs with other flags than this checkout gives it (started by an older
+/// one) is restarted with the current ones.
 pub async fn up(layout: &Layout) -> Result<()> {
     let toolchain = Toolchain::ensure()?;
     for dir in [layout.root().to_path_buf(), layout.logs(), layout.run()] {
         create_dir(&dir)?;
     }
     create_private_dir(&layout.etcd_data())?;
+    let _only_up = lock_up(layout).await?;
     ensure_pki(layout)?;
     link_kubectl(layout, &toolchain)?;
     for component in Component::ALL {
-        if running_pid(layout, &toolchain, component).is_some() {
-            continue;
+        if let Some(pid) = running_pid(layout, &toolchain, component) {
+            if running_args(pid).is_none_or(|args| args == component.args(layout)) {
+                continue;
+            }
+            // Started by an older checkout with other flags (say, before the API server had
+            // its front proxy): what this checkout's tests rely on would be missing.
+            eprintln!(
+                "{} runs with other flags than this checkout starts it with; restarting it",
+                component.name()
+            );
+            terminate(pid, Duration::from_secs(20));
         }
         if port_open(component.port()) {
             return Err(Error::PortInUse {
@@ -502,6 +558,29 @@ pub async fn up(layout: &Layout) -> Result<()> {
     }
     // Whatever was already running, the API server must answer now.
     readyz(layout).await
+}
+
+/// Waits for and takes the lock one `up` holds while it runs (released when the returned
+/// file is dropped). Two at once (two test runs starting together) would each start what
+/// they found missing; the second start then fails on the taken port, after writing its
+/// PID over the first's, and the control plane looks stopped while it runs.
+async fn lock_up(layout: &Layout) -> Result<Flock<std::fs::File>> {
+    let path = layout.run().join("up.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io_err("opening", &path))?;
+    let lock = tokio::task::spawn_blocking(move || {
+        Flock::lock(file, FlockArg::LockExclusive)
+            .map_err(|(_, errno)| io_err("locking", path)(errno.into()))
+    })
+    .await
+    .map_err(|e| Error::NotRunning {
+        reason: format!("waiting for another `cluster up`: {e}"),
+    })??;
+    Ok(lock)
 }
 
 /// A second kube-apiserver on `port`, serving the same etcd with the same PKI, started like
@@ -778,4 +857,70 @@ pub async fn service_account_kubeconfig(
         &format!("system:serviceaccount:{namespace}:{name}"),
         &Credentials::Token(token),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_existing_pki_gets_the_front_proxy_files_and_keeps_its_certificates() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path());
+        ensure_pki(&layout).unwrap();
+        let pki = layout.pki();
+        let read = |name: &str| std::fs::read_to_string(pki.join(name)).unwrap();
+        let admin = || std::fs::read_to_string(layout.admin_kubeconfig()).unwrap();
+        let before = [read("ca.crt"), read("apiserver.crt"), admin()];
+        // A state directory made before the front proxy existed.
+        for name in [
+            "front-proxy-ca.crt",
+            "front-proxy-ca.key",
+            "front-proxy-client.crt",
+            "front-proxy-client.key",
+        ] {
+            std::fs::remove_file(pki.join(name)).unwrap();
+        }
+        ensure_pki(&layout).unwrap();
+        assert_eq!(before, [read("ca.crt"), read("apiserver.crt"), admin()]);
+        assert_ne!(read("front-proxy-ca.crt"), read("ca.crt"));
+        let client = read("front-proxy-client.crt");
+
+        // Idempotent; and a client certificate left over from a removed front-proxy CA is
+        // replaced with one from the new CA.
+        ensure_pki(&layout).unwrap();
+        assert_eq!(read("front-proxy-client.crt"), client);
+        std::fs::remove_file(pki.join("front-proxy-ca.key")).unwrap();
+        ensure_pki(&layout).unwrap();
+        assert_ne!(read("front-proxy-client.crt"), client);
+    }
+
+    #[test]
+    fn every_file_the_api_server_is_given_exists_after_ensure_pki() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path());
+        ensure_pki(&layout).unwrap();
+        let args = Component::ApiServer.args(&layout);
+        for flag in [
+            "--requestheader-client-ca-file",
+            "--proxy-client-cert-file",
+            "--proxy-client-key-file",
+            "--client-ca-file",
+            "--tls-cert-file",
+        ] {
+            let prefix = format!("{flag}=");
+            let path = args
+                .iter()
+                .find_map(|arg| arg.strip_prefix(&prefix))
+                .unwrap_or_else(|| panic!("{flag} missing from {args:?}"));
+            assert!(Path::new(path).is_file(), "{flag}={path}");
+        }
+    }
+
+    #[test]
+    fn running_args_are_read_back_without_the_program_name() {
+        let expected: Vec<String> = std::env::args().skip(1).collect();
+        assert_eq!(running_args(std::process::id()), Some(expected));
+        assert_eq!(running_args(u32::MAX), None);
+    }
 }

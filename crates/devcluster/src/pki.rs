@@ -78,7 +78,16 @@ fn validity(params: &mut CertificateParams) {
     params.not_after = rcgen::date_time_ymd(2045, 1, 1);
 }
 
-/// The cluster CA: creates it on first use, then loads it from `dir`.
+/// The file stem of the cluster CA (`ca.crt`, `ca.key`).
+pub const CLUSTER_CA: &str = "ca";
+/// The file stem of the front-proxy CA (`front-proxy-ca.crt`, `.key`): the API server's
+/// aggregation layer authenticates to extension API servers (metrics-server) with a client
+/// certificate from it, and they trust the user it names in request headers only when the
+/// certificate verifies against this CA. A CA of its own, as kubeadm does, so that no
+/// ordinary client certificate of the cluster can assert another user's name.
+pub const FRONT_PROXY_CA: &str = "front-proxy-ca";
+
+/// A certificate authority: creates it on first use, then loads it from `dir`.
 pub struct CertificateAuthority {
     cert_pem: String,
     issuer: Issuer<'static, KeyPair>,
@@ -94,25 +103,37 @@ impl std::fmt::Debug for CertificateAuthority {
 impl CertificateAuthority {
     /// The CA certificate file in a PKI directory.
     pub fn cert_path(dir: &Path) -> PathBuf {
-        dir.join("ca.crt")
+        Self::named_cert_path(dir, CLUSTER_CA)
     }
     /// The CA key file in a PKI directory.
     pub fn key_path(dir: &Path) -> PathBuf {
-        dir.join("ca.key")
+        dir.join(format!("{CLUSTER_CA}.key"))
+    }
+    /// The certificate file of the CA stored as `<dir>/<name>.crt`.
+    pub fn named_cert_path(dir: &Path, name: &str) -> PathBuf {
+        dir.join(format!("{name}.crt"))
     }
 
-    /// Loads the CA from `dir`, creating it there if it does not exist yet.
+    /// Loads the cluster CA from `dir`, creating it there if it does not exist yet.
     pub fn load_or_create(dir: &Path) -> Result<Self> {
-        let cert_path = Self::cert_path(dir);
-        let key_path = Self::key_path(dir);
-        if !cert_path.is_file() || !key_path.is_file() {
+        Self::load_or_create_named(dir, CLUSTER_CA, "updraft-dev-cluster-ca").map(|(ca, _)| ca)
+    }
+
+    /// Loads the CA stored as `<dir>/<name>.crt` and `.key`, creating it (with subject
+    /// `common_name`) if either file is missing. Also says whether it was created just now,
+    /// so that certificates issued by an earlier CA of that name can be replaced.
+    pub fn load_or_create_named(dir: &Path, name: &str, common_name: &str) -> Result<(Self, bool)> {
+        let cert_path = Self::named_cert_path(dir, name);
+        let key_path = dir.join(format!("{name}.key"));
+        let created = !cert_path.is_file() || !key_path.is_file();
+        if created {
             std::fs::create_dir_all(dir).map_err(io_err("creating", dir))?;
-            let key = KeyPair::generate().map_err(pki_err("CA key"))?;
+            let key = KeyPair::generate().map_err(pki_err(name))?;
             let mut params = CertificateParams::default();
             params.distinguished_name = DistinguishedName::new();
             params
                 .distinguished_name
-                .push(DnType::CommonName, "updraft-dev-cluster-ca");
+                .push(DnType::CommonName, common_name);
             params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
             params.key_usages = vec![
                 KeyUsagePurpose::KeyCertSign,
@@ -120,22 +141,27 @@ impl CertificateAuthority {
                 KeyUsagePurpose::DigitalSignature,
             ];
             validity(&mut params);
-            let cert = params.self_signed(&key).map_err(pki_err("CA"))?;
+            let cert = params.self_signed(&key).map_err(pki_err(name))?;
             write_secret(&key_path, &key.serialize_pem())?;
             std::fs::write(&cert_path, cert.pem()).map_err(io_err("writing", &cert_path))?;
         }
-        Self::load(dir)
+        Ok((Self::load_named(dir, name)?, created))
     }
 
-    /// Loads an existing CA from `dir`.
+    /// Loads the existing cluster CA from `dir`.
     pub fn load(dir: &Path) -> Result<Self> {
-        let cert_path = Self::cert_path(dir);
-        let key_path = Self::key_path(dir);
+        Self::load_named(dir, CLUSTER_CA)
+    }
+
+    /// Loads the existing CA stored as `<dir>/<name>.crt` and `.key`.
+    pub fn load_named(dir: &Path, name: &str) -> Result<Self> {
+        let cert_path = Self::named_cert_path(dir, name);
+        let key_path = dir.join(format!("{name}.key"));
         let cert_pem =
             std::fs::read_to_string(&cert_path).map_err(io_err("reading", &cert_path))?;
         let key_pem = std::fs::read_to_string(&key_path).map_err(io_err("reading", &key_path))?;
-        let key = KeyPair::from_pem(&key_pem).map_err(pki_err("CA key"))?;
-        let issuer = Issuer::from_ca_cert_pem(&cert_pem, key).map_err(pki_err("CA"))?;
+        let key = KeyPair::from_pem(&key_pem).map_err(pki_err(name))?;
+        let issuer = Issuer::from_ca_cert_pem(&cert_pem, key).map_err(pki_err(name))?;
         Ok(Self { cert_pem, issuer })
     }
 
@@ -192,9 +218,21 @@ impl CertificateAuthority {
     /// Issues a certificate for `identity` and writes it as `<dir>/<name>.crt` and `.key`,
     /// unless both files exist already.
     pub fn issue_to_files(&self, dir: &Path, name: &str, identity: &Identity) -> Result<()> {
+        self.write_issued(dir, name, identity, false)
+    }
+
+    /// Like [`Self::issue_to_files`], but with `replace` a new certificate is issued even
+    /// when the files exist (because they came from an earlier CA of the same name).
+    pub fn write_issued(
+        &self,
+        dir: &Path,
+        name: &str,
+        identity: &Identity,
+        replace: bool,
+    ) -> Result<()> {
         let cert_path = dir.join(format!("{name}.crt"));
         let key_path = dir.join(format!("{name}.key"));
-        if cert_path.is_file() && key_path.is_file() {
+        if !replace && cert_path.is_file() && key_path.is_file() {
             return Ok(());
         }
         let issued = self.issue(identity)?;
