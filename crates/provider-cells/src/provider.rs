@@ -16,7 +16,6 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -41,7 +40,10 @@ pub use standby::StandbyEntry;
 use crate::config::{BackendKind, CellsConfig, PodNetworkSettings};
 use crate::metrics::CellsMetrics;
 use crate::pki::CellsPki;
-use crate::translate::{CellSummary, apply_request, lost_status, running_status, starting_status};
+use crate::translate::{
+    CellSummary, REASON_CELL_BOOT_TIMEOUT, REASON_CELL_LOST, apply_request, lost_status,
+    running_status, starting_status,
+};
 
 /// The provider could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +91,50 @@ pub enum SetupError {
     },
 }
 
+/// How long pods must be quiet before the standby pool refills: longer than the gaps between
+/// the claims and deliveries of one burst on a busy host (claims came about 0.05–0.5 s apart in
+/// `cargo xtask bench cells`), short against how long a pool takes to be used up again.
+pub const REFILL_QUIET_PERIOD: Duration = Duration::from_secs(5);
+
+/// Why waiting for a cell's agent ended without an answer.
+#[derive(Debug, thiserror::Error)]
+enum BootError {
+    /// The agent did not answer by the cell's boot deadline.
+    #[error(
+        "the agent on cell {cell} did not answer within the boot timeout (bootTimeout: {timeout:?}): {last_error}. Check that the cell's image starts the agent (updraft-cell) and that Updraft reaches it on port {port}; if the cells only boot slowly, raise bootTimeout in the provider config"
+    )]
+    TimedOut {
+        /// The cell.
+        cell: CellId,
+        /// The configured `bootTimeout`.
+        timeout: Duration,
+        /// The agent's port.
+        port: u16,
+        /// The last answer of the backend or the agent.
+        last_error: String,
+    },
+    /// The wait stopped early: the cell ended or was replaced, the pod is being deleted, or
+    /// Updraft stops.
+    #[error("{0}")]
+    Stopped(String),
+}
+
+impl BootError {
+    /// The pod status reason of a failed boot.
+    fn reason(&self) -> &'static str {
+        match self {
+            BootError::TimedOut { .. } => REASON_CELL_BOOT_TIMEOUT,
+            BootError::Stopped(_) => REASON_CELL_LOST,
+        }
+    }
+}
+
+impl From<BootError> for ProviderError {
+    fn from(error: BootError) -> ProviderError {
+        ProviderError::Transient(error.to_string())
+    }
+}
+
 /// The settings the provider runs with, derived from [`CellsConfig`].
 #[derive(Debug, Clone)]
 pub struct ProviderSettings {
@@ -127,6 +173,9 @@ pub struct ProviderSettings {
     /// Whether the bootstrap passes `--listen 0.0.0.0:<port>` (the local backend gives the
     /// agent its management address itself).
     pub agent_listen_flag: bool,
+    /// How long no pod must have asked for a cell or been delivered to one before the standby
+    /// pool's refill starts cells (see the `standby` module).
+    pub refill_quiet_period: Duration,
 }
 
 impl ProviderSettings {
@@ -153,6 +202,7 @@ impl ProviderSettings {
             retry_interval: Duration::from_secs(2),
             pod_wiring: crate::backends::PodWiring::none(),
             agent_listen_flag: config.backend != BackendKind::Local,
+            refill_quiet_period: REFILL_QUIET_PERIOD,
         }
     }
 }
@@ -209,9 +259,6 @@ struct PodState {
     watcher: Option<CancellationToken>,
     /// Whether the pod's boot task runs ([`Inner::spawn_boot`]).
     booting: bool,
-    /// The cell was just taken from the standby pool: its boot task is a delivery the pool's
-    /// refill waits for.
-    standby_delivery: bool,
 }
 
 #[derive(Debug)]
@@ -781,7 +828,7 @@ impl Inner {
         &self,
         tracked: &TrackedPod,
         view: &mut CellView,
-    ) -> Result<CellClient, ProviderError> {
+    ) -> Result<CellClient, BootError> {
         let deadline = match view.boot_deadline {
             Some(deadline) => deadline,
             None => self.boot_deadline(view),
@@ -790,14 +837,14 @@ impl Inner {
         let mut last_error = String::from("no answer yet");
         loop {
             if tracked.deleting.is_cancelled() {
-                return Err(ProviderError::Transient(format!(
+                return Err(BootError::Stopped(format!(
                     "pod {} is being deleted: stopped waiting for cell {}",
                     tracked.pod, view.id
                 )));
             }
             let current = lock(&tracked.state).cell.as_ref().map(|c| c.id.clone());
             if current.as_ref() != Some(&view.id) {
-                return Err(ProviderError::Transient(format!(
+                return Err(BootError::Stopped(format!(
                     "cell {} was lost while booting",
                     view.id
                 )));
@@ -805,7 +852,7 @@ impl Inner {
             if view.client.is_none() {
                 match self.backend.describe(&view.id).await {
                     Ok(cell) if cell.state.is_ending() => {
-                        return Err(ProviderError::Transient(format!(
+                        return Err(BootError::Stopped(format!(
                             "cell {} ended while booting ({})",
                             view.id, cell.state
                         )));
@@ -831,15 +878,16 @@ impl Inner {
                 }
             }
             if Instant::now() >= deadline {
-                return Err(ProviderError::Transient(format!(
-                    "the agent on cell {} did not answer within the boot timeout ({}s): {last_error}",
-                    view.id,
-                    self.settings.boot_timeout.as_secs()
-                )));
+                return Err(BootError::TimedOut {
+                    cell: view.id.clone(),
+                    timeout: self.settings.boot_timeout,
+                    port: self.settings.agent.port,
+                    last_error,
+                });
             }
             tokio::select! {
                 () = self.shutdown.cancelled() => {
-                    return Err(ProviderError::Transient("the provider is shutting down".into()));
+                    return Err(BootError::Stopped("the provider is shutting down".into()));
                 }
                 () = tracked.deleting.cancelled() => {}
                 () = tokio::time::sleep(self.settings.retry_interval.min(Duration::from_secs(1))) => {}
@@ -876,12 +924,13 @@ impl Inner {
         let view = match current {
             Some(view) => view,
             None => {
+                // The standby pool's refill waits while pods ask for cells.
+                self.standby.demand();
                 let listed = self.listed_cells(&uid).await?;
                 match listed.first() {
                     Some(cell) => self.view(cell, None),
                     None => match self.take_standby(resolved).await {
                         Some(view) => {
-                            lock(&tracked.state).standby_delivery = true;
                             self.set_status(tracked, starting_status(&view.summary));
                             view
                         }
@@ -914,7 +963,7 @@ impl Inner {
         &self,
         tracked: &TrackedPod,
         view: &mut CellView,
-    ) -> Result<CellClient, ProviderError> {
+    ) -> Result<CellClient, BootError> {
         let boot = self.wait_ready(tracked, view).await;
         let mut state = lock(&tracked.state);
         if state.cell.as_ref().map(|c| &c.id) == Some(&view.id) {
@@ -926,7 +975,7 @@ impl Inner {
     /// A boot that failed (timeout, the cell ended or was lost): the cell is terminated and
     /// the next start is a new attempt. Not when Updraft stops (the next run adopts the cell)
     /// or the pod is being deleted (the delete terminates it).
-    async fn boot_failed(&self, tracked: &TrackedPod, view: &CellView, error: &ProviderError) {
+    async fn boot_failed(&self, tracked: &TrackedPod, view: &CellView, error: &BootError) {
         if self.shutdown.is_cancelled() || tracked.deleting.is_cancelled() {
             return;
         }
@@ -960,6 +1009,7 @@ impl Inner {
             .apply_pod(&request)
             .await
             .map_err(|e| client_error(&format!("delivering the pod to cell {}", view.id), e))?;
+        self.standby.demand();
         let watching = {
             let mut state = lock(&tracked.state);
             state.applied = true;
@@ -984,7 +1034,7 @@ impl Inner {
             Ok(client) => client,
             Err(e) => {
                 self.boot_failed(tracked, &view, &e).await;
-                return Err(e);
+                return Err(e.into());
             }
         };
         self.deliver(tracked, resolved, &view, &client).await
@@ -996,38 +1046,22 @@ impl Inner {
     /// pod's lock, delivers the pod under it, and after a failed boot starts a new cell, with
     /// backoff, until the pod runs, is deleted, or Updraft stops. One per pod at a time.
     fn spawn_boot(self: &Arc<Self>, tracked: &Arc<TrackedPod>) {
-        let standby_delivery = {
+        {
             let mut state = lock(&tracked.state);
             if state.booting {
                 return;
             }
             state.booting = true;
-            // Local cells share this host's CPU with every pod starting: their pool waits for
-            // all boots, a cloud's only for the deliveries to the cells taken from it.
-            std::mem::take(&mut state.standby_delivery) || self.backend.kind() == "local"
-        };
-        if standby_delivery {
-            self.standby.deliveries.fetch_add(1, Ordering::SeqCst);
         }
         let inner = self.clone();
         let tracked = tracked.clone();
         tokio::spawn(async move {
-            let mut standby_delivery = standby_delivery;
-            inner.boot(&tracked, &mut standby_delivery).await;
+            inner.boot(&tracked).await;
             lock(&tracked.state).booting = false;
-            inner.delivered_from_standby(&mut standby_delivery);
         });
     }
 
-    /// The pool refills once the pods that took its cells are delivered (or their first
-    /// delivery failed): on a busy host new cells would compete with them.
-    fn delivered_from_standby(&self, counted: &mut bool) {
-        if std::mem::take(counted) && self.standby.deliveries.fetch_sub(1, Ordering::SeqCst) == 1 {
-            self.standby.wake.notify_one();
-        }
-    }
-
-    async fn boot(self: &Arc<Self>, tracked: &Arc<TrackedPod>, standby_delivery: &mut bool) {
+    async fn boot(self: &Arc<Self>, tracked: &Arc<TrackedPod>) {
         let mut delay = Duration::from_secs(1);
         loop {
             if self.shutdown.is_cancelled() || tracked.deleting.is_cancelled() {
@@ -1064,9 +1098,14 @@ impl Inner {
                         let last = lock(&tracked.state).status.clone();
                         self.set_status(
                             tracked,
-                            lost_status(last.as_ref(), false, format!("{e}; starting a new cell")),
+                            lost_status(
+                                last.as_ref(),
+                                false,
+                                e.reason(),
+                                format!("{e}; starting a new cell"),
+                            ),
                         );
-                        Err(e)
+                        Err(e.into())
                     }
                 },
                 None => {
@@ -1081,7 +1120,12 @@ impl Inner {
                                 let last = lock(&tracked.state).status.clone();
                                 self.set_status(
                                     tracked,
-                                    lost_status(last.as_ref(), true, format!("no new cell: {e}")),
+                                    lost_status(
+                                        last.as_ref(),
+                                        true,
+                                        REASON_CELL_LOST,
+                                        format!("no new cell: {e}"),
+                                    ),
                                 );
                                 return;
                             }
@@ -1090,7 +1134,6 @@ impl Inner {
                     }
                 }
             };
-            self.delivered_from_standby(standby_delivery);
             match outcome {
                 Ok(()) => delay = Duration::from_secs(1),
                 Err(e) => {
@@ -1124,9 +1167,15 @@ impl Inner {
         });
     }
 
-    /// Handles a lost cell: says so in the status, terminates it, and restarts the pod on a
-    /// new cell or fails it.
-    async fn cell_lost(self: &Arc<Self>, tracked: &Arc<TrackedPod>, cell: &CellView, why: String) {
+    /// Handles a lost cell: says so in the status (with `reason`), terminates it, and restarts
+    /// the pod on a new cell or fails it.
+    async fn cell_lost(
+        self: &Arc<Self>,
+        tracked: &Arc<TrackedPod>,
+        cell: &CellView,
+        reason: &'static str,
+        why: String,
+    ) {
         let (resolved, last) = {
             let mut state = lock(&tracked.state);
             if state.cell.as_ref().map(|c| &c.id) != Some(&cell.id) {
@@ -1154,7 +1203,10 @@ impl Inner {
             )
         };
         tracing::warn!(pod = %tracked.pod, "{message}");
-        self.set_status(tracked, lost_status(last.as_ref(), !replace, message));
+        self.set_status(
+            tracked,
+            lost_status(last.as_ref(), !replace, reason, message),
+        );
         if let Err(e) = self.terminate(&cell.id).await {
             tracing::warn!(cell = %cell.id, "terminating a lost cell: {e}; the garbage collector retries");
         }
@@ -1183,7 +1235,12 @@ impl Inner {
                         let last = lock(&tracked.state).status.clone();
                         inner.set_status(
                             &tracked,
-                            lost_status(last.as_ref(), true, format!("no replacement cell: {e}")),
+                            lost_status(
+                                last.as_ref(),
+                                true,
+                                REASON_CELL_LOST,
+                                format!("no replacement cell: {e}"),
+                            ),
                         );
                         return;
                     }
@@ -1359,26 +1416,33 @@ async fn watch_cell(
                 "the cell's agent has not answered yet: waiting for it to boot"
             );
         }
-        let why = gone.or_else(|| {
+        let lost = gone.map(|why| (REASON_CELL_LOST, why)).or_else(|| {
             (unreachable_for >= this.settings.health_timeout && !booting).then(|| {
-                if answered {
-                    format!(
-                        "its agent did not answer for {}s",
-                        unreachable_for.as_secs()
+                if answered || stopped {
+                    (
+                        REASON_CELL_LOST,
+                        format!(
+                            "its agent did not answer for {}s",
+                            unreachable_for.as_secs()
+                        ),
                     )
                 } else {
-                    format!(
-                        "its agent did not answer within the boot timeout ({}s)",
-                        this.settings.boot_timeout.as_secs()
+                    (
+                        REASON_CELL_BOOT_TIMEOUT,
+                        format!(
+                            "its agent did not answer within the boot timeout (bootTimeout: {:?}): check that the cell's image starts the agent (updraft-cell) and that Updraft reaches it on port {}; if the cells only boot slowly, raise bootTimeout in the provider config",
+                            this.settings.boot_timeout,
+                            this.settings.agent.port
+                        ),
                     )
                 }
             })
         });
-        if let Some(why) = why {
+        if let Some((reason, why)) = lost {
             if token.is_cancelled() || lock(&tracked.state).retired {
                 return;
             }
-            this.cell_lost(&tracked, &cell, why).await;
+            this.cell_lost(&tracked, &cell, reason, why).await;
             return;
         }
         drop(this);

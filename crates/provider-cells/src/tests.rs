@@ -165,6 +165,7 @@ fn settings(node: &str) -> ProviderSettings {
         retry_interval: Duration::from_millis(50),
         pod_wiring: crate::backends::PodWiring::none(),
         agent_listen_flag: true,
+        refill_quiet_period: crate::provider::REFILL_QUIET_PERIOD,
     }
 }
 
@@ -283,6 +284,14 @@ async fn a_cell_that_never_answers_is_terminated_and_the_retry_starts_a_new_one(
     .await
     .expect("a boot-timeout status");
     assert_eq!(said.phase.as_deref(), Some("Pending"));
+    assert_eq!(said.reason.as_deref(), Some("CellBootTimeout"));
+    let message = said.message.unwrap_or_default();
+    assert!(
+        message.contains("(bootTimeout: 300ms)")
+            && message.contains("raise bootTimeout")
+            && message.contains("starting a new cell"),
+        "the message names the timeout and what to do: {message}"
+    );
     until("a second start", || {
         backend.started.lock().unwrap().len() >= 2
     })

@@ -20,6 +20,8 @@ use crate::pki::ServerCertificate;
 pub const CELL_CONDITION: &str = "cells.updraft.dev/Cell";
 /// Reason of a pod whose cell was lost.
 pub const REASON_CELL_LOST: &str = "CellLost";
+/// Reason of a pod whose cell's agent did not answer within `bootTimeout`.
+pub const REASON_CELL_BOOT_TIMEOUT: &str = "CellBootTimeout";
 /// Reason of the cell condition while the cell boots.
 pub const REASON_CELL_STARTING: &str = "CellStarting";
 /// Reason of the cell condition once the agent runs the pod.
@@ -232,13 +234,18 @@ pub fn starting_status(cell: &CellSummary) -> PodStatus {
     status
 }
 
-/// The status of a pod whose cell is gone: `Failed` when it will not be restarted, else
-/// `Pending` while a replacement cell starts. Running containers become terminated with
-/// reason `CellLost`.
-pub fn lost_status(last: Option<&PodStatus>, failed: bool, message: String) -> PodStatus {
+/// The status of a pod whose cell is gone (`reason`: [`REASON_CELL_LOST`] or
+/// [`REASON_CELL_BOOT_TIMEOUT`]): `Failed` when it will not be restarted, else `Pending` while
+/// a replacement cell starts. Running containers become terminated with reason `CellLost`.
+pub fn lost_status(
+    last: Option<&PodStatus>,
+    failed: bool,
+    reason: &str,
+    message: String,
+) -> PodStatus {
     let mut status = last.cloned().unwrap_or_default();
     status.phase = Some(if failed { "Failed" } else { "Pending" }.into());
-    status.reason = Some(REASON_CELL_LOST.into());
+    status.reason = Some(reason.into());
     status.message = Some(message.clone());
     let lost = |state: &mut Option<ContainerState>| {
         let finished = state.as_ref().is_some_and(|s| s.terminated.is_some());
@@ -271,12 +278,12 @@ pub fn lost_status(last: Option<&PodStatus>, failed: bool, message: String) -> P
     for type_ in ["Ready", "ContainersReady"] {
         set_condition(
             &mut status,
-            condition(type_, false, REASON_CELL_LOST, message.clone()),
+            condition(type_, false, reason, message.clone()),
         );
     }
     set_condition(
         &mut status,
-        condition(CELL_CONDITION, false, REASON_CELL_LOST, message),
+        condition(CELL_CONDITION, false, reason, message),
     );
     status
 }
@@ -350,7 +357,7 @@ mod tests {
             }]),
             ..PodStatus::default()
         };
-        let status = lost_status(Some(&last), true, "gone".into());
+        let status = lost_status(Some(&last), true, REASON_CELL_LOST, "gone".into());
         assert_eq!(status.phase.as_deref(), Some("Failed"));
         assert_eq!(status.reason.as_deref(), Some(REASON_CELL_LOST));
         let container = &status.container_statuses.unwrap()[0];

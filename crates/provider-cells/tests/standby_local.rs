@@ -1,7 +1,8 @@
 //! The standby pool with real local cells and the real control plane: the configured idle cell
 //! boots before any pod exists; a pod whose selected type is pooled runs on that very cell; the
 //! pool refills with a new cell; deleting the pod terminates only its cell; a restarted Updraft
-//! finds the pool in the backend's listing and starts nothing twice.
+//! finds the pool in the backend's listing and starts nothing twice. A burst as large as the
+//! pool runs entirely on the pool's cells, and the pool is refilled to its size afterwards.
 //!
 //! Needs root, the control plane (`cargo xtask cluster up`) and the agent binary next to this
 //! test's (`cargo build -p updraft-cell-agent` with the same target directory).
@@ -132,6 +133,90 @@ async fn a_pod_takes_a_standby_cell_and_the_pool_refills() {
         1,
         "the garbage collector leaves the pool alone"
     );
+
+    let _ = stop.send(true);
+    provider.shutdown();
+    delete_node(&node_name);
+    drop(cleanup);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_burst_runs_on_the_pool_and_the_pool_is_refilled_to_its_size() {
+    common::require_root();
+    common::init_logging();
+    let cluster = TestCluster::connect().await;
+    let namespace = cluster.namespace("cells-standby-burst").await;
+    let node_name = unique_name("cells-standby-burst");
+    let tmp = tempfile::tempdir().unwrap();
+    let mut options = ConfigOptions::new(6);
+    options.extra = "standbyPool:\n- {instanceType: local.small, count: 4}\n".to_owned();
+    let test_config = write_config(tmp.path(), options);
+    let config = test_config.config.clone();
+    let cleanup = CellsCleanup::new(&test_config);
+    let backend = cleanup.backend();
+    let controller_id = config.controller_id.clone();
+
+    let (provider, stop) = start_node(&cluster, &node_name, &config).await;
+    let pooled: Vec<String> = eventually(TIMEOUT, || async {
+        let cells = standby_cells(&backend, &controller_id).await;
+        if cells.len() == 4
+            && cells
+                .iter()
+                .all(|c| c.state == updraft_cells_backend::CellState::Running)
+        {
+            Ok(cells.into_iter().map(|c| c.id.0).collect())
+        } else {
+            Err(format!("standby cells: {cells:?}"))
+        }
+    })
+    .await;
+
+    // Four pods at once, each of the pooled type: each runs on one of the pool's cells.
+    let pods = Api::<Pod>::namespaced(cluster.client(), namespace.name());
+    let names: Vec<String> = (0..4).map(|i| format!("burst-{i}")).collect();
+    futures::future::join_all(names.iter().map(|name| {
+        let pods = pods.clone();
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name},
+            "spec": {
+                "nodeSelector": {"kubernetes.io/hostname": node_name},
+                "tolerations": [{"key": "virtual-kubelet.io/provider", "operator": "Exists", "effect": "NoSchedule"}],
+                "terminationGracePeriodSeconds": 1,
+                "containers": [{"name": "app", "image": "busybox", "command": ["/bin/sleep", "3600"]}]
+            }
+        }))
+        .unwrap();
+        async move { pods.create(&PostParams::default(), &pod).await.unwrap() }
+    }))
+    .await;
+    let mut used = Vec::new();
+    for name in &names {
+        let running = wait_for(&pods, name, "the pod to run", TIMEOUT, |p| {
+            running_and_ready(p) && cell_of(p).is_some()
+        })
+        .await;
+        used.push(cell_of(&running).unwrap());
+    }
+    used.sort();
+    used.dedup();
+    assert_eq!(used.len(), 4, "four pods, four cells: {used:?}");
+    assert!(
+        used.iter().all(|cell| pooled.contains(cell)),
+        "every pod of the burst runs on a standby cell: {used:?}, pool {pooled:?}"
+    );
+
+    // Once the burst is over the pool is back to its size, with new cells.
+    eventually(TIMEOUT, || async {
+        let cells = standby_cells(&backend, &controller_id).await;
+        let fresh = cells.iter().filter(|c| !pooled.contains(&c.id.0)).count();
+        if cells.len() == 4 && fresh == 4 {
+            Ok(())
+        } else {
+            Err(format!("standby cells: {cells:?}"))
+        }
+    })
+    .await;
+    assert_eq!(live_cells(&backend, &controller_id).await.len(), 8);
 
     let _ = stop.send(true);
     provider.shutdown();

@@ -12,10 +12,17 @@
 //!   listing says which cells were claimed (they are adopted like any pod's cell). The refill's
 //!   terminations exclude claims (a read/write lock: claims share it, the refill's listing and
 //!   terminations hold it alone).
-//! - **Refill**: one reconcile loop (every `gcInterval`, and at once after a claim) compares the
-//!   listing with the config: it starts the missing cells, and terminates surplus ones (a count
-//!   lowered, a type removed from the config) and broken ones (stopped). Cells this run started
-//!   that a listing does not show yet are counted, so nothing is started twice.
+//! - **Refill**: one reconcile loop compares the listing with the config: it starts the missing
+//!   cells, and terminates surplus ones (a count lowered, a type removed from the config) and
+//!   broken ones (stopped). Cells this run started that a listing does not show yet are
+//!   counted, so nothing is started twice.
+//! - **The refill yields to pods**: a pass runs only once no pod has asked for a cell or been
+//!   delivered to one for the quiet period (`refill_quiet_period`, 5 s), and it starts one cell
+//!   at a time, checking before each that pods are still quiet. During a burst the pods get
+//!   the CPU, the host's state lock and the backend's API to themselves (local cells share the
+//!   host with the pods starting: new idle cells made a burst slower than a cold one), and the
+//!   pool is topped up once the burst is over. Pods that keep coming faster than the quiet period
+//!   hold the refill back for as long; they are the demand the pool exists for.
 //! - Shutdown leaves the pool running: the next run finds it in the listing and starts nothing
 //!   that is already there.
 
@@ -78,11 +85,11 @@ pub(super) struct StandbyPool {
     /// Cells this run started (with the entry's type, launch type and when), counted until a
     /// listing shows them.
     started: Mutex<HashMap<CellId, (String, LaunchType, Instant)>>,
-    /// Wakes the refill loop (after a claim, and when the last delivery to a taken cell ends).
-    pub(super) wake: Arc<Notify>,
-    /// Pods being delivered to standby cells they took (on the local backend: pods booting at
-    /// all): the refill starts no cell meanwhile.
-    pub(super) deliveries: std::sync::atomic::AtomicUsize,
+    /// Wakes the refill loop (after pod demand, so that it passes once the pods are quiet).
+    wake: Arc<Notify>,
+    /// When a pod last asked for a cell or was delivered to one (tokio's clock, so that tests
+    /// can run it paused).
+    last_demand: Mutex<Option<tokio::time::Instant>>,
     /// Whether the refill loop runs.
     running: AtomicBool,
     /// Numbers the standby cells' idempotency tokens within this run.
@@ -93,6 +100,22 @@ pub(super) struct StandbyPool {
 
 /// How long a started cell missing from the listings still counts as part of the pool.
 const LISTING_LAG: Duration = Duration::from_secs(120);
+
+impl StandbyPool {
+    /// A pod asked for a cell or was delivered to one: the refill waits until pods are quiet.
+    pub(super) fn demand(&self) {
+        *lock(&self.last_demand) = Some(tokio::time::Instant::now());
+        self.wake.notify_one();
+    }
+
+    /// How much longer pods must stay quiet before the refill may start cells; `None` once
+    /// they have been quiet for `quiet_period`.
+    fn quiet_remaining(&self, quiet_period: Duration) -> Option<Duration> {
+        let last = (*lock(&self.last_demand))?;
+        let remaining = quiet_period.saturating_sub(last.elapsed());
+        (!remaining.is_zero()).then_some(remaining)
+    }
+}
 
 impl Inner {
     /// The configured entries.
@@ -214,8 +237,6 @@ impl Inner {
                 }
             }
         }
-        // Refill at once (also when the pool had none of this type left).
-        self.standby.wake.notify_one();
         let mut cell = taken?;
         cell.identity = Some(identity);
         cell.name = name;
@@ -294,20 +315,12 @@ impl Inner {
         }
         // Claims may go on while new cells boot.
         drop(claiming);
-        if !missing.is_empty() && self.standby.deliveries.load(Ordering::SeqCst) > 0 {
-            tracing::debug!("standby pool: refilling once the pods that took standby cells run");
-            self.refresh_metrics();
-            return;
-        }
-        for (entry, count) in missing {
+        'entries: for (entry, count) in missing {
             for _ in 0..count {
-                if self.shutdown.is_cancelled() {
-                    return;
-                }
-                // A claim came in meanwhile: its delivery first (the next wake goes on).
-                if self.standby.deliveries.load(Ordering::SeqCst) > 0 {
-                    self.refresh_metrics();
-                    return;
+                // One start at a time, each only while pods are quiet: a pod that asks for a
+                // cell meanwhile goes first (its demand wakes the loop for a later pass).
+                if self.shutdown.is_cancelled() || self.refill_must_wait().is_some() {
+                    break 'entries;
                 }
                 if let Err(e) = self.start_standby(&entry).await {
                     tracing::warn!(
@@ -319,6 +332,12 @@ impl Inner {
             }
         }
         self.refresh_metrics();
+    }
+
+    /// How long the refill must still wait for pods to be quiet (`None`: it may start cells).
+    fn refill_must_wait(&self) -> Option<Duration> {
+        self.standby
+            .quiet_remaining(self.settings.refill_quiet_period)
     }
 
     /// Starts one standby cell of `entry`.
@@ -386,6 +405,8 @@ pub(super) fn start_pool(inner: &Arc<Inner>, entries: Vec<StandbyEntry>) {
     tokio::spawn(run_pool(weak, shutdown, interval, wake));
 }
 
+/// The pool's reconcile loop: a pass every `gcInterval`, and after pod demand once pods have
+/// been quiet for the quiet period.
 async fn run_pool(
     inner: Weak<Inner>,
     shutdown: CancellationToken,
@@ -393,17 +414,23 @@ async fn run_pool(
     wake: Arc<Notify>,
 ) {
     loop {
-        {
+        let next_pass = {
             let Some(this) = inner.upgrade() else { return };
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                () = this.reconcile_standby() => {}
+            match this.refill_must_wait() {
+                Some(quiet_remaining) => quiet_remaining,
+                None => {
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        () = this.reconcile_standby() => {}
+                    }
+                    interval
+                }
             }
-        }
+        };
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = wake.notified() => {}
-            () = tokio::time::sleep(interval) => {}
+            () = tokio::time::sleep(next_pass) => {}
         }
     }
 }
@@ -545,17 +572,27 @@ mod tests {
         settings.retry_interval = Duration::from_millis(50);
         // Adopted cells are listed at once (no node here claims them).
         settings.gc_grace_period = Duration::ZERO;
+        // The passes these tests run refill at once (one test below runs the quiet period).
+        settings.refill_quiet_period = Duration::ZERO;
         settings
     }
 
     async fn provider(backend: Arc<PoolBackend>, dir: &std::path::Path) -> CellsProvider {
+        provider_with(backend, dir, settings()).await
+    }
+
+    async fn provider_with(
+        backend: Arc<PoolBackend>,
+        dir: &std::path::Path,
+        settings: ProviderSettings,
+    ) -> CellsProvider {
         let selector = Selector::new(
             Catalog::local().unwrap(),
             SelectionPolicy::new("local.small"),
         )
         .unwrap();
         CellsProvider::with_parts(
-            settings(),
+            settings,
             backend,
             selector,
             None,
@@ -661,6 +698,73 @@ mod tests {
         let spot = pod("uid-5", ", annotations: {pod.elotl.co/launch-type: spot}");
         assert!(provider.inner.take_standby(&spot).await.is_none());
         assert_eq!(backend.standby().len(), 1, "still there");
+    }
+
+    /// Time is tokio's paused clock: it advances only when every task waits, so the test
+    /// sees the loop's decisions, not the machine's speed.
+    #[tokio::test(start_paused = true)]
+    async fn the_refill_waits_until_pods_have_been_quiet_for_the_quiet_period() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = Arc::new(PoolBackend::default());
+        let mut settings = settings();
+        settings.refill_quiet_period = Duration::from_secs(5);
+        // The pods' cells never answer (the fake has no addresses): they stay booting.
+        settings.boot_timeout = Duration::from_secs(3600);
+        let provider = provider_with(backend.clone(), dir.path(), settings).await;
+        provider
+            .start_standby_pool(vec![entry("local.small", 3)])
+            .unwrap();
+        until_standby(&backend, 3).await;
+
+        // A burst of pods takes the pool; while pods keep coming, nothing is refilled.
+        for i in 0..3 {
+            provider
+                .create_pod(&pod(&format!("uid-{i}"), ""))
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            assert_eq!(
+                backend.standby().len(),
+                2 - i,
+                "no refill while pods come (pod {i})"
+            );
+        }
+        // A pod of a type the pool does not keep is demand too.
+        let big = {
+            let yaml = "metadata: {name: big, namespace: ns, uid: uid-big}\nspec:\n  containers:\n  - name: app\n    image: busybox\n    resources: {requests: {cpu: '3', memory: 6Gi}}\n";
+            ResolvedPod::unresolved(serde_yaml::from_str::<Pod>(yaml).unwrap())
+        };
+        provider.create_pod(&big).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        assert!(
+            backend.standby().is_empty(),
+            "still within the quiet period"
+        );
+
+        // Quiet for the period: the pool is refilled to its size, with new cells.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        until_standby(&backend, 3).await;
+        let owners = backend
+            .live()
+            .iter()
+            .filter(|c| !c.identity.as_ref().unwrap().is_standby())
+            .count();
+        assert_eq!(
+            owners, 4,
+            "three pods on standby cells, one on its own cell"
+        );
+        provider.shutdown();
+    }
+
+    /// Waits (on the paused clock) until the pool has `count` idle cells.
+    async fn until_standby(backend: &PoolBackend, count: usize) {
+        for _ in 0..600 {
+            if backend.standby().len() == count {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("standby cells: {:?}", backend.standby());
     }
 
     #[tokio::test]
