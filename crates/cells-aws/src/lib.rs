@@ -53,6 +53,8 @@ use updraft_cells_backend::{
     StartedCell,
 };
 
+/// The SDK [`AwsBackend::client`] belongs to, for callers that need more of EC2.
+pub use aws_sdk_ec2;
 pub use errors::{AwsConfigError, classify, spot_refused};
 pub use tags::{
     LABEL_PREFIX, MAX_POD_LABELS, TAG_CONTROLLER_ID, TAG_NAME, TAG_NAMESPACE, TAG_NODE, TAG_POD,

@@ -11,6 +11,9 @@
 //! 127.42.0.0/16 so that the agent's address is on loopback: the provider's probes reach
 //! nothing but this host (where nothing listens on the agent port).
 //!
+//! A second test: an operator's cloud-init too large for EC2's user data limit, and a subnet
+//! that does not exist, fail the pod with the sizes or the setting named, and start nothing.
+//!
 //! Needs the control plane (`cargo xtask cluster up`) and python3-venv (moto is installed
 //! from PyPI into the Updraft cache on first use).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -97,15 +100,25 @@ async fn ec2() -> Ec2 {
     }
 }
 
+/// The operator's cloud-init of the main test.
+const OPERATOR_CLOUD_INIT: &str = "#cloud-config\nwrite_files:\n- path: /etc/operator-note\n  content: written-by-the-operators-cloud-init\nruncmd:\n- [echo, operator-runcmd]\n";
+
 /// The provider config: aws backend at moto, keys from files, the operator's cloud-init.
 fn write_config(dir: &std::path::Path, ec2: &Ec2, controller_id: &str) -> CellsConfig {
+    write_config_with(dir, ec2, controller_id, &ec2.subnet_id, OPERATOR_CLOUD_INIT)
+}
+
+/// [`write_config`] with another subnet id and cloud-init.
+fn write_config_with(
+    dir: &std::path::Path,
+    ec2: &Ec2,
+    controller_id: &str,
+    subnet_id: &str,
+    cloud_init: &str,
+) -> CellsConfig {
     std::fs::write(dir.join("key-id"), "testing\n").unwrap();
     std::fs::write(dir.join("secret"), "testing\n").unwrap();
-    std::fs::write(
-        dir.join("cloud-init.yaml"),
-        "#cloud-config\nwrite_files:\n- path: /etc/operator-note\n  content: written-by-the-operators-cloud-init\nruncmd:\n- [echo, operator-runcmd]\n",
-    )
-    .unwrap();
+    std::fs::write(dir.join("cloud-init.yaml"), cloud_init).unwrap();
     let text = format!(
         r#"backend: aws
 region: {REGION}
@@ -126,7 +139,7 @@ capacity: {{cpu: "64", memory: 256Gi, pods: "20"}}
 "#,
         dir = dir.display(),
         endpoint = ec2.moto.endpoint(),
-        subnet = ec2.subnet_id,
+        subnet = subnet_id,
     );
     let path = dir.join("cells.yaml");
     std::fs::write(&path, text).unwrap();
@@ -142,6 +155,54 @@ async fn live_instances(ec2: &Ec2, controller_id: &str) -> Vec<Cell> {
         .into_iter()
         .filter(|cell| !cell.state.is_ending())
         .collect()
+}
+
+/// Every instance of the pod `uid`, in any state.
+async fn instances_of_pod(
+    ec2: &Ec2,
+    uid: &str,
+) -> Vec<updraft_cells_aws::aws_sdk_ec2::types::Instance> {
+    let described = ec2
+        .backend
+        .client()
+        .describe_instances()
+        .filters(
+            updraft_cells_aws::aws_sdk_ec2::types::Filter::builder()
+                .name("tag:updraft:pod-uid")
+                .values(uid)
+                .build(),
+        )
+        .send()
+        .await
+        .expect("describe instances");
+    described
+        .reservations()
+        .iter()
+        .flat_map(|r| r.instances().iter().cloned())
+        .collect()
+}
+
+/// Fails the test when the pod `uid` has more than one instance that is not ending: nothing is
+/// ever started twice for one pod.
+async fn assert_at_most_one_live_instance(ec2: &Ec2, uid: &str) {
+    let live: Vec<String> = instances_of_pod(ec2, uid)
+        .await
+        .iter()
+        .filter(|i| {
+            !matches!(
+                i.state().and_then(|s| s.name()),
+                Some(
+                    updraft_cells_aws::aws_sdk_ec2::types::InstanceStateName::ShuttingDown
+                        | updraft_cells_aws::aws_sdk_ec2::types::InstanceStateName::Terminated
+                )
+            )
+        })
+        .filter_map(|i| i.instance_id().map(str::to_owned))
+        .collect();
+    assert!(
+        live.len() <= 1,
+        "pod {uid} has several live instances: {live:?}"
+    );
 }
 
 /// Standard base64 (the user data attribute), decoded.
@@ -326,6 +387,7 @@ async fn a_pod_gets_one_ec2_instance_that_is_adopted_after_a_restart_and_termina
         .unwrap();
     // No node claims it here: it is reported once its grace period (1 s) is over.
     let adopted = eventually(TIMEOUT, || async {
+        assert_at_most_one_live_instance(&ec2, &uid).await;
         let listed = restarted.list_pods().await.map_err(|e| e.to_string())?;
         if listed.is_empty() {
             Err("the adopted cell's pod is not listed yet".to_owned())
@@ -391,6 +453,7 @@ async fn a_pod_gets_one_ec2_instance_that_is_adopted_after_a_restart_and_termina
     })
     .await;
     eventually(TIMEOUT, || async {
+        assert_at_most_one_live_instance(&ec2, &uid).await;
         let live = live_instances(&ec2, &controller_id).await;
         let ids: Vec<&str> = live.iter().map(|c| c.id.0.as_str()).collect();
         if ids.contains(&orphan.id.0.as_str()) {
@@ -411,6 +474,7 @@ async fn a_pod_gets_one_ec2_instance_that_is_adopted_after_a_restart_and_termina
     // The agent never answers inside moto: after the boot timeout the pod's status says so
     // (and a new instance is started for it).
     let boot_timeout = eventually(TIMEOUT, || async {
+        assert_at_most_one_live_instance(&ec2, &uid).await;
         let pod = pods.get("burst").await.map_err(|e| e.to_string())?;
         let message = pod.status.and_then(|s| s.message).unwrap_or_default();
         if message.contains("did not answer within the boot timeout") {
@@ -423,6 +487,28 @@ async fn a_pod_gets_one_ec2_instance_that_is_adopted_after_a_restart_and_termina
     })
     .await;
     assert!(boot_timeout.contains("cell i-"), "{boot_timeout}");
+    // Every instance the pod ever had came from a start attempt of its own.
+    let instances = instances_of_pod(&ec2, &uid).await;
+    let mut tokens: Vec<String> = instances
+        .iter()
+        .map(|i| {
+            i.tags()
+                .iter()
+                .find(|t| t.key() == Some("updraft:start-token"))
+                .and_then(|t| t.value())
+                .expect("start token tag")
+                .to_owned()
+        })
+        .collect();
+    tokens.sort();
+    tokens.dedup();
+    assert_eq!(tokens.len(), instances.len(), "{tokens:?}");
+    assert!(
+        instances
+            .iter()
+            .any(|i| i.instance_id() == Some(instance_id.as_str())),
+        "the first instance is the pod's"
+    );
 
     // Deleting the pod terminates its instance; nothing of this controller is left.
     pods.delete("burst", &DeleteParams::default())
@@ -442,6 +528,89 @@ async fn a_pod_gets_one_ec2_instance_that_is_adopted_after_a_restart_and_termina
         }
     })
     .await;
+    let _ = stop.send(true);
+    provider.shutdown();
+    delete_node(&node_name);
+}
+
+/// A pod whose user data cannot be built or whose cell EC2 cannot start.
+async fn refused_pod(pods: &Api<Pod>, node_name: &str, name: &str) -> String {
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name},
+        "spec": {
+            "nodeSelector": {"kubernetes.io/hostname": node_name},
+            "tolerations": [{"key": "virtual-kubelet.io/provider", "operator": "Exists", "effect": "NoSchedule"}],
+            "terminationGracePeriodSeconds": 1,
+            "containers": [{"name": "app", "image": "busybox"}]
+        }
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    let failed = wait_for(pods, name, "the reason ProviderFailed", TIMEOUT, |p| {
+        p.status
+            .as_ref()
+            .is_some_and(|s| s.reason.as_deref() == Some("ProviderFailed"))
+    })
+    .await;
+    failed.status.and_then(|s| s.message).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_oversized_cloud_init_or_an_unknown_subnet_fails_the_pod_with_a_clear_reason() {
+    common::init_logging();
+    let cluster = TestCluster::connect().await;
+    let namespace = cluster.namespace("cells-aws-bad").await;
+    let pods = Api::<Pod>::namespaced(cluster.client(), namespace.name());
+    let ec2 = ec2().await;
+
+    // The operator's cloud-init embeds 24 KiB of noise: even gzip-compressed, the user data
+    // exceeds EC2's 16 KiB.
+    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    let noise: String = (0..32 * 1024)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            char::from(
+                b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+                    [(state % 64) as usize],
+            )
+        })
+        .collect();
+    let oversized = format!("#cloud-config\nwrite_files:\n- path: /opt/blob\n  content: {noise}\n");
+    let tmp = tempfile::tempdir().unwrap();
+    let controller_id = format!("moto-big-{}", std::process::id());
+    let config = write_config_with(tmp.path(), &ec2, &controller_id, &ec2.subnet_id, &oversized);
+    let node_name = unique_name("cells-aws-big");
+    let (provider, stop) = start_node(&cluster, &node_name, &config).await;
+    let message = refused_pod(&pods, &node_name, "big").await;
+    assert!(
+        message.contains("over the 16384-byte limit") && message.contains("/opt/blob"),
+        "{message}"
+    );
+    assert!(live_instances(&ec2, &controller_id).await.is_empty());
+    let _ = stop.send(true);
+    provider.shutdown();
+    delete_node(&node_name);
+
+    // A subnet that does not exist: the pod says which setting to fix.
+    let tmp = tempfile::tempdir().unwrap();
+    let controller_id = format!("moto-subnet-{}", std::process::id());
+    let config = write_config_with(
+        tmp.path(),
+        &ec2,
+        &controller_id,
+        "subnet-0000dead",
+        OPERATOR_CLOUD_INIT,
+    );
+    let node_name = unique_name("cells-aws-subnet");
+    let (provider, stop) = start_node(&cluster, &node_name, &config).await;
+    let message = refused_pod(&pods, &node_name, "lost").await;
+    assert!(
+        message.contains("aws.subnetId") && message.contains("subnet-0000dead"),
+        "{message}"
+    );
+    assert!(live_instances(&ec2, &controller_id).await.is_empty());
     let _ = stop.send(true);
     provider.shutdown();
     delete_node(&node_name);
