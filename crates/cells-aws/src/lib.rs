@@ -16,16 +16,26 @@
 //!   as `updraft:label:<key>` on the instance and its volume; spot through
 //!   `InstanceMarketOptions`, falling back to on-demand when spot capacity is refused and
 //!   [`AwsConfig::spot_fallback_to_on_demand`] is set; the user data from
-//!   `updraft_cells_backend::cloud_init`; the pod UID based `ClientToken` for idempotency.
+//!   `updraft_cells_backend::cloud_init`. The pod's address: the launch asks EC2 for it
+//!   (`SecondaryPrivateIpAddressCount`), and when the instance comes back without one (APIs
+//!   such as moto ignore the field) it is assigned with `AssignPrivateIpAddresses`; a cell that
+//!   cannot get one is terminated.
 //! - **Listing** filters on the controller-id tag: after a restart a new backend finds every
 //!   cell the old one started.
+//! - **Idempotency**: every launch carries the spec's token as EC2 `ClientToken` (`-od` for the
+//!   on-demand fallback) and as the tag [`TAG_START_TOKEN`]; a start first looks for an instance
+//!   with that tag, so a repeated start (a retry, a restarted Updraft) returns the instance
+//!   instead of launching a second one, also where the API ignores client tokens (moto).
+//! - **Bad settings** ([`AwsConfig::validate`]) and what only EC2 can refuse (an unknown AMI,
+//!   filter or subnet) give errors that name the config field (`region`, `aws.subnetId`,
+//!   `aws.bootImage…`); user data over EC2's 16 KiB is refused before launching.
 //!
 //! A real AWS run needs an AMI with the cell agent installed (or installed by the bootstrap's
 //! cloud-init), a subnet the Updraft host can reach, and credentials allowed to call
-//! `ec2:RunInstances`, `DescribeInstances`, `TerminateInstances`, `CreateTags`,
-//! `DescribeImages`, `DescribeSubnets`, `DescribeVpcs`, `DescribeSecurityGroups`,
-//! `CreateSecurityGroup`, `AuthorizeSecurityGroupIngress` (and `iam:PassRole` for instance
-//! profiles).
+//! `ec2:RunInstances`, `DescribeInstances`, `TerminateInstances`, `CreateTags`, `DeleteTags`,
+//! `AssignPrivateIpAddresses`, `DescribeImages`, `DescribeInstanceTypes`, `DescribeSubnets`,
+//! `DescribeVpcs`, `DescribeSecurityGroups`, `CreateSecurityGroup`,
+//! `AuthorizeSecurityGroupIngress` (and `iam:PassRole` for instance profiles).
 #![forbid(unsafe_code)]
 
 mod errors;
@@ -1002,12 +1012,19 @@ impl AwsBackend {
         if let Err(error) = assigned {
             let error = classify("AssignPrivateIpAddresses", error);
             // A cell without its pod address is useless: do not leave it running.
-            let _ = self
+            if let Err(terminate) = self
                 .client
                 .terminate_instances()
                 .instance_ids(id)
                 .send()
-                .await;
+                .await
+            {
+                tracing::warn!(
+                    cell = id,
+                    error = %classify("TerminateInstances", terminate),
+                    "could not terminate the cell that got no pod address; the garbage collector will"
+                );
+            }
             return Err(error);
         }
         Ok(())
