@@ -1,5 +1,9 @@
-//! `kubectl port-forward` through the real API server to a virtual node's kubelet API, over
-//! SPDY/3.1 (API servers 1.31+ tunnel kubectl's WebSocket to the kubelet as SPDY).
+//! `kubectl port-forward` through the real API server to a virtual node's kubelet API. The
+//! concurrent-connections and closed-port scenarios run once per [`StreamingPath`]: the node
+//! declaring `ExtendWebSocketsToKubelet` (the API server passes kubectl's WebSocket through,
+//! SPDY tunnelled inside) and not (the API server unwraps the tunnel and speaks SPDY/3.1 to
+//! the node); each checks at the node's `/metrics` that its sessions took that path. The
+//! heavy transfers run on the translated path only (the benchmark compares the two).
 //!
 //! The mock provider's pod network is the host's loopback: forwarding to port P of a mock pod
 //! connects to 127.0.0.1:P, so each test runs its own TCP server on a free loopback port.
@@ -16,7 +20,8 @@ use tokio::net::{TcpListener, TcpStream};
 use updraft_testing::TestCluster;
 
 use support::{
-    TIMEOUT, kubectl_port_forward, kubectl_port_forward_with_env, running_pod, start_loopback_node,
+    StreamingPath, TIMEOUT, kubectl_port_forward, kubectl_port_forward_with_env, running_pod,
+    start_loopback_node, start_loopback_node_on,
 };
 
 const MIB: usize = 1024 * 1024;
@@ -61,10 +66,19 @@ async fn within<T>(what: &str, future: impl std::future::Future<Output = T>) -> 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn several_concurrent_connections_each_get_their_own_answer() {
+async fn several_concurrent_connections_each_get_their_own_answer_translated_to_spdy() {
+    several_concurrent_connections_each_get_their_own_answer(StreamingPath::TranslatedToSpdy).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn several_concurrent_connections_each_get_their_own_answer_passed_through() {
+    several_concurrent_connections_each_get_their_own_answer(StreamingPath::Passthrough).await;
+}
+
+async fn several_concurrent_connections_each_get_their_own_answer(path: StreamingPath) {
     let cluster = TestCluster::connect().await;
     let ns = cluster.namespace("port-forward").await;
-    let node = start_loopback_node(&cluster).await;
+    let node = start_loopback_node_on(&cluster, path).await;
     running_pod(
         &cluster,
         ns.name(),
@@ -118,6 +132,8 @@ async fn several_concurrent_connections_each_get_their_own_answer() {
     .await
     .unwrap();
     assert_eq!(answer, b"niaga", "kubectl stderr:\n{}", forward.stderr());
+    node.assert_sessions_took(&cluster, path, "portforward", 1)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -196,10 +212,23 @@ async fn a_100_mib_download_and_upload_keep_their_sha256() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_connection_to_a_closed_port_is_reported_as_an_error_not_a_hang() {
+async fn a_connection_to_a_closed_port_is_reported_as_an_error_not_a_hang_translated_to_spdy() {
+    a_connection_to_a_closed_port_is_reported_as_an_error_not_a_hang(
+        StreamingPath::TranslatedToSpdy,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_connection_to_a_closed_port_is_reported_as_an_error_not_a_hang_passed_through() {
+    a_connection_to_a_closed_port_is_reported_as_an_error_not_a_hang(StreamingPath::Passthrough)
+        .await;
+}
+
+async fn a_connection_to_a_closed_port_is_reported_as_an_error_not_a_hang(path: StreamingPath) {
     let cluster = TestCluster::connect().await;
     let ns = cluster.namespace("port-forward").await;
-    let node = start_loopback_node(&cluster).await;
+    let node = start_loopback_node_on(&cluster, path).await;
     running_pod(
         &cluster,
         ns.name(),
@@ -250,6 +279,8 @@ async fn a_connection_to_a_closed_port_is_reported_as_an_error_not_a_hang() {
         )) && stderr.contains("refused"),
         "kubectl should print why: {stderr}"
     );
+    node.assert_sessions_took(&cluster, path, "portforward", 1)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -294,12 +325,13 @@ async fn when_kubectl_goes_away_the_connection_in_the_pod_is_closed() {
 }
 
 /// Legacy clients speak SPDY to the API server, which passes the upgrade through to the node
-/// unchanged: kubectl does so with its WebSocket port-forward turned off.
+/// unchanged: kubectl does so with its WebSocket port-forward turned off. They arrive as SPDY
+/// also at a node declaring `ExtendWebSocketsToKubelet` (Updraft's default).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kubectl_port_forward_over_spdy_end_to_end() {
     let cluster = TestCluster::connect().await;
     let ns = cluster.namespace("port-forward").await;
-    let node = start_loopback_node(&cluster).await;
+    let node = start_loopback_node_on(&cluster, StreamingPath::Passthrough).await;
     running_pod(
         &cluster,
         ns.name(),
@@ -339,4 +371,6 @@ async fn kubectl_port_forward_over_spdy_end_to_end() {
         answer.len(),
         forward.stderr()
     );
+    node.assert_sessions(&cluster, "portforward", "spdy", "portforward.k8s.io", 1)
+        .await;
 }

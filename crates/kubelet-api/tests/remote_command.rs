@@ -1,5 +1,8 @@
 //! `kubectl logs/exec/attach/cp` through the real API server to an Updraft node whose mock
-//! pods run real processes; and a WebSocket client straight to the kubelet port.
+//! pods run real processes. The exec/attach/cp scenarios run once per [`StreamingPath`]: the
+//! node declaring `ExtendWebSocketsToKubelet` (the API server passes kubectl's WebSocket
+//! through) and not (the API server translates it to SPDY); each checks at the node's
+//! `/metrics` that its sessions took that path.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: a panic is a failure report
 
 mod remote_command_support;
@@ -10,7 +13,9 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
-use remote_command_support::{TIMEOUT, create_pod, kubectl, kubectl_ok, running, start};
+use remote_command_support::{
+    StreamingPath, TIMEOUT, create_pod, kubectl, kubectl_ok, running, start, start_on,
+};
 use sha2::Digest as _;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use updraft_testing::{TestCluster, eventually, unique_name};
@@ -282,10 +287,19 @@ async fn idle_pod(cluster: &TestCluster, namespace: &str, node: &str, name: &str
 }
 
 #[tokio::test]
-async fn kubectl_exec_reports_exit_codes_and_pipes_10_mib_through_cat() {
+async fn kubectl_exec_reports_exit_codes_and_pipes_10_mib_through_cat_translated_to_spdy() {
+    exec_reports_exit_codes_and_pipes_10_mib_through_cat(StreamingPath::TranslatedToSpdy).await;
+}
+
+#[tokio::test]
+async fn kubectl_exec_reports_exit_codes_and_pipes_10_mib_through_cat_passed_through() {
+    exec_reports_exit_codes_and_pipes_10_mib_through_cat(StreamingPath::Passthrough).await;
+}
+
+async fn exec_reports_exit_codes_and_pipes_10_mib_through_cat(path: StreamingPath) {
     let cluster = TestCluster::connect().await;
     let ns = cluster.namespace("rc-exec").await;
-    let kubelet = start(&cluster).await;
+    let kubelet = start_on(&cluster, path).await;
     idle_pod(&cluster, ns.name(), &kubelet.name, "box").await;
     let ns = ns.name();
 
@@ -393,14 +407,26 @@ async fn kubectl_exec_reports_exit_codes_and_pipes_10_mib_through_cat() {
         hex::encode(sha2::Sha256::digest(&output.stdout)),
         hex::encode(sha2::Sha256::digest(&data))
     );
+    kubelet
+        .assert_sessions_took(&cluster, path, "exec", 5)
+        .await;
 }
 
 // The terminal is driven with blocking reads: other threads must serve the kubelet port.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kubectl_exec_it_gets_a_terminal_that_follows_resizes() {
+async fn kubectl_exec_it_gets_a_terminal_that_follows_resizes_translated_to_spdy() {
+    exec_it_gets_a_terminal_that_follows_resizes(StreamingPath::TranslatedToSpdy).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_exec_it_gets_a_terminal_that_follows_resizes_passed_through() {
+    exec_it_gets_a_terminal_that_follows_resizes(StreamingPath::Passthrough).await;
+}
+
+async fn exec_it_gets_a_terminal_that_follows_resizes(path: StreamingPath) {
     let cluster = TestCluster::connect().await;
     let ns = cluster.namespace("rc-tty").await;
-    let kubelet = start(&cluster).await;
+    let kubelet = start_on(&cluster, path).await;
     idle_pod(&cluster, ns.name(), &kubelet.name, "box").await;
 
     let size = |rows: u16, cols: u16| nix::pty::Winsize {
@@ -476,13 +502,25 @@ async fn kubectl_exec_it_gets_a_terminal_that_follows_resizes() {
         status.success(),
         "kubectl exec -it: {status}; screen: {screen:?}"
     );
+    kubelet
+        .assert_sessions_took(&cluster, path, "exec", 1)
+        .await;
 }
 
 #[tokio::test]
-async fn kubectl_attach_reaches_the_main_process() {
+async fn kubectl_attach_reaches_the_main_process_translated_to_spdy() {
+    attach_reaches_the_main_process(StreamingPath::TranslatedToSpdy).await;
+}
+
+#[tokio::test]
+async fn kubectl_attach_reaches_the_main_process_passed_through() {
+    attach_reaches_the_main_process(StreamingPath::Passthrough).await;
+}
+
+async fn attach_reaches_the_main_process(path: StreamingPath) {
     let cluster = TestCluster::connect().await;
     let ns = cluster.namespace("rc-attach").await;
-    let kubelet = start(&cluster).await;
+    let kubelet = start_on(&cluster, path).await;
     create_pod(
         &cluster,
         ns.name(),
@@ -538,15 +576,19 @@ async fn kubectl_attach_reaches_the_main_process() {
         String::from_utf8_lossy(&seen)
     );
     assert!(status.success(), "kubectl attach: {status}");
+    kubelet
+        .assert_sessions_took(&cluster, path, "attach", 1)
+        .await;
 }
 
 /// Legacy clients speak SPDY to the API server, which then passes the upgrade through to the
-/// kubelet unchanged: kubectl does so with its WebSocket feature turned off.
+/// kubelet unchanged: kubectl does so with its WebSocket feature turned off. They arrive as
+/// SPDY also at a node declaring `ExtendWebSocketsToKubelet` (Updraft's default).
 #[tokio::test]
 async fn kubectl_exec_over_spdy_end_to_end() {
     let cluster = TestCluster::connect().await;
     let ns = cluster.namespace("rc-spdy").await;
-    let kubelet = start(&cluster).await;
+    let kubelet = start_on(&cluster, StreamingPath::Passthrough).await;
     idle_pod(&cluster, ns.name(), &kubelet.name, "box").await;
     let mut exec = tokio::process::Command::from(cluster.kubectl());
     exec.env("KUBECTL_REMOTE_COMMAND_WEBSOCKETS", "false")
@@ -580,13 +622,26 @@ async fn kubectl_exec_over_spdy_end_to_end() {
         String::from_utf8_lossy(&output.stderr)
     );
     assert_eq!(output.stdout, b"over spdy\n");
+    kubelet
+        .assert_sessions(&cluster, "exec", "spdy", "v5.channel.k8s.io", 1)
+        .await;
 }
 
 #[tokio::test]
-async fn kubectl_cp_copies_both_ways() {
+async fn kubectl_cp_copies_both_ways_translated_to_spdy() {
+    cp_copies_both_ways(StreamingPath::TranslatedToSpdy).await;
+}
+
+#[tokio::test]
+async fn kubectl_cp_copies_both_ways_passed_through() {
+    cp_copies_both_ways(StreamingPath::Passthrough).await;
+}
+
+/// `kubectl cp` is tar over exec, in both directions.
+async fn cp_copies_both_ways(path: StreamingPath) {
     let cluster = TestCluster::connect().await;
     let ns = cluster.namespace("rc-cp").await;
-    let kubelet = start(&cluster).await;
+    let kubelet = start_on(&cluster, path).await;
     idle_pod(&cluster, ns.name(), &kubelet.name, "box").await;
     let local = tempfile::tempdir().unwrap();
     let upload = local.path().join("upload.bin");
@@ -626,4 +681,8 @@ async fn kubectl_cp_copies_both_ways() {
     )
     .await;
     assert_eq!(std::fs::read(&download).unwrap(), content);
+    // At least the upload's tar, the check and the download's tar.
+    kubelet
+        .assert_sessions_took(&cluster, path, "exec", 3)
+        .await;
 }

@@ -20,6 +20,9 @@ use crate::streaming::{IdleTimeout, StreamingConfig, StreamingMetrics};
 const PROTOCOL_HEADER: &str = "x-stream-protocol-version";
 /// Sent with a refusal: what we speak.
 const ACCEPTED_HEADER: &str = "x-accepted-stream-protocol-versions";
+/// How long a finished session waits for the client to close the connection after the
+/// outcome was sent (it closes as soon as it has read it) before closing it itself.
+const CLIENT_CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 /// What we speak over SPDY, best first, with the protocol's version number.
 const PROTOCOLS: [(&str, u8); 4] = [
     ("v5.channel.k8s.io", 5),
@@ -277,6 +280,7 @@ async fn run<T>(
     if let Some(resizing) = resizing {
         resizing.abort();
     }
+    let reported = status.is_some();
     if let Some(status) = status {
         if let Some(status) = status {
             let _ = error.write_all(&status).await;
@@ -285,6 +289,21 @@ async fn run<T>(
     }
     drop(error);
     drop(streams);
+    if reported {
+        // Like the kubelet (spdystream closes once the client has finished its streams): let
+        // the client read the outcome and close first. Closing at once, with the client's
+        // last frames still unread, makes the kernel answer with a reset, and a reset can
+        // discard output the client (or the API server relaying it) has not read yet.
+        tokio::select! {
+            _ = handle.closed() => {}
+            () = idle.cancelled() => {}
+            () = tokio::time::sleep(CLIENT_CLOSE_GRACE) => {
+                tracing::debug!(
+                    "the remote command client did not close within {CLIENT_CLOSE_GRACE:?} after the outcome; closing"
+                );
+            }
+        }
+    }
     drop(incoming);
     handle.close().await;
 }

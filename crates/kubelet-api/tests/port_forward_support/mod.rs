@@ -1,58 +1,24 @@
-//! A virtual node with its kubelet API, in-process, for the port-forward and stats tests:
-//! the mock provider, the node controller under `system:node:<name>`, and the kubelet port
-//! serving a certificate from the cluster CA (so the API server trusts it) with kubelet-style
-//! authentication and authorization.
+//! A virtual node with its kubelet API, in-process, for the port-forward and stats tests
+//! (see `kubelet_node`), and `kubectl port-forward` driven from a test.
 #![allow(dead_code)] // each test binary uses a different part
 
-use std::net::{IpAddr, Ipv4Addr};
+#[path = "../kubelet_node/mod.rs"]
+mod kubelet_node;
+
+use std::net::Ipv4Addr;
 use std::process::Stdio;
 use std::sync::Arc;
-use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Node, Pod};
-use kube::api::{Api, DeleteParams, PostParams};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, PostParams};
 use tokio::io::{AsyncBufReadExt as _, BufReader};
-use updraft_devcluster::pki::{CertificateAuthority, Identity};
-use updraft_kubelet_api::auth::{Auth, AuthConfig};
-use updraft_kubelet_api::routes::{KubeletOptions, KubeletState, PodLookup, routes_with};
-use updraft_kubelet_api::server::{protect, serve};
-use updraft_kubelet_api::streaming::{StreamingConfig, StreamingMetrics};
-use updraft_kubelet_api::tls::{ServingCertificate, server_config};
-use updraft_node::{NodeConfig, VirtualNode};
-use updraft_provider_mock::{MockConfig, MockProvider};
-use updraft_testing::{TestCluster, unique_name, wait_for};
+use updraft_kubelet_api::streaming::StreamingConfig;
+use updraft_testing::{TestCluster, wait_for};
 
-/// Generous: the control plane shares two cores with the test build.
-pub const TIMEOUT: Duration = Duration::from_secs(120);
-
-/// A running virtual node and kubelet port; both stop and the Node is deleted when dropped.
-pub struct KubeletNode {
-    pub name: String,
-    pub provider: MockProvider,
-    pub address: IpAddr,
-    pub port: u16,
-    pub ca_pem: String,
-    /// The sessions its kubelet API accepted, by endpoint, transport and subprotocol.
-    pub metrics: StreamingMetrics,
-    stop: Option<tokio::sync::watch::Sender<bool>>,
-}
-
-impl Drop for KubeletNode {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(true);
-        }
-        let name = self.name.clone();
-        updraft_testing::cleanup_as_admin(move |client| async move {
-            let _ = Api::<Node>::all(client)
-                .delete(&name, &DeleteParams::default())
-                .await;
-        });
-    }
-}
+pub use kubelet_node::{KubeletNode, StreamingPath, TIMEOUT};
 
 /// Starts a node whose kubelet API listens on `listener` (bound to the node's address) and
-/// waits until it is Ready. Set `UPDRAFT_TEST_LOG` (a tracing filter) to see what it does.
+/// waits until it is Ready; kubectl's streams reach it translated to SPDY.
 pub async fn start_node(cluster: &TestCluster, listener: tokio::net::TcpListener) -> KubeletNode {
     start_node_with(cluster, listener, StreamingConfig::default()).await
 }
@@ -63,102 +29,34 @@ pub async fn start_node_with(
     listener: tokio::net::TcpListener,
     streaming: StreamingConfig,
 ) -> KubeletNode {
-    start_node_declaring(cluster, listener, streaming, false).await
-}
-
-/// [`start_node_with`], the Node declaring `ExtendWebSocketsToKubelet` if `websockets` (the
-/// API server then passes kubectl's WebSocket through instead of unwrapping its SPDY tunnel,
-/// which it does for the other tests).
-pub async fn start_node_declaring(
-    cluster: &TestCluster,
-    listener: tokio::net::TcpListener,
-    streaming: StreamingConfig,
-    websockets: bool,
-) -> KubeletNode {
-    if let Ok(filter) = std::env::var("UPDRAFT_TEST_LOG") {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_test_writer()
-            .try_init();
-    }
-    let name = unique_name("pf-node");
-    let local = listener.local_addr().expect("listener address");
-    let ca = CertificateAuthority::load(&cluster.layout().pki()).expect("the cluster CA");
-    let serving = ca
-        .issue(&Identity {
-            common_name: name.clone(),
-            dns_names: vec![name.clone()],
-            ip_addresses: vec![local.ip()],
-            server: true,
-            ..Identity::default()
-        })
-        .expect("a serving certificate");
-    let serving =
-        ServingCertificate::from_pem(serving.cert_pem.as_bytes(), serving.key_pem.as_bytes())
-            .expect("serving certificate");
-    let tls = server_config(serving, Some(ca.cert_pem().as_bytes())).expect("TLS config");
-    let client = cluster.node_client(&name).await;
-    let provider = MockProvider::new(MockConfig::default());
-    let auth = Arc::new(Auth::new(client.clone(), AuthConfig::new(&name)));
-    let mut config = NodeConfig::new(&name, "mock");
-    config.internal_ip = local.ip().to_string();
-    config.kubelet_port = local.port();
-    if !websockets {
-        config.declared_features.clear();
-    }
-    let metrics = StreamingMetrics::default();
-    let node = VirtualNode::new(client.clone(), config, Arc::new(provider.clone()));
-    let app = protect(
-        metrics.count_sessions_of(routes_with(
-            KubeletState {
-                provider: Arc::new(provider.clone()),
-                client: client.clone(),
-                node_name: name.clone(),
-                metrics: Arc::new(String::new),
-            },
-            KubeletOptions {
-                pods: PodLookup::Cache(node.pods()),
-                streaming,
-            },
-        )),
-        auth,
-    );
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let until_stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
-    tokio::spawn(serve(listener, tls, app, until_stopped(stopped.clone())));
-    tokio::spawn(node.run(until_stopped(stopped)));
-    wait_for(
-        &Api::<Node>::all(cluster.client()),
-        &name,
-        "the node to be Ready",
-        TIMEOUT,
-        |n| {
-            n.status
-                .as_ref()
-                .and_then(|s| s.conditions.as_ref())
-                .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-        },
+    kubelet_node::start_node(
+        cluster,
+        "pf-node",
+        listener,
+        StreamingPath::TranslatedToSpdy,
+        streaming,
     )
-    .await;
-    KubeletNode {
-        name,
-        provider,
-        address: local.ip(),
-        port: local.port(),
-        ca_pem: ca.cert_pem().to_owned(),
-        metrics,
-        stop: Some(stop),
-    }
+    .await
 }
 
-/// A node whose kubelet API listens on a free loopback port.
+/// A node whose kubelet API listens on a free loopback port (reached translated to SPDY).
 pub async fn start_loopback_node(cluster: &TestCluster) -> KubeletNode {
+    start_loopback_node_on(cluster, StreamingPath::TranslatedToSpdy).await
+}
+
+/// A node whose kubelet API listens on a free loopback port, reached on `path`.
+pub async fn start_loopback_node_on(cluster: &TestCluster, path: StreamingPath) -> KubeletNode {
     let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .await
         .expect("a loopback port");
-    start_node(cluster, listener).await
+    kubelet_node::start_node(
+        cluster,
+        "pf-node",
+        listener,
+        path,
+        StreamingConfig::default(),
+    )
+    .await
 }
 
 /// Creates pod `name` on `node` (with `containers` as JSON) and waits until it runs.

@@ -2,152 +2,45 @@
 //! (`mock.updraft.dev/run: "true"`), for the logs/exec/attach tests with real kubectl.
 #![allow(dead_code)] // each test binary uses a different part
 
+#[path = "../kubelet_node/mod.rs"]
+mod kubelet_node;
+
 use std::net::Ipv4Addr;
 use std::process::Output;
-use std::sync::Arc;
-use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Node, Pod};
-use kube::api::{Api, DeleteParams, PostParams};
-use updraft_devcluster::pki::{CertificateAuthority, Identity};
-use updraft_kubelet_api::auth::{Auth, AuthConfig};
-use updraft_kubelet_api::routes::{KubeletOptions, KubeletState, PodLookup, routes_with};
-use updraft_kubelet_api::server::{protect, serve};
-use updraft_kubelet_api::streaming::{StreamingConfig, StreamingMetrics};
-use updraft_kubelet_api::tls::{ServingCertificate, server_config};
-use updraft_node::{NodeConfig, VirtualNode};
-use updraft_provider_mock::{MockConfig, MockProvider};
-use updraft_testing::{TestCluster, unique_name, wait_for};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, PostParams};
+use updraft_kubelet_api::streaming::StreamingConfig;
+use updraft_testing::{TestCluster, wait_for};
 
-/// Generous: the control plane shares two cores with the test build.
-pub const TIMEOUT: Duration = Duration::from_secs(120);
+pub use kubelet_node::{KubeletNode as Kubelet, StreamingPath, TIMEOUT};
 
-/// A running node and kubelet port; stopped, its Node deleted and its scratch directory
-/// removed when dropped.
-pub struct Kubelet {
-    pub name: String,
-    pub port: u16,
-    pub ca_pem: String,
-    /// The sessions its kubelet API accepted, by endpoint, transport and subprotocol.
-    pub metrics: StreamingMetrics,
-    pub scratch: tempfile::TempDir,
-    stop: Option<tokio::sync::watch::Sender<bool>>,
-}
-
-impl Drop for Kubelet {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(true);
-        }
-        let name = self.name.clone();
-        updraft_testing::cleanup_as_admin(move |client| async move {
-            let _ = Api::<Node>::all(client)
-                .delete(&name, &DeleteParams::default())
-                .await;
-        });
-    }
-}
-
-/// Starts a node on 127.0.0.1 with its kubelet API and waits until it is Ready.
+/// Starts a node on 127.0.0.1 with its kubelet API and waits until it is Ready; kubectl's
+/// streams reach it translated to SPDY (the passthrough path has tests of its own).
 pub async fn start(cluster: &TestCluster) -> Kubelet {
     start_with(cluster, StreamingConfig::default()).await
 }
 
 /// [`start`] with the given streaming timeouts.
 pub async fn start_with(cluster: &TestCluster, streaming: StreamingConfig) -> Kubelet {
-    start_declaring(cluster, streaming, false).await
+    start_on_with(cluster, StreamingPath::TranslatedToSpdy, streaming).await
 }
 
-/// [`start_with`], the Node declaring `ExtendWebSocketsToKubelet` if `websockets` (the API
-/// server then passes kubectl's WebSockets through instead of translating them to SPDY, which
-/// it does for the other tests).
-pub async fn start_declaring(
+/// [`start`], kubectl's streams reaching the node on `path`.
+pub async fn start_on(cluster: &TestCluster, path: StreamingPath) -> Kubelet {
+    start_on_with(cluster, path, StreamingConfig::default()).await
+}
+
+/// [`start_on`] with the given streaming timeouts.
+pub async fn start_on_with(
     cluster: &TestCluster,
+    path: StreamingPath,
     streaming: StreamingConfig,
-    websockets: bool,
 ) -> Kubelet {
-    if let Ok(filter) = std::env::var("UPDRAFT_TEST_LOG") {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_test_writer()
-            .try_init();
-    }
-    let name = unique_name("rc-node");
     let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .await
-        .unwrap();
-    let local = listener.local_addr().unwrap();
-    let ca = CertificateAuthority::load(&cluster.layout().pki()).unwrap();
-    let serving = ca
-        .issue(&Identity {
-            common_name: name.clone(),
-            dns_names: vec![name.clone()],
-            ip_addresses: vec![local.ip()],
-            server: true,
-            ..Identity::default()
-        })
-        .unwrap();
-    let serving =
-        ServingCertificate::from_pem(serving.cert_pem.as_bytes(), serving.key_pem.as_bytes())
-            .unwrap();
-    let tls = server_config(serving, Some(ca.cert_pem().as_bytes())).unwrap();
-    let client = cluster.node_client(&name).await;
-    let scratch = tempfile::tempdir().unwrap();
-    let provider = MockProvider::new(MockConfig {
-        scratch_dir: scratch.path().to_owned(),
-        ..MockConfig::default()
-    });
-    let auth = Arc::new(Auth::new(client.clone(), AuthConfig::new(&name)));
-    let mut config = NodeConfig::new(&name, "mock");
-    config.internal_ip = local.ip().to_string();
-    config.kubelet_port = local.port();
-    if !websockets {
-        config.declared_features.clear();
-    }
-    let metrics = StreamingMetrics::default();
-    let node = VirtualNode::new(client.clone(), config, Arc::new(provider.clone()));
-    let app = protect(
-        metrics.count_sessions_of(routes_with(
-            KubeletState {
-                provider: Arc::new(provider.clone()),
-                client: client.clone(),
-                node_name: name.clone(),
-                metrics: Arc::new(String::new),
-            },
-            KubeletOptions {
-                pods: PodLookup::Cache(node.pods()),
-                streaming,
-            },
-        )),
-        auth,
-    );
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let until_stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
-    tokio::spawn(serve(listener, tls, app, until_stopped(stopped.clone())));
-    tokio::spawn(node.run(until_stopped(stopped)));
-    wait_for(
-        &Api::<Node>::all(cluster.client()),
-        &name,
-        "the node to be Ready",
-        TIMEOUT,
-        |n| {
-            n.status
-                .as_ref()
-                .and_then(|s| s.conditions.as_ref())
-                .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-        },
-    )
-    .await;
-    Kubelet {
-        name,
-        port: local.port(),
-        ca_pem: ca.cert_pem().to_owned(),
-        metrics,
-        scratch,
-        stop: Some(stop),
-    }
+        .expect("a loopback port");
+    kubelet_node::start_node(cluster, "rc-node", listener, path, streaming).await
 }
 
 /// Creates a pod on `node` whose containers (JSON) run as real processes, and waits until
