@@ -2,7 +2,8 @@
 //! credentials): start, tags (within EC2's limits, on the instance and its volume), describe,
 //! terminate, spot and its on-demand fallback, the managed and extra security groups, the pod's
 //! secondary private IP, user data and its size limit, listing for garbage collection, restart
-//! recovery (a repeated start launches nothing), and errors that name the bad setting.
+//! recovery (a repeated start launches nothing), standby cells taken by one pod, and errors
+//! that name the bad setting.
 //!
 //! Where moto grants what EC2 may refuse (spot capacity, addresses), a loopback proxy in front
 //! of it answers with EC2's error instead.
@@ -13,7 +14,7 @@ use std::collections::BTreeMap;
 use base64::Engine;
 use updraft_cells_aws::moto::MotoServer;
 use updraft_cells_aws::{
-    AwsBackend, AwsConfig, BootImage, MAX_POD_LABELS, TAG_CONTROLLER_ID, TAG_POD_UID,
+    AwsBackend, AwsConfig, BootImage, MAX_POD_LABELS, TAG_CONTROLLER_ID, TAG_POD_UID, TAG_STANDBY,
 };
 use updraft_cells_backend::cloud_init::{
     Bootstrap, BootstrapFile, CloudConfig, EC2_USER_DATA_LIMIT, UserData,
@@ -1129,4 +1130,67 @@ async fn a_repeated_start_finds_its_cell_instead_of_launching_another() {
         .map(|cell| cell.id)
         .collect();
     assert_eq!(live, [replacement.id]);
+}
+
+#[tokio::test]
+async fn a_standby_cell_is_assigned_to_one_pod_only() {
+    let ec2 = ec2().await;
+    let backend = backend(&ec2.moto, config(&ec2, "ctl")).await;
+    let standby = CellSpec {
+        name: "updraft-standby".into(),
+        identity: CellIdentity::standby("ctl", "burst"),
+        idempotency_token: "standby-1-0".into(),
+        ..spec("ctl", "unused", LaunchType::OnDemand)
+    };
+    let started = backend.start(&standby).await.expect("standby start");
+    let listed = backend.list("ctl").await.expect("list");
+    assert_eq!(listed.len(), 1);
+    assert!(
+        listed[0]
+            .identity
+            .as_ref()
+            .is_some_and(CellIdentity::is_standby),
+        "{:?}",
+        listed[0].identity
+    );
+
+    // A pod takes it: the tags name the pod, the standby tag is gone, a restarted Updraft's
+    // listing says so; taking it again for the same pod is fine.
+    let web = spec("ctl", "web-1", LaunchType::OnDemand);
+    backend
+        .assign(&started.id, &web.name, &web.identity)
+        .await
+        .expect("assign");
+    let restarted = self::backend(&ec2.moto, config(&ec2, "ctl")).await;
+    let cell = restarted.describe(&started.id).await.expect("describe");
+    assert_eq!(cell.identity.as_ref(), Some(&web.identity));
+    assert_eq!(cell.name, "burst-default-web-1");
+    assert!(!cell.tags.contains_key(TAG_STANDBY), "{:?}", cell.tags);
+    restarted
+        .assign(&started.id, &web.name, &web.identity)
+        .await
+        .expect("assign again to the same pod");
+
+    // Another pod cannot take it, nor can another controller.
+    let other = spec("ctl", "web-2", LaunchType::OnDemand);
+    let error = restarted
+        .assign(&started.id, &other.name, &other.identity)
+        .await
+        .expect_err("already taken");
+    let message = error.to_string();
+    assert!(
+        message.contains("not a standby cell") && message.contains("default/web-1"),
+        "{message}"
+    );
+    let foreign = spec("ctl-b", "web-3", LaunchType::OnDemand);
+    let error = restarted
+        .assign(&started.id, &foreign.name, &foreign.identity)
+        .await
+        .expect_err("another controller's cell");
+    assert!(
+        matches!(error, BackendError::InvalidRequest { .. }),
+        "{error:?}"
+    );
+    let cell = restarted.describe(&started.id).await.expect("describe");
+    assert_eq!(cell.identity.as_ref(), Some(&web.identity), "unchanged");
 }
