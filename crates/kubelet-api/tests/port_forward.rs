@@ -10,6 +10,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: a panic is a failure report
 
 #[path = "port_forward_support/mod.rs"]
+#[macro_use]
 mod support;
 
 use std::time::Duration;
@@ -65,15 +66,12 @@ async fn within<T>(what: &str, future: impl std::future::Future<Output = T>) -> 
         .unwrap_or_else(|_| panic!("{what}: no result within {TIMEOUT:?}"))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn several_concurrent_connections_each_get_their_own_answer_translated_to_spdy() {
-    several_concurrent_connections_each_get_their_own_answer(StreamingPath::TranslatedToSpdy).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn several_concurrent_connections_each_get_their_own_answer_passed_through() {
-    several_concurrent_connections_each_get_their_own_answer(StreamingPath::Passthrough).await;
-}
+test_on_both_paths!(
+    several_concurrent_connections_each_get_their_own_answer,
+    several_concurrent_connections_each_get_their_own_answer,
+    flavor = "multi_thread",
+    worker_threads = 4
+);
 
 async fn several_concurrent_connections_each_get_their_own_answer(path: StreamingPath) {
     let cluster = TestCluster::connect().await;
@@ -211,19 +209,12 @@ async fn a_100_mib_download_and_upload_keep_their_sha256() {
     assert_eq!(answer, expected, "kubectl stderr:\n{}", upload.stderr());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_connection_to_a_closed_port_is_reported_as_an_error_not_a_hang_translated_to_spdy() {
-    a_connection_to_a_closed_port_is_reported_as_an_error_not_a_hang(
-        StreamingPath::TranslatedToSpdy,
-    )
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_connection_to_a_closed_port_is_reported_as_an_error_not_a_hang_passed_through() {
-    a_connection_to_a_closed_port_is_reported_as_an_error_not_a_hang(StreamingPath::Passthrough)
-        .await;
-}
+test_on_both_paths!(
+    a_connection_to_a_closed_port_is_reported_as_an_error_not_a_hang,
+    a_connection_to_a_closed_port_is_reported_as_an_error_not_a_hang,
+    flavor = "multi_thread",
+    worker_threads = 4
+);
 
 async fn a_connection_to_a_closed_port_is_reported_as_an_error_not_a_hang(path: StreamingPath) {
     let cluster = TestCluster::connect().await;

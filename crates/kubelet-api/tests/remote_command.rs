@@ -5,6 +5,7 @@
 //! `/metrics` that its sessions took that path.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: a panic is a failure report
 
+#[macro_use]
 mod remote_command_support;
 
 use std::io::{Read as _, Write as _};
@@ -286,15 +287,10 @@ async fn idle_pod(cluster: &TestCluster, namespace: &str, node: &str, name: &str
     .await;
 }
 
-#[tokio::test]
-async fn kubectl_exec_reports_exit_codes_and_pipes_10_mib_through_cat_translated_to_spdy() {
-    exec_reports_exit_codes_and_pipes_10_mib_through_cat(StreamingPath::TranslatedToSpdy).await;
-}
-
-#[tokio::test]
-async fn kubectl_exec_reports_exit_codes_and_pipes_10_mib_through_cat_passed_through() {
-    exec_reports_exit_codes_and_pipes_10_mib_through_cat(StreamingPath::Passthrough).await;
-}
+test_on_both_paths!(
+    kubectl_exec_reports_exit_codes_and_pipes_10_mib_through_cat,
+    exec_reports_exit_codes_and_pipes_10_mib_through_cat
+);
 
 async fn exec_reports_exit_codes_and_pipes_10_mib_through_cat(path: StreamingPath) {
     let cluster = TestCluster::connect().await;
@@ -413,15 +409,12 @@ async fn exec_reports_exit_codes_and_pipes_10_mib_through_cat(path: StreamingPat
 }
 
 // The terminal is driven with blocking reads: other threads must serve the kubelet port.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kubectl_exec_it_gets_a_terminal_that_follows_resizes_translated_to_spdy() {
-    exec_it_gets_a_terminal_that_follows_resizes(StreamingPath::TranslatedToSpdy).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kubectl_exec_it_gets_a_terminal_that_follows_resizes_passed_through() {
-    exec_it_gets_a_terminal_that_follows_resizes(StreamingPath::Passthrough).await;
-}
+test_on_both_paths!(
+    kubectl_exec_it_gets_a_terminal_that_follows_resizes,
+    exec_it_gets_a_terminal_that_follows_resizes,
+    flavor = "multi_thread",
+    worker_threads = 2
+);
 
 async fn exec_it_gets_a_terminal_that_follows_resizes(path: StreamingPath) {
     let cluster = TestCluster::connect().await;
@@ -507,15 +500,10 @@ async fn exec_it_gets_a_terminal_that_follows_resizes(path: StreamingPath) {
         .await;
 }
 
-#[tokio::test]
-async fn kubectl_attach_reaches_the_main_process_translated_to_spdy() {
-    attach_reaches_the_main_process(StreamingPath::TranslatedToSpdy).await;
-}
-
-#[tokio::test]
-async fn kubectl_attach_reaches_the_main_process_passed_through() {
-    attach_reaches_the_main_process(StreamingPath::Passthrough).await;
-}
+test_on_both_paths!(
+    kubectl_attach_reaches_the_main_process,
+    attach_reaches_the_main_process
+);
 
 async fn attach_reaches_the_main_process(path: StreamingPath) {
     let cluster = TestCluster::connect().await;
@@ -627,15 +615,7 @@ async fn kubectl_exec_over_spdy_end_to_end() {
         .await;
 }
 
-#[tokio::test]
-async fn kubectl_cp_copies_both_ways_translated_to_spdy() {
-    cp_copies_both_ways(StreamingPath::TranslatedToSpdy).await;
-}
-
-#[tokio::test]
-async fn kubectl_cp_copies_both_ways_passed_through() {
-    cp_copies_both_ways(StreamingPath::Passthrough).await;
-}
+test_on_both_paths!(kubectl_cp_copies_both_ways, cp_copies_both_ways);
 
 /// `kubectl cp` is tar over exec, in both directions.
 async fn cp_copies_both_ways(path: StreamingPath) {

@@ -48,6 +48,27 @@ impl StreamingPath {
     }
 }
 
+/// Defines module `$name` with one `#[tokio::test]` per [`StreamingPath`], `passed_through`
+/// and `translated_to_spdy`, each running the scenario `$scenario(path)` (a function of the
+/// calling test file, which imports `StreamingPath`); what follows the scenario goes into
+/// `#[tokio::test(…)]` (e.g. `flavor = "multi_thread", worker_threads = 2`).
+#[allow(unused_macros)] // not every test binary has scenarios of both paths
+macro_rules! test_on_both_paths {
+    ($name:ident, $scenario:ident $(, $($runtime:tt)+)?) => {
+        mod $name {
+            #[tokio::test$(($($runtime)+))?]
+            async fn passed_through() {
+                super::$scenario(super::StreamingPath::Passthrough).await;
+            }
+
+            #[tokio::test$(($($runtime)+))?]
+            async fn translated_to_spdy() {
+                super::$scenario(super::StreamingPath::TranslatedToSpdy).await;
+            }
+        }
+    };
+}
+
 /// A running virtual node and kubelet port; both stop, the Node is deleted and the scratch
 /// directory removed when dropped.
 pub struct KubeletNode {

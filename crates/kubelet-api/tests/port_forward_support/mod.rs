@@ -3,6 +3,7 @@
 #![allow(dead_code)] // each test binary uses a different part
 
 #[path = "../kubelet_node/mod.rs"]
+#[macro_use]
 mod kubelet_node;
 
 use std::net::Ipv4Addr;
