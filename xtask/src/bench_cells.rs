@@ -198,6 +198,19 @@ fn peak_rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// The host's load averages (1, 5, 15 min) as `/proc/loadavg` has them: the machine is shared,
+/// and the numbers mean something only next to the load they were taken at.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|text| {
+            text.split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_else(|e| format!("unknown ({e})"))
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -440,6 +453,7 @@ async fn measure(
         if bench.standby > 0 {
             wait_pool(backend, bench.standby).await?;
         }
+        let load_at_start = load_average();
         let single = round(&pods, "single", 1).await?;
         pods.delete("single-0", &DeleteParams::default()).await?;
         wait_drained(&client, backend).await?;
@@ -448,7 +462,9 @@ async fn measure(
         }
         let available_before = mem_available_kib();
         let cells_before = cells_memory_bytes().unwrap_or(0);
+        let load_before_burst = load_average();
         let burst = round(&pods, "burst", bench.count).await?;
+        let load_after_burst = load_average();
         let available_after = mem_available_kib();
         let cells_after = cells_memory_bytes().unwrap_or(0);
         let (with_pod, idle) = live_cells(backend)?;
@@ -466,6 +482,9 @@ async fn measure(
             available_after as f64 / 1024.0,
             available_before.saturating_sub(available_after) as f64 / 1024.0 / bench.count as f64,
             peak_rss_kib(pid) as f64 / 1024.0,
+        );
+        println!(
+            "load average (1/5/15 min): {load_at_start} before the 1-pod round, {load_before_burst} before the burst, {load_after_burst} with every burst pod Ready"
         );
         anyhow::Ok(())
     }
