@@ -3,7 +3,8 @@
 //! Real components, not fakes: etcd, kube-apiserver, kube-controller-manager and
 //! kube-scheduler built with the Go toolchain from their Go modules at pinned versions,
 //! cached per machine, started on 127.0.0.1 with a generated PKI, RBAC, the Node
-//! authorizer and the `NodeRestriction` admission plugin.
+//! authorizer, the `NodeRestriction` admission plugin and the aggregation layer's front proxy
+//! (so that extension API servers such as metrics-server can serve APIServices).
 //!
 //! The crate has three layers, each usable on its own:
 //! - [`toolchain`]: builds (once per machine) and locates the pinned binaries and kubectl;

@@ -1,9 +1,10 @@
-//! The cluster's certificate authority and the certificates issued from it.
+//! The cluster's certificate authorities and the certificates issued from them.
 //!
-//! One CA signs everything (API server serving cert, etcd, every client identity) and is also
-//! what the controller manager signs CertificateSigningRequests with, so a kubelet-serving
-//! certificate that Updraft requests through the API verifies against the same CA that the
-//! API server trusts for kubelets.
+//! One CA signs nearly everything (API server serving cert, etcd, every client identity) and
+//! is also what the controller manager signs CertificateSigningRequests with, so a
+//! kubelet-serving certificate that Updraft requests through the API verifies against the same
+//! CA that the API server trusts for kubelets. The exception is the front proxy's client
+//! certificate, from a CA of its own ([`FRONT_PROXY_CA`]).
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
