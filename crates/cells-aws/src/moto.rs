@@ -4,12 +4,18 @@
 //! `~/.cache/updraft`), once per machine, like the devcluster's kubectl; [`MotoServer::start`]
 //! runs one on `127.0.0.1:<free port>` and stops it on drop. Only `std` is used so that
 //! `cargo xtask deps` can call the same steps.
+//!
+//! [`Ec2Proxy`] sits in front of moto where moto grants what EC2 may refuse (spot capacity,
+//! private addresses): it answers the requests a test picks with EC2's error and records every
+//! request, so tests can also check what EC2 would have been asked.
 
 use std::fs::File;
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 /// The moto release the tests are written against.
@@ -233,4 +239,149 @@ impl Drop for MotoServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// What an [`Ec2Proxy`] answers instead of moto: EC2's error code and message.
+pub type Refusal = (&'static str, &'static str);
+
+/// A loopback HTTP/1.1 proxy in front of moto that records every request body (EC2's query
+/// protocol: `Action=RunInstances&…`) and answers those its rule picks with an EC2 error (HTTP
+/// 400 and EC2's XML); everything else is forwarded. Stopped when dropped.
+#[derive(Debug)]
+pub struct Ec2Proxy {
+    address: SocketAddr,
+    requests: Arc<Mutex<Vec<String>>>,
+    stopped: Arc<AtomicBool>,
+}
+
+impl Ec2Proxy {
+    /// Starts a proxy to `upstream` (`http://127.0.0.1:<port>`, see [`MotoServer::endpoint`])
+    /// that refuses the requests for which `refuse` returns an error.
+    pub fn start(
+        upstream: &str,
+        refuse: fn(&str) -> Option<Refusal>,
+    ) -> Result<Ec2Proxy, MotoError> {
+        let listener = TcpListener::bind("127.0.0.1:0").map_err(io("binding the EC2 proxy"))?;
+        let address = listener.local_addr().map_err(io("binding the EC2 proxy"))?;
+        let upstream = upstream.trim_start_matches("http://").to_string();
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let stopped = Arc::new(AtomicBool::new(false));
+        let (recorded, stop) = (requests.clone(), stopped.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                if stop.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(client) = client else { continue };
+                let (upstream, recorded) = (upstream.clone(), recorded.clone());
+                std::thread::spawn(move || {
+                    let _ = proxy_connection(client, &upstream, &recorded, refuse);
+                });
+            }
+        });
+        Ok(Ec2Proxy {
+            address,
+            requests,
+            stopped,
+        })
+    }
+
+    /// `http://127.0.0.1:<port>`: the SDK's endpoint URL.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.address)
+    }
+
+    /// The bodies of the requests for `action` (e.g. `RunInstances`) seen so far, in order.
+    pub fn requests(&self, action: &str) -> Vec<String> {
+        let needle = format!("Action={action}&");
+        self.requests
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .filter(|body| body.starts_with(&needle) || body.contains(&format!("&{needle}")))
+            .cloned()
+            .collect()
+    }
+}
+
+impl Drop for Ec2Proxy {
+    fn drop(&mut self) {
+        self.stopped.store(true, Ordering::SeqCst);
+        // Wakes the accept loop so that it sees the flag.
+        let _ = TcpStream::connect(self.address);
+    }
+}
+
+/// Refuses every spot `RunInstances` as EC2 does when it has no spot capacity.
+pub fn no_spot_capacity(body: &str) -> Option<Refusal> {
+    (body.contains("Action=RunInstances") && body.contains("InstanceMarketOptions.MarketType=spot"))
+        .then_some((
+            "InsufficientInstanceCapacity",
+            "There is no Spot capacity available that matches your request.",
+        ))
+}
+
+/// Serves one client connection (keep-alive: request after request).
+fn proxy_connection(
+    client: TcpStream,
+    upstream: &str,
+    recorded: &Mutex<Vec<String>>,
+    refuse: fn(&str) -> Option<Refusal>,
+) -> std::io::Result<()> {
+    let mut writer = client.try_clone()?;
+    let mut reader = BufReader::new(client);
+    while let Some((head, body)) = read_message(&mut reader)? {
+        let text = String::from_utf8_lossy(&body).into_owned();
+        recorded
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(text.clone());
+        if let Some((code, message)) = refuse(&text) {
+            let xml = format!(
+                "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response><Errors><Error><Code>{code}</Code><Message>{message}</Message></Error></Errors><RequestID>updraft-ec2-proxy</RequestID></Response>"
+            );
+            write!(
+                writer,
+                "HTTP/1.1 400 Bad Request\r\nContent-Type: text/xml\r\nContent-Length: {}\r\n\r\n{xml}",
+                xml.len()
+            )?;
+            continue;
+        }
+        let server = TcpStream::connect(upstream)?;
+        let mut server_writer = server.try_clone()?;
+        server_writer.write_all(&head)?;
+        server_writer.write_all(&body)?;
+        let mut server_reader = BufReader::new(server);
+        let Some((head, body)) = read_message(&mut server_reader)? else {
+            return Ok(());
+        };
+        writer.write_all(&head)?;
+        writer.write_all(&body)?;
+    }
+    Ok(())
+}
+
+/// One HTTP/1.1 message with a `Content-Length` body (what the SDK and moto send); `None` at
+/// the end of the stream.
+fn read_message(reader: &mut BufReader<TcpStream>) -> std::io::Result<Option<(Vec<u8>, Vec<u8>)>> {
+    let mut head = Vec::new();
+    loop {
+        let mut line = Vec::new();
+        if reader.read_until(b'\n', &mut line)? == 0 {
+            return Ok(None);
+        }
+        head.extend_from_slice(&line);
+        if line == b"\r\n" {
+            break;
+        }
+    }
+    let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    let length = text
+        .lines()
+        .find_map(|line| line.strip_prefix("content-length:"))
+        .and_then(|value| value.trim().parse::<usize>().ok())
+        .unwrap_or(0);
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body)?;
+    Ok(Some((head, body)))
 }

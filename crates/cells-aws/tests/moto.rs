@@ -5,14 +5,14 @@
 //! recovery (a repeated start launches nothing), standby cells taken by one pod, and errors
 //! that name the bad setting.
 //!
-//! Where moto grants what EC2 may refuse (spot capacity, addresses), a loopback proxy in front
-//! of it answers with EC2's error instead.
+//! Where moto grants what EC2 may refuse (spot capacity, addresses), the loopback
+//! [`Ec2Proxy`] in front of it answers with EC2's error instead.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: a panic is a failure report
 
 use std::collections::BTreeMap;
 
 use base64::Engine;
-use updraft_cells_aws::moto::MotoServer;
+use updraft_cells_aws::moto::{Ec2Proxy, MotoServer, Refusal, no_spot_capacity};
 use updraft_cells_aws::{
     AwsBackend, AwsConfig, BootImage, MAX_POD_LABELS, TAG_CONTROLLER_ID, TAG_POD_UID, TAG_STANDBY,
 };
@@ -590,127 +590,12 @@ async fn errors_are_clear_and_typed() {
     assert_eq!(backend.list("ctl").await.expect("list"), Vec::new());
 }
 
-/// What the proxy answers instead of moto: EC2's error code and message.
-type Refusal = (&'static str, &'static str);
-
-/// A loopback proxy in front of moto that records every request body (EC2's query protocol:
-/// `Action=RunInstances&…`) and answers those `refuse` picks with an EC2 error, the way EC2
-/// refuses what moto always grants (spot capacity, addresses). Everything else is forwarded.
-struct Ec2Proxy {
-    endpoint: String,
-    requests: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
-}
-
-impl Ec2Proxy {
-    fn start(moto_endpoint: String, refuse: fn(&str) -> Option<Refusal>) -> Ec2Proxy {
-        use std::io::{BufRead, BufReader, Read, Write};
-        use std::net::{TcpListener, TcpStream};
-
-        fn read_message(reader: &mut BufReader<TcpStream>) -> Option<(Vec<u8>, Vec<u8>)> {
-            let mut head = Vec::new();
-            loop {
-                let mut line = Vec::new();
-                if reader.read_until(b'\n', &mut line).ok()? == 0 {
-                    return None;
-                }
-                head.extend_from_slice(&line);
-                if line == b"\r\n" {
-                    break;
-                }
-            }
-            let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
-            let length = text
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .and_then(|v| v.trim().parse::<usize>().ok())
-                .unwrap_or(0);
-            let mut body = vec![0; length];
-            reader.read_exact(&mut body).ok()?;
-            Some((head, body))
-        }
-
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
-        let address = listener.local_addr().expect("proxy address");
-        let upstream = moto_endpoint.trim_start_matches("http://").to_string();
-        let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let recorded = requests.clone();
-        std::thread::spawn(move || {
-            for client in listener.incoming().flatten() {
-                let upstream = upstream.clone();
-                let recorded = recorded.clone();
-                std::thread::spawn(move || {
-                    let mut writer = client.try_clone().expect("clone");
-                    let mut reader = BufReader::new(client);
-                    while let Some((head, body)) = read_message(&mut reader) {
-                        let text = String::from_utf8_lossy(&body).into_owned();
-                        recorded.lock().expect("requests").push(text.clone());
-                        if let Some((code, message)) = refuse(&text) {
-                            let xml = format!(
-                                "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response><Errors><Error><Code>{code}</Code><Message>{message}</Message></Error></Errors><RequestID>proxy</RequestID></Response>"
-                            );
-                            let response = format!(
-                                "HTTP/1.1 400 Bad Request\r\nContent-Type: text/xml\r\nContent-Length: {}\r\n\r\n{xml}",
-                                xml.len()
-                            );
-                            if writer.write_all(response.as_bytes()).is_err() {
-                                return;
-                            }
-                            continue;
-                        }
-                        let Ok(server) = TcpStream::connect(&upstream) else {
-                            return;
-                        };
-                        let mut server_writer = server.try_clone().expect("clone");
-                        if server_writer.write_all(&head).is_err()
-                            || server_writer.write_all(&body).is_err()
-                        {
-                            return;
-                        }
-                        let mut server_reader = BufReader::new(server);
-                        let Some((head, body)) = read_message(&mut server_reader) else {
-                            return;
-                        };
-                        if writer.write_all(&head).is_err() || writer.write_all(&body).is_err() {
-                            return;
-                        }
-                    }
-                });
-            }
-        });
-        Ec2Proxy {
-            endpoint: format!("http://{address}"),
-            requests,
-        }
-    }
-
-    /// The bodies of the requests of `action` seen so far.
-    fn requests(&self, action: &str) -> Vec<String> {
-        let needle = format!("Action={action}&");
-        self.requests
-            .lock()
-            .expect("requests")
-            .iter()
-            .filter(|body| body.starts_with(&needle) || body.contains(&format!("&{needle}")))
-            .cloned()
-            .collect()
-    }
-}
-
-/// Refuses every spot `RunInstances` as EC2 does when it has no spot capacity.
-fn no_spot_capacity(body: &str) -> Option<Refusal> {
-    (body.contains("Action=RunInstances") && body.contains("InstanceMarketOptions.MarketType=spot"))
-        .then_some((
-            "InsufficientInstanceCapacity",
-            "There is no Spot capacity available that matches your request.",
-        ))
-}
-
 #[tokio::test]
 async fn refused_spot_falls_back_to_on_demand_when_configured() {
     let ec2 = ec2().await;
-    let proxy = Ec2Proxy::start(ec2.moto.endpoint(), no_spot_capacity);
+    let proxy = Ec2Proxy::start(&ec2.moto.endpoint(), no_spot_capacity).expect("proxy");
     let through_proxy = |fallback| AwsConfig {
-        endpoint_url: Some(proxy.endpoint.clone()),
+        endpoint_url: Some(proxy.endpoint()),
         spot_fallback_to_on_demand: fallback,
         ..config(&ec2, "ctl")
     };
@@ -910,10 +795,10 @@ async fn tags_name_the_pod_within_ec2s_limits() {
 #[tokio::test]
 async fn the_pod_gets_one_secondary_private_ip_on_the_primary_interface() {
     let ec2 = ec2().await;
-    let proxy = Ec2Proxy::start(ec2.moto.endpoint(), |_| None);
+    let proxy = Ec2Proxy::start(&ec2.moto.endpoint(), |_| None).expect("proxy");
     let backend = AwsBackend::with_credentials(
         AwsConfig {
-            endpoint_url: Some(proxy.endpoint.clone()),
+            endpoint_url: Some(proxy.endpoint()),
             ..config(&ec2, "ctl")
         },
         "testing",
@@ -987,10 +872,10 @@ fn no_more_addresses(body: &str) -> Option<Refusal> {
 #[tokio::test]
 async fn a_cell_without_its_pod_address_is_not_left_running() {
     let ec2 = ec2().await;
-    let proxy = Ec2Proxy::start(ec2.moto.endpoint(), no_more_addresses);
+    let proxy = Ec2Proxy::start(&ec2.moto.endpoint(), no_more_addresses).expect("proxy");
     let backend = AwsBackend::with_credentials(
         AwsConfig {
-            endpoint_url: Some(proxy.endpoint.clone()),
+            endpoint_url: Some(proxy.endpoint()),
             ..config(&ec2, "ctl")
         },
         "testing",

@@ -11,8 +11,10 @@
 //! 127.42.0.0/16 so that the agent's address is on loopback: the provider's probes reach
 //! nothing but this host (where nothing listens on the agent port).
 //!
-//! A second test: an operator's cloud-init too large for EC2's user data limit, and a subnet
-//! that does not exist, fail the pod with the sizes or the setting named, and start nothing.
+//! More tests: an operator's cloud-init too large for EC2's user data limit, and a subnet that
+//! does not exist, fail the pod with the sizes or the setting named, and start nothing; a spot
+//! pod without spot capacity (a proxy in front of moto refuses it as EC2 does) gets an
+//! on-demand instance when `spotFallbackToOnDemand` is set, and the pod says so.
 //!
 //! Needs the control plane (`cargo xtask cluster up`) and python3-venv (moto is installed
 //! from PyPI into the Updraft cache on first use).
@@ -24,7 +26,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, PostParams};
-use updraft_cells_aws::moto::MotoServer;
+use updraft_cells_aws::moto::{Ec2Proxy, MotoServer, no_spot_capacity};
 use updraft_cells_aws::{AwsBackend, AwsConfig, BootImage};
 use updraft_cells_backend::cloud_init::{EC2_USER_DATA_LIMIT, UserData};
 use updraft_cells_backend::{Cell, CellBackend, CellIdentity, CellSpec, LaunchType};
@@ -105,17 +107,30 @@ const OPERATOR_CLOUD_INIT: &str = "#cloud-config\nwrite_files:\n- path: /etc/ope
 
 /// The provider config: aws backend at moto, keys from files, the operator's cloud-init.
 fn write_config(dir: &std::path::Path, ec2: &Ec2, controller_id: &str) -> CellsConfig {
-    write_config_with(dir, ec2, controller_id, &ec2.subnet_id, OPERATOR_CLOUD_INIT)
+    write_config_with(dir, ec2, controller_id, Variant::default())
 }
 
-/// [`write_config`] with another subnet id and cloud-init.
+/// What a test changes in [`write_config`]'s config.
+#[derive(Default)]
+struct Variant<'a> {
+    /// Instead of the VPC's subnet.
+    subnet_id: Option<&'a str>,
+    /// Instead of [`OPERATOR_CLOUD_INIT`].
+    cloud_init: Option<&'a str>,
+    /// Instead of moto's endpoint (a proxy in front of it).
+    endpoint: Option<String>,
+    /// `aws.spotFallbackToOnDemand`.
+    spot_fallback: bool,
+}
+
+/// [`write_config`] with `variant`'s changes.
 fn write_config_with(
     dir: &std::path::Path,
     ec2: &Ec2,
     controller_id: &str,
-    subnet_id: &str,
-    cloud_init: &str,
+    variant: Variant<'_>,
 ) -> CellsConfig {
+    let cloud_init = variant.cloud_init.unwrap_or(OPERATOR_CLOUD_INIT);
     std::fs::write(dir.join("key-id"), "testing\n").unwrap();
     std::fs::write(dir.join("secret"), "testing\n").unwrap();
     std::fs::write(dir.join("cloud-init.yaml"), cloud_init).unwrap();
@@ -135,11 +150,13 @@ aws:
   bootImage: {{id: {AMI}}}
   accessKeyIdFile: {dir}/key-id
   secretAccessKeyFile: {dir}/secret
+  spotFallbackToOnDemand: {spot_fallback}
 capacity: {{cpu: "64", memory: 256Gi, pods: "20"}}
 "#,
         dir = dir.display(),
-        endpoint = ec2.moto.endpoint(),
-        subnet = subnet_id,
+        endpoint = variant.endpoint.unwrap_or_else(|| ec2.moto.endpoint()),
+        subnet = variant.subnet_id.unwrap_or(&ec2.subnet_id),
+        spot_fallback = variant.spot_fallback,
     );
     let path = dir.join("cells.yaml");
     std::fs::write(&path, text).unwrap();
@@ -580,7 +597,15 @@ async fn an_oversized_cloud_init_or_an_unknown_subnet_fails_the_pod_with_a_clear
     let oversized = format!("#cloud-config\nwrite_files:\n- path: /opt/blob\n  content: {noise}\n");
     let tmp = tempfile::tempdir().unwrap();
     let controller_id = format!("moto-big-{}", std::process::id());
-    let config = write_config_with(tmp.path(), &ec2, &controller_id, &ec2.subnet_id, &oversized);
+    let config = write_config_with(
+        tmp.path(),
+        &ec2,
+        &controller_id,
+        Variant {
+            cloud_init: Some(&oversized),
+            ..Variant::default()
+        },
+    );
     let node_name = unique_name("cells-aws-big");
     let (provider, stop) = start_node(&cluster, &node_name, &config).await;
     let message = refused_pod(&pods, &node_name, "big").await;
@@ -600,8 +625,10 @@ async fn an_oversized_cloud_init_or_an_unknown_subnet_fails_the_pod_with_a_clear
         tmp.path(),
         &ec2,
         &controller_id,
-        "subnet-0000dead",
-        OPERATOR_CLOUD_INIT,
+        Variant {
+            subnet_id: Some("subnet-0000dead"),
+            ..Variant::default()
+        },
     );
     let node_name = unique_name("cells-aws-subnet");
     let (provider, stop) = start_node(&cluster, &node_name, &config).await;
@@ -611,6 +638,103 @@ async fn an_oversized_cloud_init_or_an_unknown_subnet_fails_the_pod_with_a_clear
         "{message}"
     );
     assert!(live_instances(&ec2, &controller_id).await.is_empty());
+    let _ = stop.send(true);
+    provider.shutdown();
+    delete_node(&node_name);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_spot_pod_without_spot_capacity_gets_an_on_demand_instance_when_configured() {
+    common::init_logging();
+    let cluster = TestCluster::connect().await;
+    let namespace = cluster.namespace("cells-aws-spot").await;
+    let pods = Api::<Pod>::namespaced(cluster.client(), namespace.name());
+    let ec2 = ec2().await;
+    // EC2 without spot capacity: the proxy refuses every spot launch as EC2 does.
+    let proxy = Ec2Proxy::start(&ec2.moto.endpoint(), no_spot_capacity).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let controller_id = format!("moto-spot-{}", std::process::id());
+    let config = write_config_with(
+        tmp.path(),
+        &ec2,
+        &controller_id,
+        Variant {
+            endpoint: Some(proxy.endpoint()),
+            spot_fallback: true,
+            ..Variant::default()
+        },
+    );
+    let node_name = unique_name("cells-aws-spot");
+    let (provider, stop) = start_node(&cluster, &node_name, &config).await;
+
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "batch", "annotations": {"pod.elotl.co/launch-type": "spot"}},
+        "spec": {
+            "nodeSelector": {"kubernetes.io/hostname": node_name},
+            "tolerations": [{"key": "virtual-kubelet.io/provider", "operator": "Exists", "effect": "NoSchedule"}],
+            "terminationGracePeriodSeconds": 1,
+            "containers": [{
+                "name": "app",
+                "image": "busybox",
+                "resources": {"requests": {"cpu": "1", "memory": "1Gi"}}
+            }]
+        }
+    }))
+    .unwrap();
+    let selector = updraft_provider_cells::selector(&config).unwrap();
+    let (decision, _) = updraft_cells_catalog::decide(
+        &selector,
+        pod.spec.as_ref().unwrap(),
+        pod.metadata.annotations.as_ref().unwrap(),
+        LaunchType::OnDemand,
+    )
+    .unwrap();
+    assert_eq!(decision.launch_type, LaunchType::Spot);
+    let chosen = decision.chosen.instance_type.clone();
+    let created = pods.create(&PostParams::default(), &pod).await.unwrap();
+    let uid = created.metadata.uid.clone().unwrap();
+
+    // The pod says it got an on-demand cell of the chosen type, at the on-demand price.
+    let waiting = wait_for(
+        &pods,
+        "batch",
+        "the cell condition CellStarting",
+        TIMEOUT,
+        |p| cell_condition(p).is_some_and(|m| m.starts_with("starting cell i-")),
+    )
+    .await;
+    let message = cell_condition(&waiting).unwrap();
+    let expected = format!(
+        "{} on-demand, {:.4} ",
+        chosen.name, chosen.on_demand_per_hour
+    );
+    assert!(message.contains(&expected), "{message} lacks {expected}");
+    let instances = live_instances(&ec2, &controller_id).await;
+    assert_eq!(instances.len(), 1, "{instances:?}");
+    assert_eq!(instances[0].launch_type, LaunchType::OnDemand);
+    assert_eq!(instances[0].identity.as_ref().unwrap().pod_uid, uid);
+    // Spot was asked for first.
+    let launches = proxy.requests("RunInstances");
+    assert!(
+        launches
+            .first()
+            .is_some_and(|body| body.contains("InstanceMarketOptions.MarketType=spot")),
+        "{launches:?}"
+    );
+
+    pods.delete("batch", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_for_deletion(&pods, "batch", TIMEOUT).await;
+    eventually(TIMEOUT, || async {
+        let live = live_instances(&ec2, &controller_id).await;
+        if live.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{} instances left", live.len()))
+        }
+    })
+    .await;
     let _ = stop.send(true);
     provider.shutdown();
     delete_node(&node_name);
