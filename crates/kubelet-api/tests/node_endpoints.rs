@@ -7,7 +7,7 @@ mod remote_command_support;
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::ObjectList;
-use remote_command_support::{Kubelet, create_pod, running, start};
+use remote_command_support::{Kubelet, idle_pod, start};
 use updraft_testing::TestCluster;
 
 /// An HTTPS client of the kubelet port with the API server's kubelet client certificate.
@@ -28,15 +28,7 @@ async fn healthz_pods_and_running_pods_list_this_nodes_pods() {
     let cluster = TestCluster::connect().await;
     let ns = cluster.namespace("kubelet-pods").await;
     let kubelet = start(&cluster).await;
-    let pod = create_pod(
-        &cluster,
-        ns.name(),
-        &kubelet.name,
-        "listed",
-        serde_json::json!({"containers": [{"name": "main", "image": "busybox"}]}),
-        running,
-    )
-    .await;
+    let pod = idle_pod(&cluster, ns.name(), &kubelet.name, "listed").await;
     let client = kubelet_client(&cluster, &kubelet);
     let base = format!("https://127.0.0.1:{}", kubelet.port);
 

@@ -15,7 +15,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use remote_command_support::{
-    StreamingPath, TIMEOUT, create_pod, kubectl, kubectl_ok, running, start, start_on,
+    StreamingPath, TIMEOUT, create_pod, idle_pod, kubectl, kubectl_ok, running, start, start_on,
 };
 use sha2::Digest as _;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -272,19 +272,6 @@ impl Drop for NodeCleanup {
                 .await;
         });
     }
-}
-
-/// A pod with one idle container to exec into.
-async fn idle_pod(cluster: &TestCluster, namespace: &str, node: &str, name: &str) {
-    create_pod(
-        cluster,
-        namespace,
-        node,
-        name,
-        serde_json::json!({"containers": [{"name": "main", "image": "busybox"}]}),
-        running,
-    )
-    .await;
 }
 
 test_on_both_paths!(

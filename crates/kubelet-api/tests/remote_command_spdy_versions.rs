@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use http::{StatusCode, header};
 use hyper_util::rt::TokioIo;
-use remote_command_support::{Kubelet, StreamingPath, TIMEOUT, create_pod, running, start_on};
+use remote_command_support::{Kubelet, StreamingPath, TIMEOUT, idle_pod, start_on};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWriteExt as _};
 use updraft_spdy::{
     Config, Connection, ConnectionHandle, Headers, IncomingStreams, RecvStream, Role, SendStream,
@@ -34,15 +34,7 @@ async fn within<T>(what: &str, future: impl std::future::Future<Output = T>) -> 
 async fn node_with_a_pod(cluster: &TestCluster, prefix: &str) -> (Kubelet, TestNamespace) {
     let ns = cluster.namespace(prefix).await;
     let kubelet = start_on(cluster, StreamingPath::Passthrough).await;
-    create_pod(
-        cluster,
-        ns.name(),
-        &kubelet.name,
-        "box",
-        serde_json::json!({"containers": [{"name": "main", "image": "busybox"}]}),
-        running,
-    )
-    .await;
+    idle_pod(cluster, ns.name(), &kubelet.name, "box").await;
     (kubelet, ns)
 }
 

@@ -9,7 +9,7 @@ mod remote_command_support;
 use std::process::Stdio;
 use std::time::Duration;
 
-use remote_command_support::{TIMEOUT, create_pod, running, start_with};
+use remote_command_support::{TIMEOUT, idle_pod, start_with};
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use updraft_kubelet_api::streaming::StreamingConfig;
@@ -42,15 +42,7 @@ async fn an_idle_kubectl_exec_is_closed_and_its_process_killed_a_talking_one_is_
     let cluster = TestCluster::connect().await;
     let ns = cluster.namespace("rc-idle").await;
     let kubelet = start_with(&cluster, short_idle()).await;
-    create_pod(
-        &cluster,
-        ns.name(),
-        &kubelet.name,
-        "box",
-        serde_json::json!({"containers": [{"name": "main", "image": "busybox"}]}),
-        running,
-    )
-    .await;
+    idle_pod(&cluster, ns.name(), &kubelet.name, "box").await;
 
     // Output every 0.2 s for longer than the idle timeout: the session runs to its end.
     let mut talking = tokio::process::Command::from(cluster.kubectl());
@@ -112,15 +104,7 @@ async fn an_idle_kubectl_port_forward_is_closed_with_its_connection_in_the_pod()
     let cluster = TestCluster::connect().await;
     let ns = cluster.namespace("pf-idle").await;
     let kubelet = start_with(&cluster, short_idle()).await;
-    create_pod(
-        &cluster,
-        ns.name(),
-        &kubelet.name,
-        "box",
-        serde_json::json!({"containers": [{"name": "main", "image": "busybox"}]}),
-        running,
-    )
-    .await;
+    idle_pod(&cluster, ns.name(), &kubelet.name, "box").await;
     // The mock's pod network is the host's loopback.
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let server_port = listener.local_addr().unwrap().port();

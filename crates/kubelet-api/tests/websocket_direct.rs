@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use base64::Engine as _;
 use futures::{SinkExt as _, StreamExt as _};
-use remote_command_support::{TIMEOUT, create_pod, running, start, start_with};
+use remote_command_support::{TIMEOUT, idle_pod, start, start_with};
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio_tungstenite::WebSocketStream;
@@ -112,15 +112,7 @@ async fn exec_over_websocket_v5_and_v4_base64_with_stdin_close_and_exit_codes() 
     let cluster = TestCluster::connect().await;
     let ns = cluster.namespace("rc-ws").await;
     let kubelet = start(&cluster).await;
-    create_pod(
-        &cluster,
-        ns.name(),
-        &kubelet.name,
-        "box",
-        serde_json::json!({"containers": [{"name": "main", "image": "busybox"}]}),
-        running,
-    )
-    .await;
+    idle_pod(&cluster, ns.name(), &kubelet.name, "box").await;
     let exec = |command: &str| {
         let command: String = url_encode(command);
         format!(
@@ -179,15 +171,7 @@ async fn garbage_frames_close_only_their_own_connection() {
     let cluster = TestCluster::connect().await;
     let ns = cluster.namespace("rc-ws-garbage").await;
     let kubelet = start(&cluster).await;
-    create_pod(
-        &cluster,
-        ns.name(),
-        &kubelet.name,
-        "box",
-        serde_json::json!({"containers": [{"name": "main", "image": "busybox"}]}),
-        running,
-    )
-    .await;
+    idle_pod(&cluster, ns.name(), &kubelet.name, "box").await;
     let path = |command: &str| {
         format!(
             "/exec/{}/box/main?command=sh&command=-c&command={}&stdin=1&stdout=1",
@@ -293,15 +277,7 @@ async fn a_client_that_goes_away_kills_its_process() {
     let cluster = TestCluster::connect().await;
     let ns = cluster.namespace("rc-ws-cancel").await;
     let kubelet = start(&cluster).await;
-    create_pod(
-        &cluster,
-        ns.name(),
-        &kubelet.name,
-        "box",
-        serde_json::json!({"containers": [{"name": "main", "image": "busybox"}]}),
-        running,
-    )
-    .await;
+    idle_pod(&cluster, ns.name(), &kubelet.name, "box").await;
     let path = format!(
         "/exec/{}/box/main?command=sh&command=-c&command={}&stdout=1",
         ns.name(),
@@ -353,15 +329,7 @@ async fn an_idle_websocket_exec_is_closed_and_its_process_killed() {
         ..StreamingConfig::default()
     };
     let kubelet = start_with(&cluster, streaming).await;
-    create_pod(
-        &cluster,
-        ns.name(),
-        &kubelet.name,
-        "box",
-        serde_json::json!({"containers": [{"name": "main", "image": "busybox"}]}),
-        running,
-    )
-    .await;
+    idle_pod(&cluster, ns.name(), &kubelet.name, "box").await;
     let path = format!(
         "/exec/{}/box/main?command=sh&command=-c&command={}&stdout=1",
         ns.name(),

@@ -67,6 +67,19 @@ pub async fn create_pod(
     wait_for(&pods, name, "the pod's condition", TIMEOUT, ready).await
 }
 
+/// Creates a running pod on `node` with one idle container, `main`, to exec into.
+pub async fn idle_pod(cluster: &TestCluster, namespace: &str, node: &str, name: &str) -> Pod {
+    create_pod(
+        cluster,
+        namespace,
+        node,
+        name,
+        serde_json::json!({"containers": [{"name": "main", "image": "busybox"}]}),
+        running,
+    )
+    .await
+}
+
 /// Whether every container of the pod runs.
 pub fn running(pod: &Pod) -> bool {
     pod.status.as_ref().is_some_and(|s| {
