@@ -427,146 +427,108 @@ async fn boot_image_by_filters_picks_the_newest() {
     assert_eq!(by_filter.boot_image().await.expect("image"), images[1]);
 }
 
+/// What a backend configured with `config` answers to a pod's start: an error whose message
+/// names every one of `named` (the setting and the bad value), typed as `InvalidRequest` when
+/// `invalid_request` (what EC2 refuses as a client error, or what never reaches EC2).
+async fn assert_start_refused(ec2: &Ec2, config: AwsConfig, named: &[&str], invalid_request: bool) {
+    let backend = backend(&ec2.moto, config).await;
+    let error = backend
+        .start(&spec("ctl", "web-1", LaunchType::OnDemand))
+        .await
+        .expect_err("a start with a broken configuration");
+    let message = error.to_string();
+    assert!(
+        named.iter().all(|n| message.contains(n)),
+        "{named:?} not all in: {message}"
+    );
+    if invalid_request {
+        assert!(
+            matches!(error, BackendError::InvalidRequest { .. }),
+            "{error:?}"
+        );
+    }
+}
+
+fn filters(owners: &[&str], name: &str, values: &[&str]) -> BootImage {
+    BootImage::Filters {
+        owners: owners.iter().map(|o| (*o).to_owned()).collect(),
+        filters: BTreeMap::from([(
+            name.to_owned(),
+            values.iter().map(|v| (*v).to_owned()).collect(),
+        )]),
+    }
+}
+
 #[tokio::test]
 async fn errors_are_clear_and_typed() {
     let ec2 = ec2().await;
-    let unknown_ami = backend(
-        &ec2.moto,
-        AwsConfig {
-            boot_image: BootImage::Id("ami-0000000000000dead".into()),
-            ..config(&ec2, "ctl")
-        },
+    let with_image = |boot_image| AwsConfig {
+        boot_image,
+        ..config(&ec2, "ctl")
+    };
+    assert_start_refused(
+        &ec2,
+        with_image(BootImage::Id("ami-0000000000000dead".into())),
+        &["aws.bootImage", "ami-0000000000000dead", "us-east-1"],
+        true,
     )
     .await;
-    let error = unknown_ami
-        .start(&spec("ctl", "web-1", LaunchType::OnDemand))
+    // A filter EC2 does not know: its error names the setting and the filter. (moto answers
+    // it with a server error, EC2 with a client error: the type is not checked.)
+    assert_start_refused(
+        &ec2,
+        with_image(filters(&[], "nmae", &["updraft-*"])),
+        &["aws.bootImage", "nmae"],
+        false,
+    )
+    .await;
+    // A filter without values never reaches EC2.
+    assert_start_refused(
+        &ec2,
+        with_image(filters(&["self"], "name", &[])),
+        &["aws.bootImage.filters.name"],
+        true,
+    )
+    .await;
+    let bad_subnet = AwsConfig {
+        subnet_id: "subnet-0000dead".into(),
+        ..config(&ec2, "ctl")
+    };
+    assert_start_refused(&ec2, bad_subnet.clone(), &["aws.subnetId"], true).await;
+    // No region: every call says so, and none reaches EC2.
+    let no_region = AwsConfig {
+        region: String::new(),
+        ..config(&ec2, "ctl")
+    };
+    assert_start_refused(&ec2, no_region.clone(), &["region", "e.g. us-east-1"], true).await;
+    let error = backend(&ec2.moto, no_region)
         .await
-        .expect_err("unknown ami");
-    assert!(
-        matches!(error, BackendError::InvalidRequest { .. }),
-        "{error:?}"
-    );
-    let message = error.to_string();
-    assert!(
-        message.contains("aws.bootImage")
-            && message.contains("ami-0000000000000dead")
-            && message.contains("us-east-1"),
-        "{message}"
-    );
+        .list("ctl")
+        .await
+        .expect_err("no region");
+    assert!(error.to_string().contains("region"), "{error}");
 
+    // Preparing (what a start does first) names the setting and the value too.
     let no_match = backend(
         &ec2.moto,
-        AwsConfig {
-            boot_image: BootImage::Filters {
-                owners: vec!["self".into()],
-                filters: BTreeMap::from([("name".to_string(), vec!["nothing-*".to_string()])]),
-            },
-            ..config(&ec2, "ctl")
-        },
+        with_image(filters(&["self"], "name", &["nothing-*"])),
     )
     .await;
-    let error = no_match.prepare().await.expect_err("no image");
-    let message = error.to_string();
+    let message = no_match.prepare().await.expect_err("no image").to_string();
     assert!(
         message.contains("aws.bootImage") && message.contains("nothing-*"),
         "{message}"
     );
-
-    // A filter EC2 does not know: its error names the setting and the filter.
-    let unknown_filter = backend(
-        &ec2.moto,
-        AwsConfig {
-            boot_image: BootImage::Filters {
-                owners: Vec::new(),
-                filters: BTreeMap::from([("nmae".to_string(), vec!["updraft-*".to_string()])]),
-            },
-            ..config(&ec2, "ctl")
-        },
-    )
-    .await;
-    let error = unknown_filter
-        .start(&spec("ctl", "web-1", LaunchType::OnDemand))
+    let message = backend(&ec2.moto, bad_subnet)
         .await
-        .expect_err("unknown filter");
-    let message = error.to_string();
-    assert!(
-        message.contains("aws.bootImage") && message.contains("nmae"),
-        "{message}"
-    );
-
-    // A filter without values never reaches EC2.
-    let empty_filter = backend(
-        &ec2.moto,
-        AwsConfig {
-            boot_image: BootImage::Filters {
-                owners: vec!["self".into()],
-                filters: BTreeMap::from([("name".to_string(), Vec::new())]),
-            },
-            ..config(&ec2, "ctl")
-        },
-    )
-    .await;
-    let error = empty_filter
-        .start(&spec("ctl", "web-1", LaunchType::OnDemand))
+        .prepare()
         .await
-        .expect_err("empty filter");
-    assert!(
-        matches!(error, BackendError::InvalidRequest { .. }),
-        "{error:?}"
-    );
-    assert!(
-        error.to_string().contains("aws.bootImage.filters.name"),
-        "{error}"
-    );
-
-    let bad_subnet = backend(
-        &ec2.moto,
-        AwsConfig {
-            subnet_id: "subnet-0000dead".into(),
-            ..config(&ec2, "ctl")
-        },
-    )
-    .await;
-    let error = bad_subnet.prepare().await.expect_err("bad subnet");
-    let message = error.to_string();
+        .expect_err("bad subnet")
+        .to_string();
     assert!(
         message.contains("aws.subnetId") && message.contains("subnet-0000dead"),
         "{message}"
     );
-    let error = bad_subnet
-        .start(&spec("ctl", "web-1", LaunchType::OnDemand))
-        .await
-        .expect_err("bad subnet");
-    assert!(
-        matches!(error, BackendError::InvalidRequest { .. }),
-        "{error:?}"
-    );
-    assert!(error.to_string().contains("aws.subnetId"), "{error}");
-
-    // No region: every call says so, and none reaches EC2.
-    let no_region = backend(
-        &ec2.moto,
-        AwsConfig {
-            region: String::new(),
-            ..config(&ec2, "ctl")
-        },
-    )
-    .await;
-    let error = no_region
-        .start(&spec("ctl", "web-1", LaunchType::OnDemand))
-        .await
-        .expect_err("no region");
-    assert!(
-        matches!(error, BackendError::InvalidRequest { .. }),
-        "{error:?}"
-    );
-    let message = error.to_string();
-    assert!(
-        message.contains("region") && message.contains("e.g. us-east-1"),
-        "{message}"
-    );
-    let error = no_region.list("ctl").await.expect_err("no region");
-    assert!(error.to_string().contains("region"), "{error}");
 
     let backend = backend(&ec2.moto, config(&ec2, "ctl")).await;
     let missing = CellId("i-0123456789abcdef0".into());
