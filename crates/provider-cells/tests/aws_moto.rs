@@ -257,6 +257,39 @@ async fn user_data(ec2: &Ec2, id: &str) -> String {
     String::from_utf8(base64_decode(encoded)).expect("plain (not gzipped) user data")
 }
 
+/// A pod for `node_name` with the node's toleration and one busybox container requesting
+/// `requests` (CPU, memory) when given; `metadata` is its name, labels and annotations.
+fn pod_for(node_name: &str, metadata: serde_json::Value, requests: Option<(&str, &str)>) -> Pod {
+    let resources = requests.map_or_else(
+        || serde_json::json!({}),
+        |(cpu, memory)| serde_json::json!({"requests": {"cpu": cpu, "memory": memory}}),
+    );
+    serde_json::from_value(serde_json::json!({
+        "metadata": metadata,
+        "spec": {
+            "nodeSelector": {"kubernetes.io/hostname": node_name},
+            "tolerations": [{"key": "virtual-kubelet.io/provider", "operator": "Exists", "effect": "NoSchedule"}],
+            "terminationGracePeriodSeconds": 1,
+            "containers": [{"name": "app", "image": "busybox", "resources": resources}]
+        }
+    }))
+    .unwrap()
+}
+
+/// The cost engine's decision for `pod` under `config`: what the provider must start.
+fn decision_for(config: &CellsConfig, pod: &Pod) -> updraft_cells_catalog::Decision {
+    let selector = updraft_provider_cells::selector(config).unwrap();
+    let no_annotations = BTreeMap::new();
+    let (decision, _) = updraft_cells_catalog::decide(
+        &selector,
+        pod.spec.as_ref().unwrap(),
+        pod.metadata.annotations.as_ref().unwrap_or(&no_annotations),
+        LaunchType::OnDemand,
+    )
+    .unwrap();
+    decision
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_pod_gets_one_ec2_instance_that_is_adopted_after_a_restart_and_terminated_on_delete() {
     common::init_logging();
@@ -271,32 +304,16 @@ async fn a_pod_gets_one_ec2_instance_that_is_adopted_after_a_restart_and_termina
 
     // 3 CPUs / 6 GiB, spot: the cost engine's choice is what must be started.
     let pods = Api::<Pod>::namespaced(cluster.client(), namespace.name());
-    let pod: Pod = serde_json::from_value(serde_json::json!({
-        "metadata": {
+    let pod = pod_for(
+        &node_name,
+        serde_json::json!({
             "name": "burst",
             "labels": {"app": "burst", "tier": "batch"},
             "annotations": {"pod.elotl.co/launch-type": "spot"}
-        },
-        "spec": {
-            "nodeSelector": {"kubernetes.io/hostname": node_name},
-            "tolerations": [{"key": "virtual-kubelet.io/provider", "operator": "Exists", "effect": "NoSchedule"}],
-            "terminationGracePeriodSeconds": 1,
-            "containers": [{
-                "name": "app",
-                "image": "busybox",
-                "resources": {"requests": {"cpu": "3", "memory": "6Gi"}}
-            }]
-        }
-    }))
-    .unwrap();
-    let selector = updraft_provider_cells::selector(&config).unwrap();
-    let (decision, _) = updraft_cells_catalog::decide(
-        &selector,
-        pod.spec.as_ref().unwrap(),
-        pod.metadata.annotations.as_ref().unwrap(),
-        LaunchType::OnDemand,
-    )
-    .unwrap();
+        }),
+        Some(("3", "6Gi")),
+    );
+    let decision = decision_for(&config, &pod);
     let expected_type = decision.chosen.instance_type.name.clone();
     let created = pods.create(&PostParams::default(), &pod).await.unwrap();
     let uid = created.metadata.uid.clone().unwrap();
@@ -552,16 +569,7 @@ async fn a_pod_gets_one_ec2_instance_that_is_adopted_after_a_restart_and_termina
 
 /// A pod whose user data cannot be built or whose cell EC2 cannot start.
 async fn refused_pod(pods: &Api<Pod>, node_name: &str, name: &str) -> String {
-    let pod: Pod = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": name},
-        "spec": {
-            "nodeSelector": {"kubernetes.io/hostname": node_name},
-            "tolerations": [{"key": "virtual-kubelet.io/provider", "operator": "Exists", "effect": "NoSchedule"}],
-            "terminationGracePeriodSeconds": 1,
-            "containers": [{"name": "app", "image": "busybox"}]
-        }
-    }))
-    .unwrap();
+    let pod = pod_for(node_name, serde_json::json!({ "name": name }), None);
     pods.create(&PostParams::default(), &pod).await.unwrap();
     let failed = wait_for(pods, name, "the reason ProviderFailed", TIMEOUT, |p| {
         p.status
@@ -667,28 +675,12 @@ async fn a_spot_pod_without_spot_capacity_gets_an_on_demand_instance_when_config
     let node_name = unique_name("cells-aws-spot");
     let (provider, stop) = start_node(&cluster, &node_name, &config).await;
 
-    let pod: Pod = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "batch", "annotations": {"pod.elotl.co/launch-type": "spot"}},
-        "spec": {
-            "nodeSelector": {"kubernetes.io/hostname": node_name},
-            "tolerations": [{"key": "virtual-kubelet.io/provider", "operator": "Exists", "effect": "NoSchedule"}],
-            "terminationGracePeriodSeconds": 1,
-            "containers": [{
-                "name": "app",
-                "image": "busybox",
-                "resources": {"requests": {"cpu": "1", "memory": "1Gi"}}
-            }]
-        }
-    }))
-    .unwrap();
-    let selector = updraft_provider_cells::selector(&config).unwrap();
-    let (decision, _) = updraft_cells_catalog::decide(
-        &selector,
-        pod.spec.as_ref().unwrap(),
-        pod.metadata.annotations.as_ref().unwrap(),
-        LaunchType::OnDemand,
-    )
-    .unwrap();
+    let pod = pod_for(
+        &node_name,
+        serde_json::json!({"name": "batch", "annotations": {"pod.elotl.co/launch-type": "spot"}}),
+        Some(("1", "1Gi")),
+    );
+    let decision = decision_for(&config, &pod);
     assert_eq!(decision.launch_type, LaunchType::Spot);
     let chosen = decision.chosen.instance_type.clone();
     let created = pods.create(&PostParams::default(), &pod).await.unwrap();
