@@ -83,26 +83,29 @@ pub async fn connect_backend(
     config: &CellsConfig,
 ) -> Result<Arc<dyn CellBackend>, BackendSetupError> {
     match config.backend {
-        BackendKind::Aws => {
-            let settings = aws_config(config)?;
-            let aws = config.aws.as_ref();
-            let files = aws.and_then(|a| {
-                a.access_key_id_file
-                    .as_ref()
-                    .zip(a.secret_access_key_file.as_ref())
-            });
-            let backend = match files {
-                Some((id_file, secret_file)) => {
-                    let id = read_secret("aws.accessKeyIdFile", id_file)?;
-                    let secret = read_secret("aws.secretAccessKeyFile", secret_file)?;
-                    AwsBackend::with_credentials(settings, &id, &secret).await
-                }
-                None => AwsBackend::connect(settings).await,
-            };
-            Ok(Arc::new(backend))
-        }
+        BackendKind::Aws => Ok(Arc::new(aws_backend(config).await?)),
         BackendKind::Local => local_backend(config),
     }
+}
+
+/// The AWS backend of `config` (its `aws` section), with credentials from the configured files
+/// or else from the SDK's default chain.
+pub async fn aws_backend(config: &CellsConfig) -> Result<AwsBackend, BackendSetupError> {
+    let settings = aws_config(config)?;
+    let aws = config.aws.as_ref();
+    let files = aws.and_then(|a| {
+        a.access_key_id_file
+            .as_ref()
+            .zip(a.secret_access_key_file.as_ref())
+    });
+    Ok(match files {
+        Some((id_file, secret_file)) => {
+            let id = read_secret("aws.accessKeyIdFile", id_file)?;
+            let secret = read_secret("aws.secretAccessKeyFile", secret_file)?;
+            AwsBackend::with_credentials(settings, &id, &secret).await
+        }
+        None => AwsBackend::connect(settings).await,
+    })
 }
 
 fn local_backend(config: &CellsConfig) -> Result<Arc<dyn CellBackend>, BackendSetupError> {

@@ -27,6 +27,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
+use updraft_cells_aws::AwsConfigError;
 use updraft_cells_catalog::LaunchType;
 
 /// A config that cannot be used: the message names the file, the field and what is expected.
@@ -446,6 +447,13 @@ impl CellsConfig {
                         "backend: aws needs a region, e.g. us-east-1".into(),
                     ));
                 }
+                // The backend's own checks (subnet and image ids, filters, CIDRs …), so a
+                // broken setting stops `updraft run` instead of failing the first pod.
+                if let Ok(settings) = crate::backends::aws_config(self)
+                    && let Err(AwsConfigError::Invalid { field, problem }) = settings.validate()
+                {
+                    return Err(invalid(&field, problem));
+                }
             }
             (BackendKind::Local, _, local) => {
                 if self.aws.is_some() {
@@ -622,6 +630,25 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("aws") && err.contains("subnetId"), "{err}");
+        // The AWS backend's own checks run when the config is read, not at the first pod.
+        const AWS: &str = "backend: aws\ncontrollerId: t\ncertificateDir: /x\nregion: us-east-1\n";
+        for (aws, field, value) in [
+            (
+                "{subnetId: vpc-1, bootImage: {id: ami-1}}",
+                "aws.subnetId",
+                "vpc-1",
+            ),
+            (
+                "{subnetId: subnet-1, bootImage: {id: ami-1}}\nextraCidrs: [10.0.0.0/33]",
+                "extraCidrs[0]",
+                "10.0.0.0/33",
+            ),
+        ] {
+            let err = CellsConfig::from_yaml_str(&format!("{AWS}aws: {aws}\n"), "t")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(field) && err.contains(value), "{aws}: {err}");
+        }
         let err = CellsConfig::from_yaml_str("backend: gce\ncontrollerId: t\n", "t")
             .unwrap_err()
             .to_string();

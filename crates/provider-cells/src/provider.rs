@@ -80,6 +80,14 @@ pub enum SetupError {
         /// What is wrong and what to write instead.
         message: String,
     },
+    /// The AWS backend refused its configuration at start-up (an image or subnet that does
+    /// not exist).
+    #[error("the aws backend cannot start cells with this config: {source}")]
+    Prepare {
+        /// The backend's error, naming the setting.
+        #[source]
+        source: BackendError,
+    },
     /// The backend's listing failed at start-up.
     #[error("listing the cells of controller {controller_id}: {source}")]
     List {
@@ -405,10 +413,21 @@ impl CellsProvider {
                 let wiring = crate::backends::pod_wiring(config, Some(local.clone()));
                 (Arc::new(local), wiring)
             }
-            BackendKind::Aws => (
-                crate::backends::connect_backend(config).await?,
-                crate::backends::pod_wiring(config, None),
-            ),
+            BackendKind::Aws => {
+                let aws = crate::backends::aws_backend(config).await?;
+                // What only EC2 can tell (does the image exist, the subnet) stops the start
+                // here instead of failing every pod; EC2 out of reach for a moment does not.
+                match aws.prepare().await {
+                    Ok(()) => {}
+                    Err(source @ BackendError::InvalidRequest { .. }) => {
+                        return Err(SetupError::Prepare { source });
+                    }
+                    Err(e) => {
+                        tracing::warn!("preparing the aws backend, again at the first pod: {e}")
+                    }
+                }
+                (Arc::new(aws), crate::backends::pod_wiring(config, None))
+            }
         };
         Self::start_with_wiring(config, node_name, backend, wiring).await
     }
@@ -1009,6 +1028,7 @@ impl Inner {
             .apply_pod(&request)
             .await
             .map_err(|e| client_error(&format!("delivering the pod to cell {}", view.id), e))?;
+        tracing::debug!(pod = %tracked.pod, cell = %view.id, "delivered the pod to its cell");
         self.standby.demand();
         let watching = {
             let mut state = lock(&tracked.state);
@@ -1071,6 +1091,7 @@ impl Inner {
             let outcome = match current {
                 Some(mut view) => match self.wait_for_agent(tracked, &mut view).await {
                     Ok(client) => {
+                        tracing::debug!(pod = %tracked.pod, cell = %view.id, "the cell's agent answers");
                         let _guard = self.lock_pod(&tracked.pod.uid).await;
                         let (resolved, same_cell) = {
                             let state = lock(&tracked.state);

@@ -11,8 +11,9 @@
 //! 127.42.0.0/16 so that the agent's address is on loopback: the provider's probes reach
 //! nothing but this host (where nothing listens on the agent port).
 //!
-//! More tests: an operator's cloud-init too large for EC2's user data limit, and a subnet that
-//! does not exist, fail the pod with the sizes or the setting named, and start nothing; a spot
+//! More tests: an operator's cloud-init too large for EC2's user data limit fails the pod with
+//! the sizes named, and a subnet that does not exist stops the provider's start with the
+//! setting named; neither starts anything; a spot
 //! pod without spot capacity (a proxy in front of moto refuses it as EC2 does) gets an
 //! on-demand instance when `spotFallbackToOnDemand` is set, and the pod says so.
 //!
@@ -581,7 +582,8 @@ async fn refused_pod(pods: &Api<Pod>, node_name: &str, name: &str) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn an_oversized_cloud_init_or_an_unknown_subnet_fails_the_pod_with_a_clear_reason() {
+async fn an_oversized_cloud_init_fails_the_pod_and_an_unknown_subnet_stops_the_start_with_a_clear_reason()
+ {
     common::init_logging();
     let cluster = TestCluster::connect().await;
     let namespace = cluster.namespace("cells-aws-bad").await;
@@ -626,7 +628,7 @@ async fn an_oversized_cloud_init_or_an_unknown_subnet_fails_the_pod_with_a_clear
     provider.shutdown();
     delete_node(&node_name);
 
-    // A subnet that does not exist: the pod says which setting to fix.
+    // A subnet that does not exist: Updraft does not start, and says which setting to fix.
     let tmp = tempfile::tempdir().unwrap();
     let controller_id = format!("moto-subnet-{}", std::process::id());
     let config = write_config_with(
@@ -638,17 +640,16 @@ async fn an_oversized_cloud_init_or_an_unknown_subnet_fails_the_pod_with_a_clear
             ..Variant::default()
         },
     );
-    let node_name = unique_name("cells-aws-subnet");
-    let (provider, stop) = start_node(&cluster, &node_name, &config).await;
-    let message = refused_pod(&pods, &node_name, "lost").await;
+    let error = updraft_provider_cells::CellsProvider::from_config(&config, "cells-aws-subnet")
+        .await
+        .err()
+        .expect("a provider for a subnet EC2 does not have");
+    let message = error.to_string();
     assert!(
         message.contains("aws.subnetId") && message.contains("subnet-0000dead"),
         "{message}"
     );
     assert!(live_instances(&ec2, &controller_id).await.is_empty());
-    let _ = stop.send(true);
-    provider.shutdown();
-    delete_node(&node_name);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
