@@ -769,7 +769,12 @@ impl Inner {
             let _lock = self.lock()?;
             net::ensure_bridge(&config.bridge, config.cidr)?;
         }
-        net::create_cell_network(&found.id, &config.bridge, config.cidr, found.management_ip)?;
+        net::create_cell_network(
+            &found.id,
+            &config.bridge,
+            config.cidr,
+            [found.management_ip, found.pod_ip],
+        )?;
         let rel = self.cgroup_rel(&found.id);
         let mut cell_cgroup = Cgroup::create(&self.driver, &rel)?;
         cell_cgroup.keep();

@@ -140,15 +140,23 @@ pub fn delete_bridge(bridge: &str) -> Result<(), LocalError> {
 }
 
 /// The cell's network: namespace, uplink into `bridge`, the cell bridge with the management
-/// address, default route via the gateway.
+/// address, default route via the gateway. The host forgets what it knew of `addresses` (the
+/// management and pod addresses): a cell terminated moments ago may have had them, and the
+/// host's neighbour entry would send the new cell's packets to the old cell's MAC until it
+/// expires (seen: a reused address answered only after 9–11 s).
 pub fn create_cell_network(
     id: &str,
     bridge: &str,
     cidr: Ipv4Cidr,
-    management_ip: Ipv4Addr,
+    addresses: [Ipv4Addr; 2],
 ) -> Result<(), LocalError> {
     let ns = netns_name(id);
     let veth = host_veth(id);
+    let [management_ip, _pod_ip] = addresses;
+    for address in addresses {
+        // Succeeds also when there is no entry.
+        ip(&["neigh", "flush", "to", &address.to_string(), "dev", bridge])?;
+    }
     ip(&["netns", "add", &ns])?;
     ip(&["-n", &ns, "link", "set", "lo", "up"])?;
     ip(&[

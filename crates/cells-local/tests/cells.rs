@@ -297,7 +297,14 @@ impl Env {
             .await
             .unwrap();
         let cell = self.wait_state(&started.id, CellState::Running).await;
-        let client = self.client(&cell);
+        let client = self.wait_for_agent(&cell).await;
+        (cell, client)
+    }
+
+    /// Waits (up to 60 s) until the agent of `cell` answers over mTLS; the failure shows the
+    /// cell's console.
+    async fn wait_for_agent(&self, cell: &Cell) -> CellClient {
+        let client = self.client(cell);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         while let Err(error) = client.ping().await {
             assert!(
@@ -309,7 +316,27 @@ impl Env {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        (cell, client)
+        client
+    }
+
+    /// This test binary run as `helper_start_a_cell_then_wait` with this env's config and the
+    /// user data in `user_data`: a separate process that starts a cell (to be killed).
+    fn helper_process(&self, user_data: &std::path::Path) -> std::process::Command {
+        let mut command = std::process::Command::new(std::env::current_exe().unwrap());
+        command
+            .args([
+                "--exact",
+                "helper_start_a_cell_then_wait",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(
+                "UPDRAFT_LOCAL_CELLS_TEST_CONFIG",
+                serde_json::to_string(&self.config).unwrap(),
+            )
+            .env("UPDRAFT_LOCAL_CELLS_TEST_USER_DATA", user_data);
+        command
     }
 
     fn agent_pid(&self, id: &CellId) -> i32 {
@@ -948,19 +975,8 @@ async fn cells_outlive_the_process_that_started_them_and_a_killed_agent_stops_th
     let env = Env::new();
     let user_data = env.path("user-data");
     std::fs::write(&user_data, env.agent_user_data()).unwrap();
-    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "helper_start_a_cell_then_wait",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(
-            "UPDRAFT_LOCAL_CELLS_TEST_CONFIG",
-            serde_json::to_string(&env.config).unwrap(),
-        )
-        .env("UPDRAFT_LOCAL_CELLS_TEST_USER_DATA", &user_data)
+    let mut child = env
+        .helper_process(&user_data)
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -994,15 +1010,8 @@ async fn cells_outlive_the_process_that_started_them_and_a_killed_agent_stops_th
 
     let cell = env.wait_state(&id, CellState::Running).await;
     assert_eq!(cell.launch_type, LaunchType::Spot, "recorded as asked");
-    let client = env.client(&cell);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while let Err(error) = client.ping().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "agent unreachable after its starter died: {error}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // The agent answers after its starter died.
+    env.wait_for_agent(&cell).await;
 
     // The agent killed from outside: the cell is Stopped (still listed, until terminated).
     let agent = env.agent_pid(&id);
@@ -1061,19 +1070,8 @@ async fn a_start_cut_short_by_a_killed_process_is_resumed_under_the_same_id() {
         wrappers.display(),
         std::env::var("PATH").unwrap_or_default()
     );
-    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "helper_start_a_cell_then_wait",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(
-            "UPDRAFT_LOCAL_CELLS_TEST_CONFIG",
-            serde_json::to_string(&env.config).unwrap(),
-        )
-        .env("UPDRAFT_LOCAL_CELLS_TEST_USER_DATA", &user_data)
+    let mut child = env
+        .helper_process(&user_data)
         .env("PATH", path)
         .stdout(std::process::Stdio::null())
         .process_group(0)
@@ -1128,16 +1126,7 @@ async fn a_start_cut_short_by_a_killed_process_is_resumed_under_the_same_id() {
         cell.identity.as_ref().map(|i| i.pod_uid.as_str()),
         Some("uid-survivor")
     );
-    let client = env.client(&cell);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while let Err(error) = client.ping().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the resumed cell's agent never answered: {error}; console:\n{}",
-            env.backend.console_output(&id).unwrap_or_default()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    env.wait_for_agent(&cell).await;
     // One cell, none started twice; the same start's token names it; nothing left to resume.
     assert_eq!(
         env.backend
