@@ -398,6 +398,9 @@ pub async fn run(layout: &Layout, bench: CellsBench) -> anyhow::Result<()> {
         println!("terminated {leftovers} cells of an earlier run");
     }
 
+    // Updraft's log filter (its log is the node's under target/updraft-cluster/logs), e.g.
+    // `UPDRAFT_BENCH_LOG=info,updraft_provider_cells=debug` to follow each pod's boot.
+    let log_level = std::env::var("UPDRAFT_BENCH_LOG").unwrap_or_else(|_| "info".to_owned());
     let files = node_files(layout, NODE)?;
     let path = |p: &Path| p.display().to_string();
     let args: Vec<String> = [
@@ -421,7 +424,7 @@ pub async fn run(layout: &Layout, bench: CellsBench) -> anyhow::Result<()> {
         "--pod-workers",
         &bench.pod_workers.to_string(),
         "--log-level",
-        "info",
+        &log_level,
     ]
     .iter()
     .map(|s| (*s).to_owned())

@@ -19,25 +19,16 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, PostParams};
 use updraft_cells_backend::{Cell, CellBackend, CellIdentity, CellSpec, CellState, LaunchType};
 use updraft_cells_local::LocalBackend;
-use updraft_testing::{TestCluster, eventually, unique_name, wait_for, wait_for_deletion};
+use updraft_testing::{eventually, wait_for, wait_for_deletion};
 
 use common::{
-    CellsCleanup, ConfigOptions, GatedAgent, TIMEOUT, UpdraftProcess, cell_of, delete_node,
-    every_cell, free_port, init_logging, live_cells, require_root, running_and_ready, start_node,
-    start_node_configured, wait_node_ready, write_config,
+    Cells, ConfigOptions, GatedAgent, Setup, TIMEOUT, UpdraftProcess, cell_of, delete_node,
+    every_cell, free_port, live_cells, running_and_ready, sleeping_pod, start_node,
+    start_node_configured, wait_node_ready,
 };
 
 fn pod(name: &str, node: &str) -> Pod {
-    serde_json::from_value(serde_json::json!({
-        "metadata": {"name": name},
-        "spec": {
-            "nodeSelector": {"kubernetes.io/hostname": node},
-            "tolerations": [{"key": "virtual-kubelet.io/provider", "operator": "Exists", "effect": "NoSchedule"}],
-            "terminationGracePeriodSeconds": 1,
-            "containers": [{"name": "app", "image": "busybox", "command": ["/bin/sleep", "3600"]}]
-        }
-    }))
-    .unwrap()
+    sleeping_pod(name, node, "busybox")
 }
 
 /// The cells the backend ever started for pod `uid` (terminated ones included).
@@ -61,21 +52,23 @@ async fn booting_cell(backend: &LocalBackend, controller: &str, uid: &str) -> Ce
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_cell_booting_when_updraft_is_killed_is_adopted_and_never_started_twice() {
-    require_root();
-    init_logging();
-    let cluster = TestCluster::connect().await;
-    let namespace = cluster.namespace("cells-boot-kill").await;
-    let node = unique_name("cells-boot-kill");
-    let tmp = tempfile::tempdir().unwrap();
+    let Setup {
+        cluster,
+        namespace,
+        node,
+        tmp,
+    } = Setup::new("cells-boot-kill").await;
     let gate = GatedAgent::new(tmp.path());
     let mut options = ConfigOptions::new(11);
     options.agent_binary = Some(gate.binary.clone());
     options.boot_timeout = Some("10m");
     options.health_timeout = Some("3s");
-    let config = write_config(tmp.path(), options);
-    let cleanup = CellsCleanup::new(&config);
-    let backend = cleanup.backend();
-    let controller = config.config.controller_id.clone();
+    let Cells {
+        config,
+        cleanup,
+        backend,
+        controller,
+    } = Cells::new(tmp.path(), options);
 
     let port = free_port();
     let updraft = UpdraftProcess::start(&cluster, &node, port, &config);
@@ -146,22 +139,24 @@ async fn a_cell_booting_when_updraft_is_killed_is_adopted_and_never_started_twic
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn deleting_a_pod_whose_cell_boots_terminates_the_cell_without_waiting_for_the_boot() {
-    require_root();
-    init_logging();
-    let cluster = TestCluster::connect().await;
-    let namespace = cluster.namespace("cells-boot-delete").await;
-    let node_name = unique_name("cells-boot-delete");
-    let tmp = tempfile::tempdir().unwrap();
+    let Setup {
+        cluster,
+        namespace,
+        node: node_name,
+        tmp,
+    } = Setup::new("cells-boot-delete").await;
     // The gate stays closed: the agent never answers.
     let gate = GatedAgent::new(tmp.path());
     let mut options = ConfigOptions::new(12);
     options.agent_binary = Some(gate.binary.clone());
     // Longer than TIMEOUT: a delete that waited for the boot would fail the test.
     options.boot_timeout = Some("10m");
-    let config = write_config(tmp.path(), options);
-    let cleanup = CellsCleanup::new(&config);
-    let backend = cleanup.backend();
-    let controller = config.config.controller_id.clone();
+    let Cells {
+        config,
+        cleanup,
+        backend,
+        controller,
+    } = Cells::new(tmp.path(), options);
 
     let (_provider, stop) = start_node(&cluster, &node_name, &config.config).await;
     let pods = Api::<Pod>::namespaced(cluster.client(), namespace.name());
@@ -191,20 +186,22 @@ async fn deleting_a_pod_whose_cell_boots_terminates_the_cell_without_waiting_for
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_cell_of_no_pod_is_collected_after_its_grace_period_and_a_live_pods_cell_stays() {
-    require_root();
-    init_logging();
-    let cluster = TestCluster::connect().await;
-    let namespace = cluster.namespace("cells-orphan").await;
-    let node_name = unique_name("cells-orphan");
-    let tmp = tempfile::tempdir().unwrap();
+    let Setup {
+        cluster,
+        namespace,
+        node: node_name,
+        tmp,
+    } = Setup::new("cells-orphan").await;
     let mut options = ConfigOptions::new(13);
     // A long boot timeout: the orphan (no agent) can only go by garbage collection here.
     options.boot_timeout = Some("10m");
     options.extra = "gcGracePeriod: 20s\ngcInterval: 2s\n".to_owned();
-    let config = write_config(tmp.path(), options);
-    let cleanup = CellsCleanup::new(&config);
-    let backend = cleanup.backend();
-    let controller = config.config.controller_id.clone();
+    let Cells {
+        config,
+        cleanup,
+        backend,
+        controller,
+    } = Cells::new(tmp.path(), options);
 
     let (_provider, stop) = start_node_configured(&cluster, &node_name, &config.config, |node| {
         node.orphan_sweep_interval = std::time::Duration::from_secs(2);

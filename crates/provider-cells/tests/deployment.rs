@@ -18,11 +18,11 @@ use kube::api::{Api, ListParams};
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
 
 use common::{
-    CellsCleanup, ConfigOptions, Images, LoopbackRegistry, TIMEOUT, UpdraftProcess, cell_of,
-    delete_node, describe_output, free_port, init_logging, live_cells, require_root, run_kubectl,
-    running_and_ready, wait_node_ready, write_config,
+    Cells, ConfigOptions, Images, LoopbackRegistry, Setup, TIMEOUT, UpdraftProcess, cell_of,
+    delete_node, describe_output, free_port, live_cells, run_kubectl, running_and_ready,
+    wait_node_ready,
 };
-use updraft_testing::{TestCluster, eventually, unique_name};
+use updraft_testing::eventually;
 
 /// The Deployment: `replicas` busybox httpd servers pinned to `node`.
 fn deployment(node: &str, image: &str, replicas: u32) -> String {
@@ -103,20 +103,22 @@ async fn wait_replicas_ready(pods: &Api<Pod>, replicas: usize) -> Vec<Pod> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_deployment_runs_one_cell_per_replica_and_kubectl_reaches_it() {
-    require_root();
-    init_logging();
-    let cluster = TestCluster::connect().await;
-    let namespace = cluster.namespace("cells-deploy").await;
+    let Setup {
+        cluster,
+        namespace,
+        node,
+        tmp,
+    } = Setup::new("cells-deploy").await;
     let ns = namespace.name().to_owned();
-    let node = unique_name("cells-deploy");
-    let tmp = tempfile::tempdir().unwrap();
     let registry = LoopbackRegistry::start(tmp.path()).await;
     let mut options = ConfigOptions::new(0);
     options.images = Images::Registry(&registry);
-    let config = write_config(tmp.path(), options);
-    let cleanup = CellsCleanup::new(&config);
-    let backend = cleanup.backend();
-    let controller = config.config.controller_id.clone();
+    let Cells {
+        config,
+        cleanup,
+        backend,
+        controller,
+    } = Cells::new(tmp.path(), options);
     assert!(live_cells(&backend, &controller).await.is_empty());
 
     let updraft = UpdraftProcess::start(&cluster, &node, free_port(), &config);

@@ -14,24 +14,26 @@ use kube::api::{Api, DeleteParams, PostParams};
 use updraft_cells_backend::CellBackend;
 
 use common::{
-    CellsCleanup, ConfigOptions, TIMEOUT, cell_of, delete_node, init_logging, require_root,
-    run_kubectl, running_and_ready, start_node, write_config,
+    Cells, ConfigOptions, Setup, TIMEOUT, cell_of, delete_node, run_kubectl, running_and_ready,
+    sleeping_pod, start_node,
 };
-use updraft_testing::{TestCluster, eventually, unique_name, wait_for, wait_for_deletion};
+use updraft_testing::{eventually, wait_for, wait_for_deletion};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_pod_runs_on_its_own_local_cell_and_deleting_it_terminates_the_cell() {
-    require_root();
-    init_logging();
-    let cluster = TestCluster::connect().await;
-    let namespace = cluster.namespace("cells").await;
-    let node_name = unique_name("cells-node");
-    let tmp = tempfile::tempdir().unwrap();
-    let test_config = write_config(tmp.path(), ConfigOptions::new(0));
-    let cleanup = CellsCleanup::new(&test_config);
+    let Setup {
+        cluster,
+        namespace,
+        node: node_name,
+        tmp,
+    } = Setup::new("cells").await;
+    let Cells {
+        config: test_config,
+        cleanup,
+        backend,
+        controller: controller_id,
+    } = Cells::new(tmp.path(), ConfigOptions::new(0));
     let config = test_config.config;
-    let backend = cleanup.backend();
-    let controller_id = config.controller_id.clone();
     let cells_of_controller = || async {
         backend
             .list(&controller_id)
@@ -169,31 +171,22 @@ async fn a_pod_runs_on_its_own_local_cell_and_deleting_it_terminates_the_cell() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_cell_killed_from_outside_is_replaced_per_restart_policy() {
-    require_root();
-    let cluster = TestCluster::connect().await;
-    let namespace = cluster.namespace("cells-lost").await;
-    let node_name = unique_name("cells-lost");
-    let tmp = tempfile::tempdir().unwrap();
-    let test_config = write_config(tmp.path(), ConfigOptions::new(1));
-    let cleanup = CellsCleanup::new(&test_config);
+    let Setup {
+        cluster,
+        namespace,
+        node: node_name,
+        tmp,
+    } = Setup::new("cells-lost").await;
+    let Cells {
+        config: test_config,
+        cleanup,
+        backend,
+        ..
+    } = Cells::new(tmp.path(), ConfigOptions::new(1));
     let config = test_config.config;
-    let backend = cleanup.backend();
     let (provider, stop) = start_node(&cluster, &node_name, &config).await;
     let pods = Api::<Pod>::namespaced(cluster.client(), namespace.name());
-    let pod: Pod = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "survivor"},
-        "spec": {
-            "nodeSelector": {"kubernetes.io/hostname": node_name},
-            "tolerations": [{"key": "virtual-kubelet.io/provider", "operator": "Exists", "effect": "NoSchedule"}],
-            "terminationGracePeriodSeconds": 1,
-            "containers": [{
-                "name": "app",
-                "image": "busybox",
-                "command": ["/bin/sleep", "3600"],
-            }]
-        }
-    }))
-    .unwrap();
+    let pod = sleeping_pod("survivor", &node_name, "busybox");
     pods.create(&PostParams::default(), &pod).await.unwrap();
     let first = wait_for(&pods, "survivor", "the pod to run", TIMEOUT, |p| {
         running_and_ready(p) && cell_of(p).is_some()

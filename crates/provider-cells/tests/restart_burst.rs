@@ -18,11 +18,10 @@ use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use updraft_cells_backend::Cell;
 
 use common::{
-    CellsCleanup, ConfigOptions, Images, LoopbackRegistry, TIMEOUT, UpdraftProcess, cell_of,
-    delete_node, every_cell, free_port, init_logging, live_cells, require_root, running_and_ready,
-    wait_node_ready, write_config,
+    Cells, ConfigOptions, Images, LoopbackRegistry, Setup, TIMEOUT, UpdraftProcess, cell_of,
+    delete_node, every_cell, free_port, live_cells, running_and_ready, wait_node_ready,
 };
-use updraft_testing::{TestCluster, eventually, unique_name};
+use updraft_testing::eventually;
 
 const PODS: usize = 6;
 
@@ -46,20 +45,22 @@ fn pod(name: &str, node: &str, image: &str) -> Pod {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn updraft_killed_mid_burst_loses_no_pod_starts_none_twice_and_leaks_no_cell() {
-    require_root();
-    init_logging();
-    let cluster = TestCluster::connect().await;
-    let namespace = cluster.namespace("cells-burst").await;
+    let Setup {
+        cluster,
+        namespace,
+        node,
+        tmp,
+    } = Setup::new("cells-burst").await;
     let ns = namespace.name().to_owned();
-    let node = unique_name("cells-burst");
-    let tmp = tempfile::tempdir().unwrap();
     let registry = LoopbackRegistry::start(tmp.path()).await;
     let mut options = ConfigOptions::new(2);
     options.images = Images::Registry(&registry);
-    let config = write_config(tmp.path(), options);
-    let cleanup = CellsCleanup::new(&config);
-    let backend = cleanup.backend();
-    let controller = config.config.controller_id.clone();
+    let Cells {
+        config,
+        cleanup,
+        backend,
+        controller,
+    } = Cells::new(tmp.path(), options);
     assert!(every_cell(&backend, &controller).is_empty());
 
     let port = free_port();

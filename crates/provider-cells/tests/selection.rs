@@ -18,11 +18,11 @@ use updraft_cells_backend::LaunchType;
 use updraft_cells_catalog::{BURST_SURCHARGE_PER_VCPU_HOUR, Catalog, InstanceType};
 
 use common::{
-    CellsCleanup, ConfigOptions, Images, LoopbackRegistry, TIMEOUT, UpdraftProcess, cell_condition,
-    cell_of, delete_node, every_cell, free_port, init_logging, live_cells, require_root,
-    running_and_ready, wait_node_ready, write_config,
+    Cells, ConfigOptions, Images, LoopbackRegistry, Setup, TIMEOUT, UpdraftProcess, cell_condition,
+    cell_of, delete_node, every_cell, free_port, live_cells, running_and_ready, sleeping_pod,
+    wait_node_ready,
 };
-use updraft_testing::{TestCluster, eventually, unique_name, wait_for, wait_for_deletion};
+use updraft_testing::{eventually, wait_for, wait_for_deletion};
 
 fn aws_catalog_file() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../cells-catalog/data/aws-us-east-1.json")
@@ -75,32 +75,21 @@ fn brute_force_cheapest(
 }
 
 fn pod(name: &str, node: &str, image: &str, resources: serde_json::Value) -> Pod {
-    serde_json::from_value(serde_json::json!({
-        "metadata": {"name": name},
-        "spec": {
-            "nodeSelector": {"kubernetes.io/hostname": node},
-            "tolerations": [{"key": "virtual-kubelet.io/provider", "operator": "Exists", "effect": "NoSchedule"}],
-            "terminationGracePeriodSeconds": 1,
-            "containers": [{
-                "name": "app",
-                "image": image,
-                "command": ["/bin/sleep", "3600"],
-                "resources": resources,
-            }]
-        }
-    }))
-    .unwrap()
+    let mut pod = sleeping_pod(name, node, image);
+    pod.spec.as_mut().unwrap().containers[0].resources =
+        Some(serde_json::from_value(resources).unwrap());
+    pod
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pods_get_the_cheapest_fitting_type_spot_when_asked_and_a_clear_error_when_nothing_fits() {
-    require_root();
-    init_logging();
-    let cluster = TestCluster::connect().await;
-    let namespace = cluster.namespace("cells-select").await;
+    let Setup {
+        cluster,
+        namespace,
+        node,
+        tmp,
+    } = Setup::new("cells-select").await;
     let ns = namespace.name().to_owned();
-    let node = unique_name("cells-select");
-    let tmp = tempfile::tempdir().unwrap();
     let registry = LoopbackRegistry::start(tmp.path()).await;
     let mut options = ConfigOptions::new(1);
     options.images = Images::Registry(&registry);
@@ -108,10 +97,12 @@ async fn pods_get_the_cheapest_fitting_type_spot_when_asked_and_a_clear_error_wh
     options.default_instance_type = Some("t3.small");
     // Room for the scheduler: the 500-CPU pod must reach the provider to be refused there.
     options.capacity = Some(r#"{cpu: "1000", memory: 4Ti, pods: "20"}"#);
-    let config = write_config(tmp.path(), options);
-    let cleanup = CellsCleanup::new(&config);
-    let backend = cleanup.backend();
-    let controller = config.config.controller_id.clone();
+    let Cells {
+        config,
+        cleanup,
+        backend,
+        controller,
+    } = Cells::new(tmp.path(), options);
     let catalog = Catalog::from_path(&aws_catalog_file()).unwrap();
 
     let updraft = UpdraftProcess::start(&cluster, &node, free_port(), &config);

@@ -14,11 +14,11 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, PostParams};
 use updraft_cells_backend::Cell;
 use updraft_cells_local::LocalBackend;
-use updraft_testing::{TestCluster, eventually, unique_name, wait_for, wait_for_deletion};
+use updraft_testing::{eventually, wait_for, wait_for_deletion};
 
 use common::{
-    CellsCleanup, ConfigOptions, TIMEOUT, cell_of, delete_node, live_cells, running_and_ready,
-    start_node, write_config,
+    Cells, ConfigOptions, Setup, TIMEOUT, cell_of, delete_node, live_cells, running_and_ready,
+    sleeping_pod, start_node,
 };
 
 /// The idle standby cells of `controller_id`.
@@ -32,19 +32,21 @@ async fn standby_cells(backend: &LocalBackend, controller_id: &str) -> Vec<Cell>
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_pod_takes_a_standby_cell_and_the_pool_refills() {
-    common::require_root();
-    common::init_logging();
-    let cluster = TestCluster::connect().await;
-    let namespace = cluster.namespace("cells-standby").await;
-    let node_name = unique_name("cells-standby");
-    let tmp = tempfile::tempdir().unwrap();
+    let Setup {
+        cluster,
+        namespace,
+        node: node_name,
+        tmp,
+    } = Setup::new("cells-standby").await;
     let mut options = ConfigOptions::new(5);
     options.extra = "standbyPool:\n- {instanceType: local.small, count: 1}\n".to_owned();
-    let test_config = write_config(tmp.path(), options);
+    let Cells {
+        config: test_config,
+        cleanup,
+        backend,
+        controller: controller_id,
+    } = Cells::new(tmp.path(), options);
     let config = test_config.config.clone();
-    let cleanup = CellsCleanup::new(&test_config);
-    let backend = cleanup.backend();
-    let controller_id = config.controller_id.clone();
 
     let (provider, stop) = start_node(&cluster, &node_name, &config).await;
     // The pool's cell starts with no pod around (pods claim running standby cells only).
@@ -60,16 +62,8 @@ async fn a_pod_takes_a_standby_cell_and_the_pool_refills() {
 
     // A pod that requests nothing gets the default type, local.small: the standby cell.
     let pods = Api::<Pod>::namespaced(cluster.client(), namespace.name());
-    let pod: Pod = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "quick", "labels": {"app": "quick"}},
-        "spec": {
-            "nodeSelector": {"kubernetes.io/hostname": node_name},
-            "tolerations": [{"key": "virtual-kubelet.io/provider", "operator": "Exists", "effect": "NoSchedule"}],
-            "terminationGracePeriodSeconds": 1,
-            "containers": [{"name": "app", "image": "busybox", "command": ["/bin/sleep", "3600"]}]
-        }
-    }))
-    .unwrap();
+    let mut pod = sleeping_pod("quick", &node_name, "busybox");
+    pod.metadata.labels = Some([("app".to_owned(), "quick".to_owned())].into());
     let created = pods.create(&PostParams::default(), &pod).await.unwrap();
     let running = wait_for(&pods, "quick", "the pod to run", TIMEOUT, |p| {
         running_and_ready(p) && cell_of(p).is_some()
@@ -142,19 +136,21 @@ async fn a_pod_takes_a_standby_cell_and_the_pool_refills() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_burst_runs_on_the_pool_and_the_pool_is_refilled_to_its_size() {
-    common::require_root();
-    common::init_logging();
-    let cluster = TestCluster::connect().await;
-    let namespace = cluster.namespace("cells-standby-burst").await;
-    let node_name = unique_name("cells-standby-burst");
-    let tmp = tempfile::tempdir().unwrap();
+    let Setup {
+        cluster,
+        namespace,
+        node: node_name,
+        tmp,
+    } = Setup::new("cells-standby-burst").await;
     let mut options = ConfigOptions::new(6);
     options.extra = "standbyPool:\n- {instanceType: local.small, count: 4}\n".to_owned();
-    let test_config = write_config(tmp.path(), options);
+    let Cells {
+        config: test_config,
+        cleanup,
+        backend,
+        controller: controller_id,
+    } = Cells::new(tmp.path(), options);
     let config = test_config.config.clone();
-    let cleanup = CellsCleanup::new(&test_config);
-    let backend = cleanup.backend();
-    let controller_id = config.controller_id.clone();
 
     let (provider, stop) = start_node(&cluster, &node_name, &config).await;
     let pooled: Vec<String> = eventually(TIMEOUT, || async {
@@ -176,16 +172,7 @@ async fn a_burst_runs_on_the_pool_and_the_pool_is_refilled_to_its_size() {
     let names: Vec<String> = (0..4).map(|i| format!("burst-{i}")).collect();
     futures::future::join_all(names.iter().map(|name| {
         let pods = pods.clone();
-        let pod: Pod = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": name},
-            "spec": {
-                "nodeSelector": {"kubernetes.io/hostname": node_name},
-                "tolerations": [{"key": "virtual-kubelet.io/provider", "operator": "Exists", "effect": "NoSchedule"}],
-                "terminationGracePeriodSeconds": 1,
-                "containers": [{"name": "app", "image": "busybox", "command": ["/bin/sleep", "3600"]}]
-            }
-        }))
-        .unwrap();
+        let pod = sleeping_pod(name, &node_name, "busybox");
         async move { pods.create(&PostParams::default(), &pod).await.unwrap() }
     }))
     .await;

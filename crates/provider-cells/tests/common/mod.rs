@@ -26,7 +26,7 @@ use updraft_kubelet_api::server::{protect, serve};
 use updraft_kubelet_api::tls::{ServingCertificate, server_config};
 use updraft_node::{NodeConfig, VirtualNode};
 use updraft_provider_cells::{CellsConfig, CellsProvider};
-use updraft_testing::TestCluster;
+use updraft_testing::{TestCluster, TestNamespace, unique_name};
 
 /// How long a user-visible change may take on this shared 2-core machine.
 pub const TIMEOUT: Duration = Duration::from_secs(180);
@@ -383,6 +383,77 @@ pub fn running_and_ready(pod: &Pod) -> bool {
                 .as_ref()
                 .is_some_and(|cs| !cs.is_empty() && cs.iter().all(|c| c.ready))
     })
+}
+
+/// The start of every test here: root and logging checked, the shared control plane, a
+/// namespace deleted when the test ends, a unique node name and a scratch directory.
+pub struct Setup {
+    /// The control plane.
+    pub cluster: TestCluster,
+    /// The test's namespace.
+    pub namespace: TestNamespace,
+    /// A node name no other test uses.
+    pub node: String,
+    /// Scratch space (the cells config, the registry, state).
+    pub tmp: tempfile::TempDir,
+}
+
+impl Setup {
+    /// The setup of test `name` (the namespace's and node's prefix).
+    pub async fn new(name: &str) -> Setup {
+        require_root();
+        init_logging();
+        let cluster = TestCluster::connect().await;
+        let namespace = cluster.namespace(name).await;
+        Setup {
+            cluster,
+            namespace,
+            node: unique_name(name),
+            tmp: tempfile::tempdir().unwrap(),
+        }
+    }
+}
+
+/// A test's local cells: the config of `options` written under `dir`, the cleanup that
+/// removes its cells whatever happens, a handle on its backend and its controller id.
+pub struct Cells {
+    /// The config and its file.
+    pub config: TestConfig,
+    /// Terminates every cell of the config when dropped.
+    pub cleanup: CellsCleanup,
+    /// The config's local backend.
+    pub backend: LocalBackend,
+    /// The config's controller id.
+    pub controller: String,
+}
+
+impl Cells {
+    /// Writes the config of `options` under `dir` and prepares its cleanup.
+    pub fn new(dir: &Path, options: ConfigOptions<'_>) -> Cells {
+        let config = write_config(dir, options);
+        let cleanup = CellsCleanup::new(&config);
+        Cells {
+            backend: cleanup.backend(),
+            controller: config.config.controller_id.clone(),
+            config,
+            cleanup,
+        }
+    }
+}
+
+/// A pod for `node` (it tolerates the virtual node's taint and has 1 s to terminate) whose one
+/// container `app` runs `image` with `/bin/sleep 3600`.
+pub fn sleeping_pod(name: &str, node: &str, image: &str) -> Pod {
+    serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name},
+        "spec": {
+            "nodeSelector": {"kubernetes.io/hostname": node},
+            "tolerations": [{"key": "virtual-kubelet.io/provider", "operator": "Exists", "effect": "NoSchedule"}],
+            "terminationGracePeriodSeconds": 1,
+            "containers": [{"name": "app", "image": image, "command": ["/bin/sleep", "3600"]}]
+        }
+    }))
+    .unwrap()
 }
 
 /// Deletes Node `name` (best effort, also from a failing test).
