@@ -1385,6 +1385,13 @@ async fn watch_cell(
                 answered = true;
                 after = Some(response.version);
                 if response.uid.as_deref() == Some(tracked.pod.uid.as_str()) {
+                    tracing::debug!(
+                        pod = %tracked.pod,
+                        cell = %cell.id,
+                        phase = response.status.phase.as_deref().unwrap_or_default(),
+                        version = response.version,
+                        "the agent reports the pod's status"
+                    );
                     lock(&tracked.state).applied = true;
                     let status =
                         running_status(&response.status, &cell.summary, tracked.host_network);
