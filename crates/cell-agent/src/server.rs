@@ -319,6 +319,10 @@ async fn logs_route(
                     return None;
                 }
                 loop {
+                    // Marked seen before the read: a line written after it wakes `changed`
+                    // below (marked after, a line written in between would be lost until the
+                    // next one).
+                    let (inst, _, ended) = *rx.borrow_and_update();
                     let data = tokio::fs::read(&path).await.unwrap_or_default();
                     let start = (offset as usize).min(data.len());
                     let tail = &data[start..];
@@ -341,7 +345,6 @@ async fn logs_route(
                         }
                         return Some((Ok(Bytes::from(out)), (None, offset, rx, limit, finished)));
                     }
-                    let (inst, _, ended) = *rx.borrow_and_update();
                     if ended || inst != instance {
                         return None;
                     }
@@ -688,6 +691,8 @@ async fn attach(
         let output = async {
             let mut offset = start;
             loop {
+                // Marked seen before the read, as in the log follow.
+                let (inst, _, ended) = *rx.borrow_and_update();
                 let data = tokio::fs::read(&path).await.unwrap_or_default();
                 let from = (offset as usize).min(data.len());
                 let tail = &data[from..];
@@ -710,7 +715,6 @@ async fn attach(
                     }
                 }
                 if complete == 0 {
-                    let (inst, _, ended) = *rx.borrow_and_update();
                     if ended || inst != instance {
                         break;
                     }
