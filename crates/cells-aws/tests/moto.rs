@@ -34,8 +34,17 @@ struct Ec2 {
 }
 
 async fn backend(moto: &MotoServer, config: AwsConfig) -> AwsBackend {
+    backend_at(moto.endpoint(), config).await
+}
+
+/// A backend of `config` that reaches moto through `proxy` (which refuses what EC2 may refuse).
+async fn through_proxy(proxy: &Ec2Proxy, config: AwsConfig) -> AwsBackend {
+    backend_at(proxy.endpoint(), config).await
+}
+
+async fn backend_at(endpoint: String, config: AwsConfig) -> AwsBackend {
     let config = AwsConfig {
-        endpoint_url: Some(moto.endpoint()),
+        endpoint_url: Some(endpoint),
         ..config
     };
     AwsBackend::with_credentials(config, "testing", "testing").await
@@ -556,12 +565,11 @@ async fn errors_are_clear_and_typed() {
 async fn refused_spot_falls_back_to_on_demand_when_configured() {
     let ec2 = ec2().await;
     let proxy = Ec2Proxy::start(&ec2.moto.endpoint(), no_spot_capacity).expect("proxy");
-    let through_proxy = |fallback| AwsConfig {
-        endpoint_url: Some(proxy.endpoint()),
+    let with_fallback = |fallback| AwsConfig {
         spot_fallback_to_on_demand: fallback,
         ..config(&ec2, "ctl")
     };
-    let strict = AwsBackend::with_credentials(through_proxy(false), "testing", "testing").await;
+    let strict = through_proxy(&proxy, with_fallback(false)).await;
     let error = strict
         .start(&spec("ctl", "batch-1", LaunchType::Spot))
         .await
@@ -576,7 +584,7 @@ async fn refused_spot_falls_back_to_on_demand_when_configured() {
         "nothing started"
     );
 
-    let lenient = AwsBackend::with_credentials(through_proxy(true), "testing", "testing").await;
+    let lenient = through_proxy(&proxy, with_fallback(true)).await;
     let batch = spec("ctl", "batch-2", LaunchType::Spot);
     let started = lenient.start(&batch).await.expect("fallback start");
     assert_eq!(started.launch_type, LaunchType::OnDemand);
@@ -600,7 +608,7 @@ async fn refused_spot_falls_back_to_on_demand_when_configured() {
         .collect();
     assert_eq!(tokens, ["uid-batch-2-1", "uid-batch-2-1-od"]);
     let launches = proxy.requests("RunInstances").len();
-    let restarted = AwsBackend::with_credentials(through_proxy(true), "testing", "testing").await;
+    let restarted = through_proxy(&proxy, with_fallback(true)).await;
     let again = restarted.start(&batch).await.expect("repeated start");
     assert_eq!(again, started);
     assert_eq!(restarted.list("ctl").await.expect("list").len(), 1);
@@ -758,15 +766,7 @@ async fn tags_name_the_pod_within_ec2s_limits() {
 async fn the_pod_gets_one_secondary_private_ip_on_the_primary_interface() {
     let ec2 = ec2().await;
     let proxy = Ec2Proxy::start(&ec2.moto.endpoint(), |_| None).expect("proxy");
-    let backend = AwsBackend::with_credentials(
-        AwsConfig {
-            endpoint_url: Some(proxy.endpoint()),
-            ..config(&ec2, "ctl")
-        },
-        "testing",
-        "testing",
-    )
-    .await;
+    let backend = through_proxy(&proxy, config(&ec2, "ctl")).await;
     let started = backend
         .start(&spec("ctl", "web-1", LaunchType::OnDemand))
         .await
@@ -835,15 +835,7 @@ fn no_more_addresses(body: &str) -> Option<Refusal> {
 async fn a_cell_without_its_pod_address_is_not_left_running() {
     let ec2 = ec2().await;
     let proxy = Ec2Proxy::start(&ec2.moto.endpoint(), no_more_addresses).expect("proxy");
-    let backend = AwsBackend::with_credentials(
-        AwsConfig {
-            endpoint_url: Some(proxy.endpoint()),
-            ..config(&ec2, "ctl")
-        },
-        "testing",
-        "testing",
-    )
-    .await;
+    let backend = through_proxy(&proxy, config(&ec2, "ctl")).await;
     let error = backend
         .start(&spec("ctl", "web-1", LaunchType::OnDemand))
         .await
