@@ -1455,14 +1455,14 @@ async fn watch_cell(
                         ),
                     )
                 } else {
-                    (
-                        REASON_CELL_BOOT_TIMEOUT,
-                        format!(
-                            "its agent did not answer within the boot timeout (bootTimeout: {:?}): check that the cell's image starts the agent (updraft-cell) and that Updraft reaches it on port {}; if the cells only boot slowly, raise bootTimeout in the provider config",
-                            this.settings.boot_timeout,
-                            this.settings.agent.port
-                        ),
-                    )
+                    // The same failure as the pod's create waiting for the cell: one message.
+                    let timed_out = BootError::TimedOut {
+                        cell: cell.id.clone(),
+                        timeout: this.settings.boot_timeout,
+                        port: this.settings.agent.port,
+                        last_error: format!("no answer for {}s", unreachable_for.as_secs()),
+                    };
+                    (timed_out.reason(), timed_out.to_string())
                 }
             })
         });
