@@ -13,7 +13,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Node, Pod};
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use remote_command_support::{
     StreamingPath, TIMEOUT, create_pod, idle_pod, kubectl, kubectl_ok, running, start, start_on,
 };
@@ -265,12 +265,7 @@ struct NodeCleanup(String);
 
 impl Drop for NodeCleanup {
     fn drop(&mut self) {
-        let name = self.0.clone();
-        updraft_testing::cleanup_as_admin(move |client| async move {
-            let _ = Api::<Node>::all(client)
-                .delete(&name, &DeleteParams::default())
-                .await;
-        });
+        updraft_testing::delete_node(&self.0);
     }
 }
 

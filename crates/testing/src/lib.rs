@@ -24,7 +24,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::core::v1::{Namespace, Node};
 use kube::api::{Api, DeleteParams, PostParams};
 use updraft_devcluster::{Layout, cluster};
 
@@ -169,6 +169,17 @@ where
         });
     });
     let _ = worker.join();
+}
+
+/// Deletes the Node `name` as cluster admin, best effort and from anywhere (a `Drop`, a failing
+/// test): the nodes tests register are cluster-scoped and outlive their namespaces.
+pub fn delete_node(name: &str) {
+    let name = name.to_owned();
+    cleanup_as_admin(move |client| async move {
+        let _ = Api::<Node>::all(client)
+            .delete(&name, &DeleteParams::default())
+            .await;
+    });
 }
 
 /// Where test binaries and fixtures may keep scratch files: `<cluster dir>/scratch`.

@@ -11,7 +11,7 @@ use std::collections::BTreeSet;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, PostParams};
 use updraft_devcluster::cluster::{NodeFiles, node_files};
 use updraft_testing::{TestCluster, eventually, unique_name, wait_for, wait_for_deletion};
@@ -211,11 +211,6 @@ struct NodeObject(String);
 
 impl Drop for NodeObject {
     fn drop(&mut self) {
-        let name = self.0.clone();
-        updraft_testing::cleanup_as_admin(move |client| async move {
-            let _ = Api::<Node>::all(client)
-                .delete(&name, &DeleteParams::default())
-                .await;
-        });
+        updraft_testing::delete_node(&self.0);
     }
 }

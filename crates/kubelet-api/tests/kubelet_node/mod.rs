@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Node;
-use kube::api::{Api, DeleteParams};
+use kube::api::Api;
 use updraft_devcluster::pki::{CertificateAuthority, Identity};
 use updraft_kubelet_api::auth::{Auth, AuthConfig};
 use updraft_kubelet_api::routes::{KubeletOptions, KubeletState, PodLookup, routes_with};
@@ -90,12 +90,7 @@ impl Drop for KubeletNode {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(true);
         }
-        let name = self.name.clone();
-        updraft_testing::cleanup_as_admin(move |client| async move {
-            let _ = Api::<Node>::all(client)
-                .delete(&name, &DeleteParams::default())
-                .await;
-        });
+        updraft_testing::delete_node(&self.name);
     }
 }
 

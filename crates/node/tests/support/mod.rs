@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Node, Pod};
-use kube::api::{Api, DeleteParams};
+use kube::api::Api;
 use updraft_node::{NodeConfig, VirtualNode};
 use updraft_provider_mock::{MockConfig, MockProvider};
 use updraft_testing::{TestCluster, unique_name, wait_for};
@@ -48,12 +48,7 @@ pub struct NodeName(pub String);
 
 impl Drop for NodeName {
     fn drop(&mut self) {
-        let name = self.0.clone();
-        updraft_testing::cleanup_as_admin(move |client| async move {
-            let _ = Api::<Node>::all(client)
-                .delete(&name, &DeleteParams::default())
-                .await;
-        });
+        updraft_testing::delete_node(&self.0);
     }
 }
 

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Node, Pod};
-use kube::api::{Api, DeleteParams};
+use kube::api::Api;
 use updraft_cells_backend::{Cell, CellBackend};
 use updraft_cells_local::LocalBackend;
 use updraft_devcluster::pki::{CertificateAuthority, Identity};
@@ -456,15 +456,7 @@ pub fn sleeping_pod(name: &str, node: &str, image: &str) -> Pod {
     .unwrap()
 }
 
-/// Deletes Node `name` (best effort, also from a failing test).
-pub fn delete_node(name: &str) {
-    let name = name.to_owned();
-    updraft_testing::cleanup_as_admin(move |client| async move {
-        let _ = Api::<Node>::all(client)
-            .delete(&name, &DeleteParams::default())
-            .await;
-    });
-}
+pub use updraft_testing::delete_node;
 
 /// Starts the node (and its kubelet API on a loopback port) in this process with a cells
 /// provider from `config`; the sender stops both.
