@@ -11,7 +11,7 @@ use serde::Deserialize as _;
 use support::*;
 use updraft_testing::{TestCluster, unique_name, wait_for};
 
-const RBAC: &str = include_str!("../../../deploy/rbac.yaml");
+const RBAC: &str = include_str!("../../../../deploy/rbac.yaml");
 
 /// Deletes the test's cluster-scoped RBAC objects at the end.
 struct ClusterRbac(String);

@@ -25,7 +25,7 @@ use common::{
 use updraft_testing::{eventually, wait_for, wait_for_deletion};
 
 fn aws_catalog_file() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../cells-catalog/data/aws-us-east-1.json")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../catalog/data/aws-us-east-1.json")
 }
 
 /// The cheapest x86_64 type of `catalog` with at least `cpu_millis` and `memory_bytes`, by
