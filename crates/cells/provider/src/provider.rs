@@ -139,7 +139,7 @@ impl BootError {
 
 impl From<BootError> for ProviderError {
     fn from(error: BootError) -> ProviderError {
-        ProviderError::Transient(error.to_string())
+        ProviderError::transient(error.to_string())
     }
 }
 
@@ -328,36 +328,41 @@ impl Drop for Inner {
     }
 }
 
+/// The provider error of a failed backend call: the message says what failed and why (the
+/// node shows it in the pod's status as it is), the backend's error stays its typed source.
 fn backend_error(context: &str, error: BackendError) -> ProviderError {
-    let message = format!("{context}: {error}");
-    if error.is_retryable() {
-        ProviderError::Transient(message)
+    let context = &format!("{context}: {error}");
+    let kind = if error.is_retryable() {
+        ProviderError::transient(context)
     } else {
         match error {
-            BackendError::InvalidRequest { .. } => ProviderError::Permanent(message),
+            BackendError::InvalidRequest { .. } => ProviderError::permanent(context),
             // Quotas and credentials can be fixed by the operator: keep retrying.
-            _ => ProviderError::Transient(message),
+            _ => ProviderError::transient(context),
         }
-    }
+    };
+    kind.caused_by(error)
 }
 
+/// The provider error of a failed agent call, like [`backend_error`].
 pub(crate) fn client_error(context: &str, error: ClientError) -> ProviderError {
-    let message = format!("{context}: {error}");
-    match &error {
+    let context = &format!("{context}: {error}");
+    let kind = match &error {
         ClientError::Api { status, .. } if status.as_u16() == 404 => {
-            ProviderError::NotFound(message)
+            ProviderError::not_found(context)
         }
         ClientError::Api { status, .. } if matches!(status.as_u16(), 400 | 409) => {
-            ProviderError::InvalidInput(message)
+            ProviderError::invalid_input(context)
         }
-        _ => ProviderError::Transient(message),
-    }
+        _ => ProviderError::transient(context),
+    };
+    kind.caused_by(error)
 }
 
 fn cost_error(error: CostError) -> ProviderError {
     match error {
-        CostError::Selection(e) => ProviderError::Permanent(e.to_string()),
-        other => ProviderError::InvalidInput(other.to_string()),
+        CostError::Selection(e) => ProviderError::permanent(e.to_string()),
+        other => ProviderError::invalid_input(other.to_string()),
     }
 }
 
@@ -817,7 +822,7 @@ impl Inner {
         view.summary.launch_type = started.launch_type.as_str().to_owned();
         if cell.state.is_ending() {
             // An idempotency token that names a cell which has ended since: a new attempt.
-            return Err(ProviderError::Transient(format!(
+            return Err(ProviderError::transient(format!(
                 "cell {} for this start attempt has ended; retrying with a new cell",
                 cell.id
             )));
@@ -930,7 +935,7 @@ impl Inner {
     ) -> Result<CellView, ProviderError> {
         let uid = tracked.pod.uid.clone();
         if tracked.deleting.is_cancelled() {
-            return Err(ProviderError::Transient(format!(
+            return Err(ProviderError::transient(format!(
                 "pod {} is being deleted",
                 tracked.pod
             )));
@@ -1483,7 +1488,7 @@ impl Provider for CellsProvider {
     async fn create_pod(&self, pod: &ResolvedPod) -> updraft_provider::Result<()> {
         let pod_ref = PodRef::of(&pod.pod);
         if pod_ref.uid.is_empty() {
-            return Err(ProviderError::InvalidInput("the pod has no UID".into()));
+            return Err(ProviderError::invalid_input("the pod has no UID"));
         }
         let inner = &self.inner;
         let _guard = inner.lock_pod(&pod_ref.uid).await;
@@ -1523,7 +1528,7 @@ impl Provider for CellsProvider {
         let inner = &self.inner;
         let _guard = inner.lock_pod(&pod_ref.uid).await;
         let Some(tracked) = inner.tracked(&pod_ref.uid) else {
-            return Err(ProviderError::NotFound(format!(
+            return Err(ProviderError::not_found(format!(
                 "pod {pod_ref} has no cell"
             )));
         };
@@ -1533,7 +1538,7 @@ impl Provider for CellsProvider {
             state.cell.clone()
         };
         let Some(client) = cell.as_ref().and_then(|c| c.client.clone()) else {
-            return Err(ProviderError::Transient(format!(
+            return Err(ProviderError::transient(format!(
                 "pod {pod_ref}: its cell is not reachable yet"
             )));
         };
@@ -1717,13 +1722,13 @@ impl CellsProvider {
         let tracked = self
             .inner
             .tracked(&pod.uid)
-            .ok_or_else(|| ProviderError::NotFound(format!("pod {pod} runs on no cell")))?;
+            .ok_or_else(|| ProviderError::not_found(format!("pod {pod} runs on no cell")))?;
         let state = lock(&tracked.state);
         state
             .cell
             .as_ref()
             .and_then(|c| c.client.clone())
-            .ok_or_else(|| ProviderError::NotFound(format!("pod {pod}: its cell is not running")))
+            .ok_or_else(|| ProviderError::not_found(format!("pod {pod}: its cell is not running")))
     }
 
     /// The pods with a reachable cell, with their last status.

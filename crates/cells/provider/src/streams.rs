@@ -139,21 +139,21 @@ async fn bridge(session: StreamSession, io: StreamIo) -> Result<ExitStatus> {
                 Some(Ok(Frame::End(end))) => {
                     break match (end.exit_code, end.error) {
                         (Some(code), _) => Ok(ExitStatus::Code(code)),
-                        (None, Some(error)) => Err(ProviderError::InvalidInput(error)),
-                        (None, None) => Err(ProviderError::Transient(
-                            "the cell agent ended the stream without an exit status".into(),
+                        (None, Some(error)) => Err(ProviderError::invalid_input(error)),
+                        (None, None) => Err(ProviderError::transient(
+                            "the cell agent ended the stream without an exit status",
                         )),
                     };
                 }
                 Some(Ok(_)) => {}
                 Some(Err(e)) => {
-                    break Err(ProviderError::Transient(format!(
+                    break Err(ProviderError::transient(format!(
                         "the stream from the cell agent broke: {e}"
                     )));
                 }
                 None => {
-                    break Err(ProviderError::Transient(
-                        "the cell agent closed the stream without an exit status".into(),
+                    break Err(ProviderError::transient(
+                        "the cell agent closed the stream without an exit status",
                     ));
                 }
             }
@@ -168,7 +168,7 @@ async fn bridge(session: StreamSession, io: StreamIo) -> Result<ExitStatus> {
         result
     };
     tokio::select! {
-        () = input => Err(ProviderError::Transient("input ended the session".into())),
+        () = input => Err(ProviderError::transient("input ended the session")),
         result = output => result,
     }
 }
@@ -177,8 +177,8 @@ async fn bridge(session: StreamSession, io: StreamIo) -> Result<ExitStatus> {
 impl ContainerExec for CellsProvider {
     async fn exec(&self, request: ExecRequest, io: StreamIo) -> Result<ExitStatus> {
         if request.command.is_empty() {
-            return Err(ProviderError::InvalidInput(
-                "exec needs a command: none was given".into(),
+            return Err(ProviderError::invalid_input(
+                "exec needs a command: none was given",
             ));
         }
         let client = self.client_of(&request.pod)?;
@@ -295,6 +295,6 @@ impl NodeHealth for CellsProvider {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
-            .map_err(ProviderError::Transient)
+            .map_err(ProviderError::transient)
     }
 }

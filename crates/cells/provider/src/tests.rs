@@ -216,7 +216,7 @@ async fn a_bad_annotation_or_an_impossible_request_starts_nothing() {
         ", annotations: {cells.updraft.dev/launch-type: reserved}",
     );
     let err = provider.create_pod(&annotated).await.unwrap_err();
-    assert!(matches!(err, ProviderError::InvalidInput(_)), "{err:?}");
+    assert!(matches!(err, ProviderError::InvalidInput { .. }), "{err:?}");
     assert!(err.to_string().contains("launch-type"), "{err}");
 
     let mut huge = api_pod("u2", "");
@@ -224,7 +224,7 @@ async fn a_bad_annotation_or_an_impossible_request_starts_nothing() {
     spec.containers[0].resources = serde_yaml::from_str("{requests: {cpu: '200'}}").unwrap();
     let huge = ResolvedPod::unresolved(huge);
     let err = provider.create_pod(&huge).await.unwrap_err();
-    assert!(matches!(err, ProviderError::Permanent(_)), "{err:?}");
+    assert!(matches!(err, ProviderError::Permanent { .. }), "{err:?}");
     assert!(err.to_string().contains("vCPU"), "{err}");
 
     assert!(backend.started.lock().unwrap().is_empty());

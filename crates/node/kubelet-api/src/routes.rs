@@ -107,16 +107,16 @@ pub fn routes_with(state: KubeletState, options: KubeletOptions) -> Router {
         .with_state(endpoints)
 }
 
-/// The HTTP answer to a provider error: status code by kind, the error's text as body.
+/// The HTTP answer to a provider error: status code by kind, the error and its causes as body.
 pub fn provider_error(err: &ProviderError) -> Response {
     let status = match err {
-        ProviderError::NotFound(_) => StatusCode::NOT_FOUND,
-        ProviderError::InvalidInput(_) => StatusCode::BAD_REQUEST,
+        ProviderError::NotFound { .. } => StatusCode::NOT_FOUND,
+        ProviderError::InvalidInput { .. } => StatusCode::BAD_REQUEST,
         ProviderError::Unsupported(_) => StatusCode::NOT_IMPLEMENTED,
-        ProviderError::Transient(_) => StatusCode::SERVICE_UNAVAILABLE,
-        ProviderError::Permanent(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        ProviderError::Transient { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        ProviderError::Permanent { .. } => StatusCode::INTERNAL_SERVER_ERROR,
     };
-    (status, format!("{err}\n")).into_response()
+    (status, format!("{}\n", updraft_common::error_chain(err))).into_response()
 }
 
 /// The pods bound to this node (from the node's cache when it has one).

@@ -93,10 +93,10 @@ impl PodMetrics {
     pub fn provider_error(&self, operation: &str, error: &updraft_provider::ProviderError) {
         use updraft_provider::ProviderError as E;
         let kind = match error {
-            E::NotFound(_) => "not_found",
-            E::InvalidInput(_) => "invalid_input",
-            E::Transient(_) => "transient",
-            E::Permanent(_) => "permanent",
+            E::NotFound { .. } => "not_found",
+            E::InvalidInput { .. } => "invalid_input",
+            E::Transient { .. } => "transient",
+            E::Permanent { .. } => "permanent",
             E::Unsupported(_) => "unsupported",
         };
         self.provider_errors
@@ -203,7 +203,7 @@ mod tests {
         metrics.observe_reconcile(Duration::from_millis(3), true);
         metrics.provider_error(
             "create",
-            &updraft_provider::ProviderError::Transient("busy".into()),
+            &updraft_provider::ProviderError::transient("busy"),
         );
 
         let text = encode(&registry);

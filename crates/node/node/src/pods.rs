@@ -26,6 +26,7 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, reflector};
 use kube::runtime::watcher;
 use tokio::sync::watch;
+use updraft_common::error_chain;
 use updraft_provider::{PodRef, PodStatusUpdate, Provider, ProviderError};
 
 use crate::NodeConfig;
@@ -39,7 +40,7 @@ use crate::services::Services;
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
     /// The provider failed transiently.
-    #[error("provider: {0}")]
+    #[error("provider: {}", error_chain(.0))]
     Provider(#[from] ProviderError),
     /// The pod's references could not be resolved yet.
     #[error("resolving the pod: {0}")]
@@ -295,7 +296,7 @@ async fn reconcile<P: Provider>(
     if pod.metadata.deletion_timestamp.is_some() {
         let grace = pod.metadata.deletion_grace_period_seconds.unwrap_or(30);
         if let Err(err) = provider.delete_pod(&pod_ref, grace).await
-            && !matches!(err, ProviderError::NotFound(_))
+            && !matches!(err, ProviderError::NotFound { .. })
         {
             context.metrics.provider_error("delete", &err);
             publish(
@@ -303,7 +304,7 @@ async fn reconcile<P: Provider>(
                 &pod,
                 EventType::Warning,
                 "ProviderDeleteFailed",
-                err.to_string(),
+                error_chain(&err),
             )
             .await;
             return Err(err.into());
@@ -396,7 +397,7 @@ async fn reconcile<P: Provider>(
                 &pod,
                 EventType::Warning,
                 err.event_reason(),
-                err.to_string(),
+                error_chain(&err),
             )
             .await;
             return Err(err.into());
@@ -463,7 +464,7 @@ async fn reconcile<P: Provider>(
                 &pod,
                 EventType::Warning,
                 failed_reason,
-                err.to_string(),
+                error_chain(&err),
             )
             .await;
             if err.is_transient() {
@@ -561,7 +562,7 @@ fn error_policy<P: Provider>(
     // 1 s, 2 s, 4 s … capped at 5 min, like the kubelet's back-off.
     let delay =
         Duration::from_secs(1u64 << attempt.min(9).saturating_sub(1)).min(Duration::from_secs(300));
-    tracing::info!(pod = %pod_ref, attempt, ?delay, "reconciliation failed, retrying: {error}");
+    tracing::info!(pod = %pod_ref, attempt, ?delay, "reconciliation failed, retrying: {}", error_chain(error));
     Action::requeue(delay)
 }
 
@@ -590,7 +591,7 @@ async fn write_provider_failure<P>(
     let patch = serde_json::json!({"status": {
         "phase": if never_restarts { "Failed" } else { "Pending" },
         "reason": "ProviderFailed",
-        "message": err.to_string(),
+        "message": error_chain(err),
     }});
     let pod_ref = PodRef::of(pod);
     Api::<Pod>::namespaced(context.client.clone(), &pod_ref.namespace)

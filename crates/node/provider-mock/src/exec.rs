@@ -28,8 +28,8 @@ pub(crate) async fn exec(
     io: StreamIo,
 ) -> Result<ExitStatus> {
     let Some(program) = command.first() else {
-        return Err(ProviderError::InvalidInput(
-            "exec needs a command: none was given".into(),
+        return Err(ProviderError::invalid_input(
+            "exec needs a command: none was given",
         ));
     };
     if io.tty {
@@ -171,7 +171,7 @@ async fn exec_pipes(
     };
     status
         .map(exit_status)
-        .map_err(|e| ProviderError::Transient(format!("waiting for the exec'd process: {e}")))
+        .map_err(|e| ProviderError::transient(format!("waiting for the exec'd process: {e}")))
 }
 
 /// `forward_stdin` never completes.
@@ -206,7 +206,7 @@ async fn exec_tty(
     io: StreamIo,
 ) -> Result<ExitStatus> {
     let io_error = |what: &str, e: &dyn std::fmt::Display| {
-        ProviderError::Transient(format!("mock exec: {what}: {e}"))
+        ProviderError::transient(format!("mock exec: {what}: {e}"))
     };
     let initial = nix::pty::Winsize {
         ws_row: DEFAULT_SIZE.height,
@@ -262,5 +262,5 @@ async fn exec_tty(
     };
     status
         .map(exit_status)
-        .map_err(|e| ProviderError::Transient(format!("waiting for the exec'd process: {e}")))
+        .map_err(|e| ProviderError::transient(format!("waiting for the exec'd process: {e}")))
 }

@@ -28,14 +28,14 @@ impl PortForward for MockProvider {
             .get(&(pod.namespace.clone(), pod.name.clone()))
             .is_some_and(|p| p.pod.uid == pod.uid || pod.uid.is_empty());
         if !runs {
-            return Err(ProviderError::NotFound(format!(
+            return Err(ProviderError::not_found(format!(
                 "pod {pod} does not run in the mock provider"
             )));
         }
         let mut upstream = TcpStream::connect((Ipv4Addr::LOCALHOST, port))
             .await
             .map_err(|err| {
-                ProviderError::Transient(format!(
+                ProviderError::transient(format!(
                     "connecting to port {port} of pod {pod} (the mock's pod network is 127.0.0.1): {err}"
                 ))
             })?;
@@ -114,7 +114,7 @@ mod tests {
         let err = PortForward::port_forward(&mock, &PodRef::of(&p), closed, Box::new(side))
             .await
             .unwrap_err();
-        assert!(matches!(err, ProviderError::NotFound(_)), "{err}");
+        assert!(matches!(err, ProviderError::NotFound { .. }), "{err}");
 
         mock.create_pod(&ResolvedPod::unresolved(p.clone()))
             .await

@@ -112,7 +112,7 @@ impl Behaviour {
                 continue;
             };
             let bad = |expected: &str| {
-                ProviderError::InvalidInput(format!(
+                ProviderError::invalid_input(format!(
                     "annotation {key}={value:?} is malformed: expected {expected}"
                 ))
             };
@@ -151,7 +151,7 @@ impl Behaviour {
                 || behaviour.exit_after.is_some()
                 || behaviour.exit_code != 0)
         {
-            return Err(ProviderError::InvalidInput(format!(
+            return Err(ProviderError::invalid_input(format!(
                 "annotation {ANNOTATION_PREFIX}run=true runs real processes: remove \
                  {ANNOTATION_PREFIX}start-delay-ms, exit-after-ms and exit-code (the process decides)"
             )));
@@ -464,7 +464,7 @@ impl MockProvider {
             .pods
             .get(&(pod.namespace.clone(), pod.name.clone()))
             .filter(|p| pod.uid.is_empty() || p.pod.uid == pod.uid)
-            .ok_or_else(|| ProviderError::NotFound(format!("pod {pod} does not run here")))?;
+            .ok_or_else(|| ProviderError::not_found(format!("pod {pod} does not run here")))?;
         match &entry.sandbox {
             Some(sandbox) => f(sandbox),
             None => Err(ProviderError::Unsupported(
@@ -585,20 +585,16 @@ impl Provider for MockProvider {
             }
             match behaviour.fail_create {
                 Some(Failure::Permanent) => {
-                    return Err(ProviderError::Permanent(
-                        "mock: told to fail creation".into(),
-                    ));
+                    return Err(ProviderError::permanent("mock: told to fail creation"));
                 }
                 Some(Failure::Invalid) => {
-                    return Err(ProviderError::InvalidInput(
-                        "mock: told to reject the pod".into(),
-                    ));
+                    return Err(ProviderError::invalid_input("mock: told to reject the pod"));
                 }
                 Some(Failure::Transient(times)) => {
                     let failed = state.failures.entry(pod_ref.uid.clone()).or_default();
                     if *failed < times {
                         *failed += 1;
-                        return Err(ProviderError::Transient(format!(
+                        return Err(ProviderError::transient(format!(
                             "mock: transient failure {failed} of {times}"
                         )));
                     }
@@ -673,7 +669,7 @@ impl Provider for MockProvider {
                 entry.inputs = self.inputs(resolved);
                 Ok(())
             }
-            _ => Err(ProviderError::NotFound(format!("pod {pod_ref}"))),
+            _ => Err(ProviderError::not_found(format!("pod {pod_ref}"))),
         }
     }
 
@@ -766,7 +762,7 @@ impl ContainerExec for MockProvider {
     async fn exec(&self, request: ExecRequest, io: StreamIo) -> Result<ExitStatus> {
         let (dir, env) = self.with_sandbox(&request.pod, |s| {
             let env = s.environment(&request.container).ok_or_else(|| {
-                ProviderError::NotFound(format!(
+                ProviderError::not_found(format!(
                     "container {:?} is not in pod {}",
                     request.container, request.pod
                 ))
@@ -796,7 +792,7 @@ impl NodeHealth for MockProvider {
             .unwrap_or_else(|e| e.into_inner())
             .clone()
         {
-            Some(problem) => Err(ProviderError::Transient(problem)),
+            Some(problem) => Err(ProviderError::transient(problem)),
             None => Ok(()),
         }
     }
@@ -841,7 +837,7 @@ mod tests {
             .await
             .unwrap_err();
         assert!(
-            matches!(&err, ProviderError::InvalidInput(m) if m.contains("mock.updraft.dev/exit-after-ms")),
+            matches!(&err, ProviderError::InvalidInput { message: m, .. } if m.contains("mock.updraft.dev/exit-after-ms")),
             "{err}"
         );
     }

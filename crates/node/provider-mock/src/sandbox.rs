@@ -214,7 +214,7 @@ impl Sandbox {
         for spec in specs {
             let log_dir = dir.join("logs").join(&spec.name);
             tokio::fs::create_dir_all(&log_dir).await.map_err(|e| {
-                ProviderError::Transient(format!(
+                ProviderError::transient(format!(
                     "mock: creating the scratch directory {}: {e}",
                     log_dir.display()
                 ))
@@ -253,7 +253,7 @@ impl Sandbox {
     /// The current (or with `previous`, the one before) instance of `container`.
     pub fn instance(&self, container: &str, previous: bool) -> Result<Instance> {
         let Some(c) = self.containers.get(container) else {
-            return Err(ProviderError::NotFound(format!(
+            return Err(ProviderError::not_found(format!(
                 "container {container:?} is not in this pod"
             )));
         };
@@ -264,11 +264,11 @@ impl Sandbox {
             .cloned()
             .ok_or_else(|| {
                 if previous {
-                    ProviderError::InvalidInput(format!(
+                    ProviderError::invalid_input(format!(
                         "previous terminated container {container:?} not found"
                     ))
                 } else {
-                    ProviderError::NotFound(format!("container {container:?} has not started yet"))
+                    ProviderError::not_found(format!("container {container:?} has not started yet"))
                 }
             })
     }

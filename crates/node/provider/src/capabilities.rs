@@ -171,3 +171,16 @@ pub trait ProviderStats: Send + Sync {
     /// Usage of every running pod.
     async fn pod_stats(&self) -> Result<Vec<PodStats>>;
 }
+
+/// Routing to ClusterIP Services, for a provider whose pods run where no kube-proxy does.
+///
+/// The node watches Services and EndpointSlices once and hands the provider the whole
+/// table on every change ([`ServiceRoutes::version`] grows); the provider installs it where
+/// its pods run. Every table is complete, so a provider may drop intermediate ones and apply
+/// only the latest: one that was behind catches up in one step.
+pub trait ServiceRouting: Send + Sync {
+    /// The current table; called from the node's routing task, must not block.
+    fn routes_changed(&self, routes: std::sync::Arc<ServiceRoutes>);
+}
+
+use updraft_common::services::ServiceRoutes;

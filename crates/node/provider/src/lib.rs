@@ -3,9 +3,9 @@
 //! A *provider* is the backend that actually runs the pods bound to the virtual node: local
 //! cells, cloud instances, a mock. The node (crate `updraft-node`) watches the API server and
 //! calls the provider; the provider reports status back. Only [`Provider`] is required; each
-//! optional capability (status stream, node health, logs, exec, attach, port-forward, stats)
-//! is advertised by returning `Some` from its accessor, so a missing capability is a clear
-//! "not implemented" answer at the kubelet API, never a panic.
+//! optional capability (status stream, node health, logs, exec, attach, port-forward, stats,
+//! Service routing) is advertised by returning `Some` from its accessor, so a missing
+//! capability is a clear "not implemented" answer at the kubelet API, never a panic.
 //!
 //! Providers never read Secrets or ConfigMaps: they receive a [`ResolvedPod`], with every
 //! environment variable and volume file already resolved by the node.
@@ -17,11 +17,12 @@ mod resolved;
 
 pub use capabilities::{
     ContainerAttach, ContainerExec, ContainerLogs, ContainerStats, Duplex, ExecRequest, ExitStatus,
-    LogOptions, LogStream, NodeHealth, PodStats, PortForward, ProviderStats, StreamIo,
-    TerminalSize,
+    LogOptions, LogStream, NodeHealth, PodStats, PortForward, ProviderStats, ServiceRouting,
+    StreamIo, TerminalSize,
 };
 pub use error::ProviderError;
 pub use resolved::{EnvVar, ResolvedPod, VolumeFile, VolumeFiles};
+pub use updraft_common::services::{Protocol, ServiceRoute, ServiceRoutes};
 
 use std::fmt;
 
@@ -128,6 +129,11 @@ pub trait Provider: Send + Sync + 'static {
     }
     /// Resource usage (`/stats/summary`, `/metrics/resource`, `kubectl top`).
     fn stats(&self) -> Option<&dyn ProviderStats> {
+        None
+    }
+    /// Routing the pods' connections to ClusterIP Services (the kube-proxy role), for pods
+    /// that run off the cluster's network. The node then watches EndpointSlices.
+    fn service_routing(&self) -> Option<&dyn ServiceRouting> {
         None
     }
 }

@@ -142,7 +142,7 @@ impl Inner {
     /// cloud-init, size-checked for the backend.
     pub(super) fn cell_user_data(&self) -> Result<Vec<u8>, ProviderError> {
         let server = self.pki.issue_server_certificate().map_err(|e| {
-            ProviderError::Transient(format!("issuing the agent's certificate: {e}"))
+            ProviderError::transient(format!("issuing the agent's certificate: {e}"))
         })?;
         let bootstrap = bootstrap(
             &self.settings.agent,
@@ -155,7 +155,7 @@ impl Inner {
             self.cloud_init.as_ref(),
             self.settings.user_data_limit,
         )
-        .map_err(|e| ProviderError::Permanent(format!("building the cell's user data: {e}")))?;
+        .map_err(|e| ProviderError::permanent(format!("building the cell's user data: {e}")))?;
         Ok(user_data.bytes)
     }
 

@@ -311,7 +311,7 @@ pub(super) mod test_support {
     impl PortForward for EchoProvider {
         async fn port_forward(&self, _: &PodRef, port: u16, stream: Box<dyn Duplex>) -> Result<()> {
             if port != 1 {
-                return Err(ProviderError::Transient("connection refused".into()));
+                return Err(ProviderError::transient("connection refused"));
             }
             let (mut rx, mut tx) = tokio::io::split(stream);
             let _ = tokio::io::copy(&mut rx, &mut tx).await;
