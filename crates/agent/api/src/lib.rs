@@ -31,6 +31,9 @@ pub mod client;
 pub mod frame;
 pub mod types;
 
+/// The Service routes the provider pushes (`PUT /v1/services`).
+pub use updraft_common::services;
+
 pub use client::{CellClient, ClientError, ClientTls, StreamOutput, StreamSession};
 pub use frame::{Frame, FrameCodec, FrameError};
 pub use types::*;
