@@ -6,7 +6,9 @@
 //!   [`Provider`](updraft_provider::Provider), writing status back;
 //! - [`resolve`]: turns a pod's env and volume references into values and files, so that
 //!   providers never read Secrets or ConfigMaps;
+//! - [`dns`]: a pod's resolver file, formed as the kubelet forms it;
 //! - [`services`]: the service variables (`enableServiceLinks`) containers get;
+//! - [`service_routes`]: the Service routes of pods that run where no kube-proxy does;
 //! - [`cache`]: the node's compact watch cache of its pods, which the kubelet API reads.
 //!
 //! [`VirtualNode`] runs all of it until shutdown.
@@ -14,11 +16,13 @@
 
 pub mod cache;
 pub mod config;
+pub mod dns;
 pub mod metrics;
 pub mod node;
 pub mod pods;
 pub mod references;
 pub mod resolve;
+pub mod service_routes;
 pub mod services;
 
 pub use cache::{CachedPod, PodCache};

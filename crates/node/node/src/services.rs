@@ -5,9 +5,9 @@
 //! `default` namespace, a container sees `{NAME}_SERVICE_HOST`, `{NAME}_SERVICE_PORT`,
 //! `{NAME}_SERVICE_PORT_{PORT_NAME}` and the Docker-link style `{NAME}_PORT…` variables.
 //!
-//! One watch of all Services feeds a cache that keeps only what the variables need (name,
-//! namespace, cluster IP, ports): Services are few and small, unlike Secrets and ConfigMaps,
-//! and the kubelet reads them the same way.
+//! One watch of all Services feeds a cache that keeps only what the variables and the Service
+//! routes need (see `slim`): Services are few and small, unlike Secrets and ConfigMaps, and
+//! the kubelet reads them the same way. The process has this one copy of them.
 
 use std::collections::BTreeMap;
 
@@ -32,6 +32,9 @@ pub struct Services {
     /// flag. Not kube-runtime's `Store::wait_until_ready`: that wakes only the last of several
     /// concurrent waiters, and reconciliations wait here side by side.
     listed: watch::Receiver<bool>,
+    /// Counts the watch's changes (after the first list: one per added, changed or deleted
+    /// Service), for those who derive something from all Services (the Service routes).
+    changed: watch::Receiver<u64>,
 }
 
 impl Services {
@@ -43,19 +46,31 @@ impl Services {
             .default_backoff()
             .modify(slim);
         let (mark_listed, listed) = watch::channel(false);
+        let (count_change, changed) = watch::channel(0u64);
         let run = async move {
             let mut changes = reflector::reflector(writer, stream).boxed();
             while let Some(change) = changes.next().await {
                 match change {
                     Ok(watcher::Event::InitDone) => {
                         mark_listed.send_replace(true);
+                        count_change.send_modify(|n| *n += 1);
+                    }
+                    Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => {
+                        count_change.send_modify(|n| *n += 1);
                     }
                     Ok(_) => {}
                     Err(err) => tracing::debug!("watching services: {err}"),
                 }
             }
         };
-        (Self { store, listed }, run)
+        (
+            Self {
+                store,
+                listed,
+                changed,
+            },
+            run,
+        )
     }
 
     /// Waits until the first list of Services has arrived, so that no container starts
@@ -72,6 +87,17 @@ impl Services {
         }
     }
 
+    /// Every Service, as the cache keeps it (see `slim`).
+    pub fn all(&self) -> Vec<std::sync::Arc<Service>> {
+        self.store.state()
+    }
+
+    /// Changes whenever a Service is added, changed or deleted (and once the first list is
+    /// in).
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changed.clone()
+    }
+
     /// The service variables of a container in `namespace`.
     pub fn env(&self, namespace: &str, enable_service_links: bool) -> Vec<EnvVar> {
         let services = self.store.state();
@@ -83,12 +109,18 @@ impl Services {
     }
 }
 
-/// Drops everything but name, namespace, cluster IP and ports.
+/// Drops everything but name, namespace, and what the service variables and the Service
+/// routes need: type, cluster IPs, ports, session affinity, internal traffic policy.
 fn slim(service: &mut Service) {
     let spec = service.spec.take().unwrap_or_default();
     service.spec = Some(ServiceSpec {
+        type_: spec.type_,
         cluster_ip: spec.cluster_ip,
+        cluster_ips: spec.cluster_ips,
         ports: spec.ports,
+        session_affinity: spec.session_affinity,
+        session_affinity_config: spec.session_affinity_config,
+        internal_traffic_policy: spec.internal_traffic_policy,
         ..ServiceSpec::default()
     });
     service.status = None;
