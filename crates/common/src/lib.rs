@@ -1,0 +1,12 @@
+//! What both sides of Updraft share: the node with its providers, and the cell agent.
+//!
+//! Only utilities that have no better owner live here, each once: an error's cause chain as
+//! one line ([`error_chain`]), the poison-ignoring lock ([`sync::lock`]) and Kubernetes
+//! resource quantities ([`quantity`]). A utility that belongs to a concept (a backend, the
+//! agent's API) lives in that concept's crate instead.
+
+pub mod error_chain;
+pub mod quantity;
+pub mod sync;
+
+pub use error_chain::error_chain;
