@@ -1,11 +1,13 @@
 //! What both sides of Updraft share: the node with its providers, and the cell agent.
 //!
 //! Only utilities that have no better owner live here, each once: an error's cause chain as
-//! one line ([`error_chain`]), the poison-ignoring lock ([`sync::lock`]), and the Service routes
-//! the node derives and the cell agents install ([`services`]), a wire type of both sides. A utility that
-//! belongs to a concept (a backend, the agent's API) lives in that concept's crate instead.
+//! one line ([`error_chain`]), the poison-ignoring lock ([`sync::lock`]), Kubernetes resource
+//! quantities ([`quantity`]), and the Service routes the node derives and the cell agents
+//! install ([`services`]), a wire type of both sides. A utility that belongs to a concept (a
+//! backend, the agent's API) lives in that concept's crate instead.
 
 pub mod error_chain;
+pub mod quantity;
 pub mod services;
 pub mod sync;
 

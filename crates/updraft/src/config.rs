@@ -240,7 +240,7 @@ pub fn read_mock_config(path: Option<&PathBuf>) -> anyhow::Result<MockProviderFi
     let file: MockProviderFile = serde_yaml::from_str(&text)
         .map_err(|e| anyhow::anyhow!("provider config {}: {e}", path.display()))?;
     for (resource, value) in &file.capacity {
-        if updraft_node::resolve::parse_quantity(value).is_err() {
+        if updraft_common::quantity::Quantity::parse(value).is_err() {
             bail!(
                 "provider config {}: capacity.{resource}: {value:?} is not a Kubernetes quantity (e.g. \"4\", \"500m\", \"16Gi\")",
                 path.display()

@@ -17,6 +17,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use updraft_common::error_chain;
 
 use crate::config::RunArgs;
 
@@ -81,19 +82,4 @@ fn run_cells(args: cells::CellsArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// An error with its sources, `outer: inner: …`.
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
 }

@@ -1,7 +1,7 @@
 //! `updraft run`: the virtual node and its kubelet API, until SIGTERM/SIGINT.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{Context as _, bail};
 use tokio::sync::watch;
@@ -188,6 +188,8 @@ async fn run_with<P: Provider>(
             idle_timeout: args.streaming_connection_idle_timeout,
             stream_creation_timeout: args.stream_creation_timeout,
         },
+        // The node's stats start now, when its kubelet API is built (not at the first scrape).
+        stats_started: SystemTime::now(),
     };
     let app = protect(
         streaming_metrics.count_sessions_of(routes_with(kubelet, options)),

@@ -8,6 +8,7 @@ use std::sync::Mutex;
 use k8s_openapi::jiff::Timestamp;
 use tokio::sync::watch;
 use updraft_cell_api::LogOptions;
+use updraft_common::sync::lock;
 
 /// Rotate the current file when it grows beyond this.
 pub const MAX_LOG_BYTES: u64 = 10 << 20;
@@ -40,10 +41,6 @@ pub struct ContainerLog {
     reading: Mutex<()>,
     /// Bumped on every write and when an instance ends; followers wait on it.
     changed: watch::Sender<(u32, u64, bool)>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl ContainerLog {

@@ -1,7 +1,7 @@
 //! `updraft-cell`: the cell agent binary.
 #![forbid(unsafe_code)]
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -9,13 +9,18 @@ use clap::Parser;
 use tokio_util::sync::CancellationToken;
 use updraft_cell_agent::images::{DirectoryImages, ImageSource, OciImages, PreparedImage};
 use updraft_cell_agent::{Agent, server, tls};
+use updraft_cell_api::DEFAULT_AGENT_PORT;
 
 /// Runs one pod on this cell behind an HTTPS API with mutual TLS.
 #[derive(Parser, Debug)]
 #[command(name = "updraft-cell", version)]
 struct Args {
     /// Address to listen on.
-    #[arg(long, env = "UPDRAFT_CELL_LISTEN", default_value = "0.0.0.0:6421")]
+    #[arg(
+        long,
+        env = "UPDRAFT_CELL_LISTEN",
+        default_value_t = SocketAddr::from((Ipv4Addr::UNSPECIFIED, DEFAULT_AGENT_PORT))
+    )]
     listen: SocketAddr,
     /// Agent state directory (pod records, logs, volumes, root filesystems).
     #[arg(

@@ -382,42 +382,13 @@ fn wants_upgrade(req: &Request, protocol: &str) -> ApiResult<()> {
     }
 }
 
+/// The query's `name=value` pairs, decoded as a form (`%XX`, `+` for a space, invalid UTF-8
+/// replaced), the way the kubelet API's endpoints decode theirs.
 fn query_pairs(req: &Request) -> Vec<(String, String)> {
     req.uri()
         .query()
-        .map(|q| {
-            q.split('&')
-                .filter(|p| !p.is_empty())
-                .map(|p| {
-                    let (k, v) = p.split_once('=').unwrap_or((p, ""));
-                    (percent_decode(k), percent_decode(v))
-                })
-                .collect()
-        })
+        .and_then(|q| serde_urlencoded::from_str(q).ok())
         .unwrap_or_default()
-}
-
-fn percent_decode(s: &str) -> String {
-    let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let decoded = (b[i] == b'%')
-            .then(|| Some((hex(*b.get(i + 1)?)?, hex(*b.get(i + 2)?)?)))
-            .flatten();
-        match (decoded, b[i]) {
-            (Some((hi, lo)), _) => {
-                out.push(hi * 16 + lo);
-                i += 3;
-                continue;
-            }
-            (None, b'+') => out.push(b' '),
-            (None, c) => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn flag(pairs: &[(String, String)], name: &str) -> bool {

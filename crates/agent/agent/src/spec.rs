@@ -3,6 +3,7 @@
 
 use k8s_openapi::api::core::v1::Container;
 use updraft_cell_runtime::Resources;
+use updraft_common::quantity;
 
 use crate::images::PreparedImage;
 
@@ -43,52 +44,40 @@ pub fn env(image: &PreparedImage, resolved: &[(String, String)]) -> Vec<(String,
     out
 }
 
-/// A quantity such as `500m`, `2`, `64Mi`, `1G`, `1e3` as a number of base units, scaled by
-/// `scale` (1000 for CPU millicores). `None` when unparsable.
+/// A quantity in whole units (`scale` 1: bytes) or in thousandths (`scale` 1000: millicores),
+/// rounded up; `None` when it is not a quantity of zero or more. Only the emptyDir size limit
+/// in `pod.rs` still calls this (with `scale` 1); everything else calls [`quantity::bytes`] or
+/// [`quantity::cpu_millis`], which this is.
 pub fn quantity(text: &str, scale: f64) -> Option<u64> {
-    let t = text.trim();
-    let suffixes: [(&str, f64); 13] = [
-        ("Ki", 1024.0),
-        ("Mi", 1024.0 * 1024.0),
-        ("Gi", 1024.0 * 1024.0 * 1024.0),
-        ("Ti", 1024.0 * 1024.0 * 1024.0 * 1024.0),
-        ("Pi", 1024f64.powi(5)),
-        ("Ei", 1024f64.powi(6)),
-        ("n", 1e-9),
-        ("u", 1e-6),
-        ("m", 1e-3),
-        ("k", 1e3),
-        ("M", 1e6),
-        ("G", 1e9),
-        ("T", 1e12),
-    ];
-    let (num, mult) = suffixes
-        .iter()
-        .find_map(|(s, m)| t.strip_suffix(s).map(|n| (n, *m)))
-        .unwrap_or((t, 1.0));
-    let value: f64 = num.parse().ok()?;
-    (value >= 0.0 && value.is_finite()).then(|| (value * mult * scale).ceil() as u64)
+    let convert = if scale >= 1000.0 {
+        quantity::cpu_millis
+    } else {
+        quantity::bytes
+    };
+    convert(text).ok()
 }
 
 /// cgroup limits from `resources.limits` (cpu → CFS quota per 100 ms, memory → bytes) and
 /// `requests.cpu` → shares.
 pub fn resources(c: &Container) -> Resources {
     let r = c.resources.as_ref();
-    let limit = |name: &str, scale: f64| {
+    // A value that is not a quantity of zero or more sets no limit (the API server has
+    // validated the spec; this is only defensive).
+    let limit = |name: &str, convert: fn(&str) -> Result<u64, _>| {
         r.and_then(|r| r.limits.as_ref())
             .and_then(|l| l.get(name))
-            .and_then(|q| quantity(&q.0, scale))
+            .and_then(|q| convert(&q.0).ok())
     };
     let request_milli = r
         .and_then(|r| r.requests.as_ref())
         .and_then(|l| l.get("cpu"))
-        .and_then(|q| quantity(&q.0, 1000.0));
+        .and_then(|q| quantity::cpu_millis(&q.0).ok());
     Resources {
         // 1 CPU = 100_000 µs per 100_000 µs period; quota never below the kernel minimum.
-        cpu_quota_us: limit("cpu", 1000.0).map(|milli| (milli * 100).max(1000)),
+        cpu_quota_us: limit("cpu", quantity::cpu_millis).map(|milli| (milli * 100).max(1000)),
         cpu_period_us: None,
         cpu_shares: request_milli.map(|m| (m * 1024 / 1000).max(2)),
-        memory_limit_bytes: limit("memory", 1.0),
+        memory_limit_bytes: limit("memory", quantity::bytes),
         pids_max: None,
     }
 }

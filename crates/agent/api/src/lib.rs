@@ -40,6 +40,9 @@ pub use types::*;
 
 /// Path prefix of this API version.
 pub const API_PREFIX: &str = "/v1";
+/// The port the agent listens on unless told otherwise (`updraft-cell --listen`), and so the
+/// one the backends open to and connect to by default (Kip's itzo used the same).
+pub const DEFAULT_AGENT_PORT: u16 = 6421;
 /// The DNS name in the agent's server certificate, verified by the client whatever the
 /// address it connects to.
 pub const SERVER_NAME: &str = "updraft-cell";

@@ -36,6 +36,7 @@ mod auth;
 mod digest;
 mod error;
 mod layer_path;
+mod overlay;
 mod platform;
 mod reference;
 mod registry;

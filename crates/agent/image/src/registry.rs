@@ -11,6 +11,7 @@ use oci_client::errors::{OciDistributionError, OciErrorCode};
 use oci_client::manifest::{OciDescriptor, OciImageManifest, OciManifest};
 use oci_client::secrets::RegistryAuth;
 use tokio::io::AsyncWriteExt as _;
+use updraft_common::error_chain;
 
 use crate::{DigestError, DigestVerifier, ImageError, ImageReference, Platform, PullAuth};
 
@@ -345,21 +346,6 @@ impl RegistrySession {
             },
         }
     }
-}
-
-/// The error and its sources ("error sending request: … connection refused").
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
 }
 
 /// Registry bodies can be whole HTML pages; keep messages readable.

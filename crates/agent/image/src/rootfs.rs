@@ -13,14 +13,10 @@
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 
-use nix::mount::{MntFlags, MsFlags};
-
 use crate::ImageError;
+use crate::overlay;
 use crate::store::{Image, ImageStore, RootfsMode};
 use crate::unpack::{WhiteoutMode, remove_any, unpack_layer};
-
-/// overlayfs takes its options in one page; leave room for the other options.
-const MAX_OVERLAY_OPTIONS: usize = 4000;
 
 /// A container's root filesystem.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,13 +68,8 @@ impl ImageStore {
                 if lower.is_empty() {
                     lower.push(self.root.join("empty").display().to_string());
                 }
-                let options = format!(
-                    "lowerdir={},upperdir={},workdir={}",
-                    lower.join(":"),
-                    upper.display(),
-                    work.display()
-                );
-                if options.len() > MAX_OVERLAY_OPTIONS {
+                let options = overlay::options(&lower, &upper, &work);
+                if options.len() > overlay::MAX_OPTIONS {
                     return Err(error(format!(
                         "{} layers make overlay options of {} bytes, more than the kernel's page; \
                          open the store in RootfsMode::Copy or use a shorter store path",
@@ -86,14 +77,8 @@ impl ImageStore {
                         options.len()
                     )));
                 }
-                nix::mount::mount(
-                    Some("overlay"),
-                    &merged,
-                    Some("overlay"),
-                    MsFlags::empty(),
-                    Some(options.as_str()),
-                )
-                .map_err(|e| error(format!("mounting overlay on {}: {e}", merged.display())))?;
+                overlay::mount(&options, &merged)
+                    .map_err(|e| error(format!("mounting overlay on {}: {e}", merged.display())))?;
                 Ok(Rootfs {
                     path: merged,
                     container_id: container_id.to_owned(),
@@ -155,7 +140,7 @@ impl ImageStore {
         let dir = self.root.join("containers").join(container_id);
         let merged = dir.join("merged");
         if is_mountpoint(&merged, &dir) {
-            nix::mount::umount2(&merged, MntFlags::MNT_DETACH)
+            overlay::unmount(&merged)
                 .map_err(|e| error(format!("unmounting {}: {e}", merged.display())))?;
         }
         remove_any(&dir).map_err(|e| error(format!("removing {}: {e}", dir.display())))
@@ -185,38 +170,4 @@ fn is_mountpoint(path: &Path, parent: &Path) -> bool {
         (Ok(inner), Ok(outer)) => inner.dev() != outer.dev(),
         _ => false,
     }
-}
-
-/// Mounts and unmounts a throwaway overlay to learn whether overlayfs works here.
-pub(crate) fn probe_overlay(tmp: &Path) -> Result<(), String> {
-    let dir = tmp.join(format!("overlay-probe-{}", std::process::id()));
-    let result = (|| {
-        let (lower, upper, work, merged) = (
-            dir.join("lower"),
-            dir.join("upper"),
-            dir.join("work"),
-            dir.join("merged"),
-        );
-        for d in [&lower, &upper, &work, &merged] {
-            std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
-        }
-        let options = format!(
-            "lowerdir={},upperdir={},workdir={}",
-            lower.display(),
-            upper.display(),
-            work.display()
-        );
-        nix::mount::mount(
-            Some("overlay"),
-            &merged,
-            Some("overlay"),
-            MsFlags::empty(),
-            Some(options.as_str()),
-        )
-        .map_err(|e| format!("mounting a probe overlay: {e}"))?;
-        nix::mount::umount2(&merged, MntFlags::MNT_DETACH)
-            .map_err(|e| format!("unmounting the probe overlay: {e}"))
-    })();
-    let _ = remove_any(&dir);
-    result
 }

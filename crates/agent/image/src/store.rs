@@ -6,7 +6,7 @@
 //! - `layers/sha256/<hex>/`: a layer unpacked for overlayfs (overlay mode);
 //! - `images/<sha256 of the reference>.json`: what a reference resolved to
 //!   (manifest digest, config, layers), for `IfNotPresent` and `Never`;
-//! - `containers/<id>/`: root filesystems (see [`crate::rootfs`]);
+//! - `containers/<id>/`: root filesystems (see [`ImageStore::create_rootfs`]);
 //! - `tmp/`: downloads and unpacks in progress, renamed into place when complete,
 //!   so nothing half-written is ever taken for a cached layer.
 
@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use oci_client::manifest::OciDescriptor;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
+use updraft_common::sync::lock;
 
 use crate::registry::{RegistrySession, Resolved};
 use crate::unpack::{WhiteoutMode, unpack_layer};
@@ -220,7 +221,7 @@ impl ImageStore {
             }
         }
         let mode = match options.rootfs_mode {
-            RootfsMode::Auto => match crate::rootfs::probe_overlay(&tmp) {
+            RootfsMode::Auto => match crate::overlay::probe(&tmp) {
                 Ok(()) => RootfsMode::Overlay,
                 Err(e) => {
                     tracing::warn!(error = %e, "overlayfs unavailable; container root filesystems will be extracted copies");
@@ -414,10 +415,7 @@ impl ImageStore {
         layer: &LayerRecord,
     ) -> Result<(), ImageError> {
         let lock = {
-            let mut locks = self
-                .layer_locks
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut locks = lock(&self.layer_locks);
             locks.entry(layer.digest.clone()).or_default().clone()
         };
         let _guard = lock.lock().await;
@@ -519,10 +517,7 @@ impl ImageStore {
             }
         };
         let key = (image.registry.clone(), fingerprint);
-        let mut clients = self
-            .clients
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut clients = lock(&self.clients);
         if let Some(client) = clients.get(&key) {
             return Ok(client.clone());
         }

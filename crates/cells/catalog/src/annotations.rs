@@ -6,7 +6,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::quantity;
+use updraft_common::quantity;
 
 /// Updraft's annotation prefix.
 pub const PREFIX: &str = "cells.updraft.dev/";

@@ -33,7 +33,6 @@
 
 mod annotations;
 mod catalog;
-pub mod quantity;
 mod request;
 mod select;
 
@@ -46,6 +45,9 @@ pub use select::{
     BURST_SURCHARGE_PER_VCPU_HOUR, Candidate, Decision, Demand, RUNNERS_UP, SelectionError,
     SelectionPolicy, Selector,
 };
+/// Kubernetes quantities, the one parser of the workspace (the cells provider's config reads
+/// its capacity through this path).
+pub use updraft_common::quantity;
 
 /// Everything that can keep a pod from getting an instance type, for callers that handle them
 /// alike (a pod condition and an Event carrying the message).

@@ -7,11 +7,9 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
+use updraft_cell_api::DEFAULT_AGENT_PORT;
 
 use crate::error::LocalError;
-
-/// The agent's default port (the same as on AWS).
-pub const DEFAULT_AGENT_PORT: u16 = 6421;
 
 /// Settings of the local backend. YAML/JSON in camelCase; unknown keys are refused.
 ///

@@ -69,7 +69,7 @@ use updraft_cells_backend::{
 };
 use updraft_cells_catalog::Catalog;
 
-pub use config::{DEFAULT_AGENT_PORT, Ipv4Cidr, LocalConfig};
+pub use config::{Ipv4Cidr, LocalConfig};
 pub use error::LocalError;
 pub use net::{CELL_BRIDGE, POD_HOST_VETH};
 pub use record::{CellRecord, Phase, ProcessRef};

@@ -18,7 +18,7 @@ use k8s_openapi::api::authorization::v1::{
 use kube::api::{Api, PostParams};
 use sha2::{Digest as _, Sha256};
 
-use crate::cache::TtlCache;
+use crate::ttl_cache::TtlCache;
 
 /// An authenticated caller.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]

@@ -10,7 +10,8 @@
 //!   both cached;
 //! - [`server`]: the accept loop that ties TLS, authentication and authorization to an axum
 //!   router, with HTTP upgrades for the streaming protocols;
-//! - [`routes`]: the endpoints (pods, logs, exec, attach, port-forward, metrics);
+//! - [`routes`]: the router and the endpoints (pods, logs, exec, attach), with what every
+//!   endpoint sees ([`routes::KubeletState`], [`routes::KubeletOptions`]);
 //! - [`remotecommand`]: `kubectl exec/attach/cp` over SPDY/3.1 and WebSocket;
 //! - [`ws_channels`]: the WebSocket channel framing (`channel.k8s.io` family), shared by the
 //!   streaming endpoints;
@@ -20,13 +21,14 @@
 #![forbid(unsafe_code)]
 
 pub mod auth;
-mod cache;
 pub mod csr;
 pub mod portforward;
 pub mod remotecommand;
 pub mod routes;
 pub mod server;
+mod state;
 pub mod stats;
 pub mod streaming;
 pub mod tls;
+mod ttl_cache;
 pub mod ws_channels;

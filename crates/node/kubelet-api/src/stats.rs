@@ -13,7 +13,6 @@
 //!   timestamps are something the Prometheus client crates do not encode.
 
 use std::fmt::Write as _;
-use std::sync::LazyLock;
 use std::time::{Duration, SystemTime};
 
 use axum::extract::State;
@@ -23,10 +22,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use serde::{Deserialize, Serialize};
 use updraft_provider::{Provider, ProviderError};
 
-use crate::routes::{Endpoints, KubeletState, provider_error};
-
-/// When this process began collecting stats: the node's `startTime`.
-static COLLECTION_STARTED: LazyLock<SystemTime> = LazyLock::new(SystemTime::now);
+use crate::state::{Endpoints, provider_error};
 
 /// The kubelet's `stats/v1alpha1` `Summary`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -366,23 +362,23 @@ pub fn resource_metrics(summary: Option<&Summary>) -> String {
 }
 
 /// One sample of the provider's stats as a summary.
-async fn sample(state: &KubeletState) -> Result<Summary, ProviderError> {
-    let provider: &dyn Provider = state.provider.as_ref();
+async fn sample(endpoints: &Endpoints) -> Result<Summary, ProviderError> {
+    let provider: &dyn Provider = endpoints.state.provider.as_ref();
     let Some(stats) = provider.stats() else {
         return Err(ProviderError::Unsupported("resource usage (stats)"));
     };
     let pods = stats.pod_stats().await?;
     Ok(summary(
-        &state.node_name,
+        &endpoints.state.node_name,
         &pods,
-        *COLLECTION_STARTED,
+        endpoints.options.stats_started,
         SystemTime::now(),
     ))
 }
 
 /// `GET /stats/summary`.
 pub(crate) async fn stats_summary(State(endpoints): State<Endpoints>) -> Response {
-    match sample(&endpoints.state).await {
+    match sample(&endpoints).await {
         Ok(summary) => axum::Json(summary).into_response(),
         Err(err) => provider_error(&err),
     }
@@ -390,7 +386,7 @@ pub(crate) async fn stats_summary(State(endpoints): State<Endpoints>) -> Respons
 
 /// `GET /metrics/resource`.
 pub(crate) async fn metrics_resource(State(endpoints): State<Endpoints>) -> Response {
-    let summary = match sample(&endpoints.state).await {
+    let summary = match sample(&endpoints).await {
         Ok(summary) => Some(summary),
         Err(ProviderError::Unsupported(what)) => {
             return provider_error(&ProviderError::Unsupported(what));
@@ -406,12 +402,6 @@ pub(crate) async fn metrics_resource(State(endpoints): State<Endpoints>) -> Resp
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
     );
     response
-}
-
-/// Forces the node's stats start time to now (called when the routes are built, so that it is
-/// the time the kubelet API started rather than the first scrape).
-pub(crate) fn start_collecting() {
-    LazyLock::force(&COLLECTION_STARTED);
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@ use k8s_openapi::api::core::v1::{
     ResourceFieldSelector, Secret, ServiceAccount,
 };
 use kube::api::{Api, PostParams};
+use updraft_common::quantity::Quantity;
 use updraft_provider::{EnvVar, ResolvedPod, VolumeFile, VolumeFiles};
 
 /// Why a pod's references could not be resolved.
@@ -805,43 +806,36 @@ pub fn resource_value(
         .as_ref()
         .map(|d| d.0.as_str())
         .unwrap_or("1");
+    let parse = |text: &str| {
+        Quantity::parse(text).map_err(|error| {
+            ResolveError::Invalid(format!("resourceFieldRef {:?}: {error}", selector.resource))
+        })
+    };
     let value = quantity
-        .map(|q| parse_quantity(&q.0))
+        .map(|q| parse(&q.0))
         .transpose()?
-        .unwrap_or(0.0);
-    let divisor = parse_quantity(divisor)?;
-    if divisor <= 0.0 {
+        .unwrap_or(Quantity::ZERO);
+    let divisor = parse(divisor)?;
+    // As the kubelet: CPU is divided in millicores, everything else (memory, ephemeral
+    // storage, hugepages) in whole units, each rounded up first; the quotient is rounded up,
+    // so anything set shows as at least 1.
+    let (value, divisor) = if resource == "cpu" {
+        (value.to_milli(), divisor.to_milli())
+    } else {
+        (value.to_units(), divisor.to_units())
+    };
+    if divisor <= 0 {
         return Err(ResolveError::Invalid(
             "resourceFieldRef divisor must be positive".into(),
         ));
     }
-    // Rounded up, at least 1 when anything is set, like the kubelet's ceiling division.
-    let result = (value / divisor).ceil();
-    Ok(format!("{}", result as i64))
-}
-
-/// Parses a Kubernetes quantity ("500m", "2", "128Mi", "1G", "1e3") into a number.
-pub fn parse_quantity(text: &str) -> Result<f64, ResolveError> {
-    let bad = || ResolveError::Invalid(format!("malformed quantity {text:?}"));
-    let split = text
-        .find(|c: char| c.is_ascii_alphabetic() && c != 'e' && c != 'E')
-        .unwrap_or(text.len());
-    let (number, suffix) = text.split_at(split);
-    let number: f64 = number.parse().map_err(|_| bad())?;
-    let factor = match suffix {
-        "" => 1.0,
-        "m" => 1e-3,
-        "k" => 1e3,
-        "M" => 1e6,
-        "G" => 1e9,
-        "T" => 1e12,
-        "Ki" => 1024.0,
-        "Mi" => 1024.0 * 1024.0,
-        "Gi" => 1024.0 * 1024.0 * 1024.0,
-        "Ti" => 1024.0f64.powi(4),
-        _ => return Err(bad()),
+    let quotient = value / divisor;
+    let rounded_up = if value % divisor > 0 {
+        quotient + 1
+    } else {
+        quotient
     };
-    Ok(number * factor)
+    Ok(rounded_up.to_string())
 }
 
 #[cfg(test)]
@@ -855,14 +849,6 @@ mod tests {
         assert_eq!(expand("$(MISSING)", &defined), "$(MISSING)");
         assert_eq!(expand("$$(A)", &defined), "$(A)");
         assert_eq!(expand("cost $5 $(A", &defined), "cost $5 $(A");
-    }
-
-    #[test]
-    fn quantities_parse() {
-        assert_eq!(parse_quantity("500m").unwrap(), 0.5);
-        assert_eq!(parse_quantity("128Mi").unwrap(), 134_217_728.0);
-        assert_eq!(parse_quantity("1e3").unwrap(), 1000.0);
-        assert!(parse_quantity("lots").is_err());
     }
 
     #[test]
@@ -902,5 +888,9 @@ mod tests {
         assert_eq!(resource("limits.cpu", None), "1");
         assert_eq!(resource("limits.cpu", Some("1m")), "250");
         assert_eq!(resource("limits.memory", Some("1Mi")), "64");
+        // Memory divides whole bytes: a divisor of 1m is one byte, as the kubelet reads it.
+        assert_eq!(resource("limits.memory", Some("1m")), "67108864");
+        assert_eq!(resource("limits.cpu", Some("300m")), "1");
+        assert_eq!(resource("requests.cpu", None), "0");
     }
 }

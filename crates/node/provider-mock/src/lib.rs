@@ -47,6 +47,7 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use tokio::sync::mpsc;
+use updraft_common::sync::lock;
 use updraft_provider::{
     ContainerAttach, ContainerExec, ContainerLogs, ExecRequest, ExitStatus, LogOptions, LogStream,
     NodeHealth, PodRef, PodStatusUpdate, Provider, ProviderError, ProviderPod, ResolvedPod, Result,
@@ -231,7 +232,7 @@ impl MockProvider {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.state)
     }
 
     /// What the node last gave the provider for `pod`, if it runs: the pod as the mock keeps
@@ -254,7 +255,7 @@ impl MockProvider {
     /// Makes the backend report itself unhealthy with `problem` (`None`: healthy again), as
     /// a cloud whose API went away would; the node turns `Ready=False` with that message.
     pub fn set_unhealthy(&self, problem: Option<String>) {
-        *self.unhealthy.lock().unwrap_or_else(|e| e.into_inner()) = problem;
+        *lock(&self.unhealthy) = problem;
     }
 
     /// How many pods the provider runs (for tests and benchmarks).
@@ -732,11 +733,7 @@ impl Provider for MockProvider {
     }
 
     fn status_updates(&self) -> Option<BoxStream<'static, PodStatusUpdate>> {
-        let receiver = self
-            .updates_rx
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()?;
+        let receiver = lock(&self.updates_rx).take()?;
         Some(tokio_stream::wrappers::UnboundedReceiverStream::new(receiver).boxed())
     }
 }
@@ -786,12 +783,7 @@ impl ContainerAttach for MockProvider {
 #[async_trait::async_trait]
 impl NodeHealth for MockProvider {
     async fn check(&self) -> Result<()> {
-        match self
-            .unhealthy
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-        {
+        match lock(&self.unhealthy).clone() {
             Some(problem) => Err(ProviderError::transient(problem)),
             None => Ok(()),
         }

@@ -19,6 +19,7 @@ use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::process::ChildStdin;
 use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
+use updraft_common::sync::lock;
 use updraft_provider::{ExitStatus, ProviderError, ResolvedPod, Result, StreamIo};
 
 use crate::cri_log::{LogFile, LogWriter, Output};
@@ -257,7 +258,7 @@ impl Sandbox {
                 "container {container:?} is not in this pod"
             )));
         };
-        let instances = c.instances.lock().unwrap_or_else(|e| e.into_inner());
+        let instances = lock(&c.instances);
         let index = instances.len().checked_sub(if previous { 2 } else { 1 });
         index
             .and_then(|i| instances.get(i))
@@ -319,10 +320,7 @@ async fn supervise(
         let (output, _) = broadcast::channel(256);
         let stdin = Arc::new(tokio::sync::Mutex::new(None));
         {
-            let mut instances = container
-                .instances
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
+            let mut instances = lock(&container.instances);
             instances.push(Instance {
                 log,
                 stdin: stdin.clone(),

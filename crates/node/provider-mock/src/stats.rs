@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use k8s_openapi::api::core::v1::{Container, ContainerStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use updraft_common::quantity::Quantity;
 use updraft_provider::{ContainerStats, PodStats, ProviderStats, Result};
 
 use crate::{MockPod, MockProvider};
@@ -84,14 +85,16 @@ fn container_stats(
             .as_ref()
             .and_then(|r| r.requests.as_ref())
             .and_then(|r| r.get(name))
-            .and_then(|q| parse_quantity(&q.0))
+            // Not a quantity: the mock uses its default.
+            .and_then(|q| Quantity::parse(&q.0).ok())
     };
+    // A CPU quantity's billionths are its nano-cores.
     let nano_cores = request("cpu")
-        .map(|cores| (cores * 1e9) as u64)
+        .and_then(|cpu| u64::try_from(cpu.nanos()).ok())
         .filter(|n| *n > 0)
         .unwrap_or(DEFAULT_NANO_CORES);
     let working_set = request("memory")
-        .map(|bytes| bytes as u64)
+        .and_then(|memory| u64::try_from(memory.to_units()).ok())
         .filter(|b| *b > 0)
         .unwrap_or(DEFAULT_WORKING_SET);
     let running_for = now.duration_since(start_time).unwrap_or(Duration::ZERO);
@@ -111,33 +114,6 @@ fn container_stats(
 fn system_time(time: &Time) -> SystemTime {
     let seconds = u64::try_from(time.0.as_second()).unwrap_or(0);
     SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(seconds)
-}
-
-/// A Kubernetes quantity ("250m", "0.5", "128Mi", "1G", "2e3") as a number; `None` if it is
-/// not one (the mock then uses its default).
-fn parse_quantity(text: &str) -> Option<f64> {
-    let text = text.trim();
-    let suffixes: [(&str, f64); 13] = [
-        ("Ki", 1024.0),
-        ("Mi", 1024.0 * 1024.0),
-        ("Gi", 1024.0 * 1024.0 * 1024.0),
-        ("Ti", 1024.0 * 1024.0 * 1024.0 * 1024.0),
-        ("Pi", 1024.0 * 1024.0 * 1024.0 * 1024.0 * 1024.0),
-        ("n", 1e-9),
-        ("u", 1e-6),
-        ("m", 1e-3),
-        ("k", 1e3),
-        ("M", 1e6),
-        ("G", 1e9),
-        ("T", 1e12),
-        ("P", 1e15),
-    ];
-    for (suffix, factor) in suffixes {
-        if let Some(number) = text.strip_suffix(suffix) {
-            return number.parse::<f64>().ok().map(|n| n * factor);
-        }
-    }
-    text.parse::<f64>().ok().filter(|n| n.is_finite())
 }
 
 #[cfg(test)]
@@ -179,14 +155,5 @@ mod tests {
                 .iter()
                 .all(|c| c.cpu_usage_core_nanoseconds > 0)
         );
-    }
-
-    #[test]
-    fn quantities() {
-        assert_eq!(parse_quantity("250m"), Some(0.25));
-        assert_eq!(parse_quantity("2"), Some(2.0));
-        assert_eq!(parse_quantity("1Gi"), Some(1073741824.0));
-        assert_eq!(parse_quantity("1e3"), Some(1000.0));
-        assert_eq!(parse_quantity("lots"), None);
     }
 }

@@ -283,7 +283,7 @@ struct Inner {
 impl Inner {
     fn lock(&self) -> MutexGuard<'_, Shared> {
         // A poisoned lock means a panic elsewhere; the state is still usable for shutting down.
-        self.shared.lock().unwrap_or_else(|p| p.into_inner())
+        updraft_common::sync::lock(&self.shared)
     }
 }
 

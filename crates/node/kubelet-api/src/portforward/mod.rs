@@ -34,7 +34,7 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use updraft_provider::{Duplex, PodRef, Provider, ProviderError};
 
-use crate::routes::{Endpoints, bound_pod};
+use crate::state::{Endpoints, bound_pod, provider_error};
 use crate::streaming::{IdleTimeout, StreamingConfig, StreamingMetrics};
 
 /// The SPDY subprotocol of port-forwarding.
@@ -65,14 +65,9 @@ pub(crate) async fn handler(
 }
 
 fn unsupported() -> Response {
-    (
-        StatusCode::NOT_IMPLEMENTED,
-        format!(
-            "{}\n",
-            ProviderError::Unsupported("port-forward (kubectl port-forward)")
-        ),
-    )
-        .into_response()
+    provider_error(&ProviderError::Unsupported(
+        "port-forward (kubectl port-forward)",
+    ))
 }
 
 /// Serves a port-forward request for `pod` (already checked to be bound to this node):

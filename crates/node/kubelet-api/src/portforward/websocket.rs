@@ -102,8 +102,10 @@ impl ChannelFraming {
 
 /// The ports of a WebSocket port-forward request, or the message of a 400.
 fn requested_ports(query: Option<&str>) -> Result<Vec<u16>, String> {
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query.unwrap_or_default())
+        .map_err(|e| format!("malformed query: {e}"))?;
     let mut ports = Vec::new();
-    for (name, value) in form_pairs(query.unwrap_or_default()) {
+    for (name, value) in pairs {
         if name != "port" && name != "ports" {
             continue;
         }
@@ -128,43 +130,6 @@ fn requested_ports(query: Option<&str>) -> Result<Vec<u16>, String> {
         ));
     }
     Ok(ports)
-}
-
-/// `name=value` pairs of a query string, percent-decoded.
-fn form_pairs(query: &str) -> impl Iterator<Item = (String, String)> + '_ {
-    query.split('&').filter(|p| !p.is_empty()).map(|pair| {
-        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-        (percent_decode(name), percent_decode(value))
-    })
-}
-
-fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while let Some(&b) = bytes.get(i) {
-        let hex = |at: usize| {
-            bytes
-                .get(at)
-                .and_then(|h| char::from(*h).to_digit(16))
-                .and_then(|d| u8::try_from(d).ok())
-        };
-        match (b, hex(i + 1), hex(i + 2)) {
-            (b'%', Some(hi), Some(lo)) => {
-                out.push(hi * 16 + lo);
-                i += 3;
-            }
-            (b'+', _, _) => {
-                out.push(b' ');
-                i += 1;
-            }
-            _ => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Answers a WebSocket upgrade for port-forwarding and runs the session once upgraded.

@@ -167,6 +167,7 @@ pub async fn start_node(
             KubeletOptions {
                 pods: PodLookup::Cache(node.pods()),
                 streaming,
+                stats_started: std::time::SystemTime::now(),
             },
         )),
         auth,

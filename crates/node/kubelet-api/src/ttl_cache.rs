@@ -5,6 +5,8 @@ use std::hash::Hash;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use updraft_common::sync::lock;
+
 /// Entries expire after their own TTL; when full, expired entries are dropped first and then
 /// the whole cache is cleared, which bounds memory without bookkeeping for LRU order.
 #[derive(Debug)]
@@ -22,7 +24,7 @@ impl<K: Eq + Hash, V: Clone> TtlCache<K, V> {
     }
 
     pub(crate) fn get(&self, key: &K) -> Option<V> {
-        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let entries = lock(&self.entries);
         entries
             .get(key)
             .filter(|(expires, _)| *expires > Instant::now())
@@ -30,7 +32,7 @@ impl<K: Eq + Hash, V: Clone> TtlCache<K, V> {
     }
 
     pub(crate) fn insert(&self, key: K, value: V, ttl: Duration) {
-        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let mut entries = lock(&self.entries);
         if entries.len() >= self.capacity {
             let now = Instant::now();
             entries.retain(|_, (expires, _)| *expires > now);
