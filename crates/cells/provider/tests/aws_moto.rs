@@ -27,7 +27,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, PostParams};
-use updraft_cells_aws::moto::{Ec2Proxy, MotoServer, no_spot_capacity};
+use updraft_cells_aws::moto::{self, Ec2Proxy, MotoServer, no_spot_capacity};
 use updraft_cells_aws::{AwsBackend, AwsConfig, BootImage};
 use updraft_cells_backend::cloud_init::{EC2_USER_DATA_LIMIT, UserData};
 use updraft_cells_backend::{Cell, CellBackend, CellIdentity, CellSpec, LaunchType};
@@ -64,10 +64,7 @@ struct Ec2 {
 
 async fn ec2() -> Ec2 {
     let moto = MotoServer::start().expect("moto_server");
-    let mut setup = AwsConfig::new(REGION, "setup", BootImage::Id(AMI.into()), "none");
-    setup.endpoint_url = Some(moto.endpoint());
-    let backend = AwsBackend::with_credentials(setup, "testing", "testing").await;
-    let client = backend.client().clone();
+    let client = moto::client(REGION, &moto.endpoint()).await;
     let vpc = client
         .create_vpc()
         .cidr_block("127.42.0.0/16")
@@ -95,6 +92,10 @@ async fn ec2() -> Ec2 {
         .send()
         .await
         .expect("create group");
+    let setup = AwsConfig::new(REGION, "setup", BootImage::Id(AMI.into()), &subnet_id);
+    let backend = moto::backend(moto.endpoint(), setup)
+        .await
+        .expect("a valid config");
     Ec2 {
         moto,
         backend,
@@ -175,36 +176,12 @@ async fn live_instances(ec2: &Ec2, controller_id: &str) -> Vec<Cell> {
         .collect()
 }
 
-/// Every instance of the pod `uid`, in any state.
-async fn instances_of_pod(
-    ec2: &Ec2,
-    uid: &str,
-) -> Vec<updraft_cells_aws::aws_sdk_ec2::types::Instance> {
-    let described = ec2
-        .backend
-        .client()
-        .describe_instances()
-        .filters(
-            updraft_cells_aws::aws_sdk_ec2::types::Filter::builder()
-                .name("tag:updraft:pod-uid")
-                .values(uid)
-                .build(),
-        )
-        .send()
-        .await
-        .expect("describe instances");
-    described
-        .reservations()
-        .iter()
-        .flat_map(|r| r.instances().iter().cloned())
-        .collect()
-}
-
 /// Fails the test when the pod `uid` has more than one instance that is not ending: nothing is
 /// ever started twice for one pod.
 async fn assert_at_most_one_live_instance(ec2: &Ec2, uid: &str) {
-    let live: Vec<String> = instances_of_pod(ec2, uid)
+    let live: Vec<String> = moto::instances_of_pod(ec2.backend.client(), uid)
         .await
+        .expect("describe instances")
         .iter()
         .filter(|i| {
             !matches!(
@@ -523,7 +500,9 @@ async fn a_pod_gets_one_ec2_instance_that_is_adopted_after_a_restart_and_termina
     .await;
     assert!(boot_timeout.contains("cell i-"), "{boot_timeout}");
     // Every instance the pod ever had came from a start attempt of its own.
-    let instances = instances_of_pod(&ec2, &uid).await;
+    let instances = moto::instances_of_pod(ec2.backend.client(), &uid)
+        .await
+        .expect("describe instances");
     let mut tokens: Vec<String> = instances
         .iter()
         .map(|i| {
