@@ -35,7 +35,7 @@ use updraft_provider::Provider as _;
 use updraft_provider_cells::CellsConfig;
 use updraft_testing::{TestCluster, eventually, unique_name, wait_for, wait_for_deletion};
 
-use common::{CELL_CONDITION, TIMEOUT, delete_node, start_node, start_node_configured};
+use common::{CELL_CONDITION, TIMEOUT, run_node};
 
 /// The message of the pod's cell condition, whatever its status.
 fn cell_condition(pod: &Pod) -> Option<String> {
@@ -278,7 +278,7 @@ async fn a_pod_gets_one_ec2_instance_that_is_adopted_after_a_restart_and_termina
     let tmp = tempfile::tempdir().unwrap();
     let controller_id = format!("moto-{}", std::process::id());
     let config = write_config(tmp.path(), &ec2, &controller_id);
-    let (provider, stop) = start_node(&cluster, &node_name, &config).await;
+    let node = run_node(&cluster, &node_name, &config, |_| {}).await;
 
     // 3 CPUs / 6 GiB, spot: the cost engine's choice is what must be started.
     let pods = Api::<Pod>::namespaced(cluster.client(), namespace.name());
@@ -391,7 +391,8 @@ async fn a_pod_gets_one_ec2_instance_that_is_adopted_after_a_restart_and_termina
     }
 
     // Updraft restarts: the new provider finds the instance in the listing and adopts it.
-    let _ = stop.send(true);
+    let provider = node.provider.clone();
+    node.stop().await;
     provider.shutdown();
     drop(provider);
     let restarted = updraft_provider_cells::CellsProvider::from_config(&config, &node_name)
@@ -460,7 +461,7 @@ async fn a_pod_gets_one_ec2_instance_that_is_adopted_after_a_restart_and_termina
 
     // The node comes back: it sweeps the orphan once its grace period is over; the pod's
     // instance is the same one.
-    let (provider, stop) = start_node_configured(&cluster, &node_name, &config, |node| {
+    let node = run_node(&cluster, &node_name, &config, |node| {
         node.orphan_sweep_interval = std::time::Duration::from_secs(2);
     })
     .await;
@@ -542,9 +543,7 @@ async fn a_pod_gets_one_ec2_instance_that_is_adopted_after_a_restart_and_termina
         }
     })
     .await;
-    let _ = stop.send(true);
-    provider.shutdown();
-    delete_node(&node_name);
+    node.stop_and_delete().await;
 }
 
 /// A pod whose user data cannot be built or whose cell EC2 cannot start.
@@ -596,16 +595,14 @@ async fn an_oversized_cloud_init_fails_the_pod_and_an_unknown_subnet_stops_the_s
         },
     );
     let node_name = unique_name("cells-aws-big");
-    let (provider, stop) = start_node(&cluster, &node_name, &config).await;
+    let node = run_node(&cluster, &node_name, &config, |_| {}).await;
     let message = refused_pod(&pods, &node_name, "big").await;
     assert!(
         message.contains("over the 16384-byte limit") && message.contains("/opt/blob"),
         "{message}"
     );
     assert!(live_instances(&ec2, &controller_id).await.is_empty());
-    let _ = stop.send(true);
-    provider.shutdown();
-    delete_node(&node_name);
+    node.stop_and_delete().await;
 
     // A subnet that does not exist: Updraft does not start, and says which setting to fix.
     let tmp = tempfile::tempdir().unwrap();
@@ -653,7 +650,7 @@ async fn a_spot_pod_without_spot_capacity_gets_an_on_demand_instance_when_config
         },
     );
     let node_name = unique_name("cells-aws-spot");
-    let (provider, stop) = start_node(&cluster, &node_name, &config).await;
+    let node = run_node(&cluster, &node_name, &config, |_| {}).await;
 
     let pod = pod_for(
         &node_name,
@@ -707,7 +704,5 @@ async fn a_spot_pod_without_spot_capacity_gets_an_on_demand_instance_when_config
         }
     })
     .await;
-    let _ = stop.send(true);
-    provider.shutdown();
-    delete_node(&node_name);
+    node.stop_and_delete().await;
 }
