@@ -397,6 +397,10 @@ pub async fn run(layout: &Layout, bench: CellsBench) -> anyhow::Result<()> {
     if leftovers > 0 {
         println!("terminated {leftovers} cells of an earlier run");
     }
+    // Earlier runs' cells stay an hour as tombstones in the state directory, which Updraft's
+    // listings read: a number to put next to its memory.
+    let tombstones = backend.scan()?.cells.len();
+    println!("the state directory holds {tombstones} terminated cells of earlier runs");
 
     // Updraft's log filter (its log is the node's under target/updraft-cluster/logs), e.g.
     // `UPDRAFT_BENCH_LOG=info,updraft_provider_cells=debug` to follow each pod's boot.

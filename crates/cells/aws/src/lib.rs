@@ -23,12 +23,20 @@
 //! - **Listing** filters on the controller-id tag: after a restart a new backend finds every
 //!   cell the old one started.
 //! - **Idempotency**: every launch carries the spec's token as EC2 `ClientToken` (`-od` for the
-//!   on-demand fallback) and as the tag [`TAG_START_TOKEN`]; a start first looks for an instance
-//!   with that tag, so a repeated start (a retry, a restarted Updraft) returns the instance
-//!   instead of launching a second one, also where the API ignores client tokens (moto).
-//! - **Bad settings** ([`AwsConfig::validate`]) and what only EC2 can refuse (an unknown AMI,
-//!   filter or subnet) give errors that name the config field (`region`, `aws.subnetId`,
-//!   `aws.bootImage…`); user data over EC2's 16 KiB is refused before launching.
+//!   on-demand fallback) and as the tag [`TAG_START_TOKEN`]. EC2 answers a repeated token with
+//!   the instance it launched for it, so a repeated start (a retry, a restarted Updraft) costs
+//!   no extra request. When EC2 refuses the token because the parameters changed
+//!   (`IdempotentParameterMismatch`, e.g. new user data after a restart) the instance is found by
+//!   its tag. Only an endpoint that ignores client tokens (moto;
+//!   [`AwsConfig::endpoint_ignores_client_tokens`]) gets a lookup by tag before every launch.
+//! - **Bad settings** ([`AwsConfig::validate`]) stop the construction of the backend: an
+//!   [`AwsBackend`] always has a valid configuration. What only EC2 can refuse (an unknown AMI,
+//!   filter or subnet) is found by [`AwsBackend::prepare`] or the first start. Either error
+//!   names the config field (`region`, `aws.subnetId`, `aws.bootImage…`); user data over EC2's
+//!   16 KiB is refused before launching.
+//!
+//! The `moto` feature adds [`moto`] (for tests only): a `moto_server` on loopback and an EC2
+//! proxy that refuses and records requests.
 //!
 //! A real AWS run needs an AMI with the cell agent installed (or installed by the bootstrap's
 //! cloud-init), a subnet the Updraft host can reach, and credentials allowed to call
@@ -39,6 +47,7 @@
 #![forbid(unsafe_code)]
 
 mod errors;
+#[cfg(feature = "moto")]
 pub mod moto;
 mod tags;
 
@@ -118,11 +127,16 @@ pub struct AwsConfig {
     pub extra_security_groups: Vec<String>,
     /// When a spot launch is refused for capacity or spot limits, launch on-demand instead.
     pub spot_fallback_to_on_demand: bool,
+    /// The endpoint launches a new instance for a repeated client token (moto does; EC2 returns
+    /// the one it launched): every start then first looks for an instance tagged with its token
+    /// (one more `DescribeInstances` per start). Off for EC2.
+    pub endpoint_ignores_client_tokens: bool,
 }
 
 impl AwsConfig {
     /// A configuration with the defaults: agent port 6421, managed group name derived from the
-    /// controller id, no extra groups or CIDRs, no spot fallback.
+    /// controller id, no extra groups or CIDRs, no spot fallback, an endpoint that honours
+    /// client tokens.
     pub fn new(
         region: impl Into<String>,
         controller_id: impl Into<String>,
@@ -141,6 +155,7 @@ impl AwsConfig {
             extra_cidrs: Vec::new(),
             extra_security_groups: Vec::new(),
             spot_fallback_to_on_demand: false,
+            endpoint_ignores_client_tokens: false,
         }
     }
 
@@ -155,7 +170,7 @@ impl AwsConfig {
     /// provider config spells it. What only EC2 can tell (an AMI or subnet that does not
     /// exist) is checked by [`AwsBackend::prepare`].
     pub fn validate(&self) -> Result<(), AwsConfigError> {
-        self.validate_connection()?;
+        self.validate_region_and_endpoint()?;
         let controller_id = &self.controller_id;
         if controller_id.trim().is_empty() {
             return Err(AwsConfigError::invalid(
@@ -219,7 +234,7 @@ impl AwsConfig {
     }
 
     /// The settings every EC2 call needs: the region and the endpoint.
-    fn validate_connection(&self) -> Result<(), AwsConfigError> {
+    fn validate_region_and_endpoint(&self) -> Result<(), AwsConfigError> {
         let region = &self.region;
         if region.trim().is_empty() {
             return Err(AwsConfigError::invalid(
@@ -341,7 +356,8 @@ struct Network {
     managed_group_id: String,
 }
 
-/// The EC2 backend.
+/// The EC2 backend. Its configuration passed [`AwsConfig::validate`] when it was built and
+/// cannot change, so no call checks it again.
 #[derive(Debug)]
 pub struct AwsBackend {
     client: Client,
@@ -350,8 +366,6 @@ pub struct AwsBackend {
     arm64_image: OnceCell<Image>,
     network: OnceCell<Network>,
     arm64_types: tokio::sync::Mutex<BTreeMap<String, bool>>,
-    /// What [`AwsConfig::validate`] found wrong, reported by every call that needs it.
-    config_error: Option<AwsConfigError>,
 }
 
 fn http_client() -> aws_sdk_ec2::config::SharedHttpClient {
@@ -362,19 +376,38 @@ fn http_client() -> aws_sdk_ec2::config::SharedHttpClient {
         .build_https()
 }
 
+/// The EC2 client of `region` (at `endpoint` when given) with the credentials `loader` has.
+pub(crate) async fn sdk_client(
+    region: &str,
+    endpoint: Option<&str>,
+    loader: aws_config::ConfigLoader,
+) -> Client {
+    let mut loader = loader
+        .region(Region::new(region.to_owned()))
+        .http_client(http_client());
+    if let Some(endpoint) = endpoint {
+        loader = loader.endpoint_url(endpoint);
+    }
+    Client::new(&loader.load().await)
+}
+
 impl AwsBackend {
-    /// A backend with credentials from the SDK's default chain (environment, files, IMDS).
-    pub async fn connect(config: AwsConfig) -> AwsBackend {
+    /// A backend with credentials from the SDK's default chain (environment, files, IMDS);
+    /// refused when `config` does not [validate](AwsConfig::validate).
+    pub async fn connect(config: AwsConfig) -> Result<AwsBackend, AwsConfigError> {
+        config.validate()?;
         let loader = aws_config::defaults(BehaviorVersion::latest());
-        AwsBackend::load(config, loader).await
+        Ok(AwsBackend::load(config, loader).await)
     }
 
-    /// A backend with static credentials (e.g. dummy ones for moto).
+    /// A backend with static credentials (e.g. dummy ones for moto); refused when `config`
+    /// does not [validate](AwsConfig::validate).
     pub async fn with_credentials(
         config: AwsConfig,
         access_key_id: &str,
         secret_access_key: &str,
-    ) -> AwsBackend {
+    ) -> Result<AwsBackend, AwsConfigError> {
+        config.validate()?;
         let credentials = Credentials::new(
             access_key_id,
             secret_access_key,
@@ -384,41 +417,20 @@ impl AwsBackend {
         );
         let loader =
             aws_config::defaults(BehaviorVersion::latest()).credentials_provider(credentials);
-        AwsBackend::load(config, loader).await
+        Ok(AwsBackend::load(config, loader).await)
     }
 
+    /// The backend of a validated `config`.
     async fn load(config: AwsConfig, loader: aws_config::ConfigLoader) -> AwsBackend {
-        let mut loader = loader
-            .region(Region::new(config.region.clone()))
-            .http_client(http_client());
-        if let Some(endpoint) = &config.endpoint_url {
-            loader = loader.endpoint_url(endpoint);
-        }
-        let sdk_config = loader.load().await;
+        let client = sdk_client(&config.region, config.endpoint_url.as_deref(), loader).await;
         AwsBackend {
-            client: Client::new(&sdk_config),
-            config_error: config.validate().err(),
+            client,
             config,
             image: OnceCell::new(),
             arm64_image: OnceCell::new(),
             network: OnceCell::new(),
             arm64_types: tokio::sync::Mutex::new(BTreeMap::new()),
         }
-    }
-
-    /// The configuration error, if any: starting cells needs every setting.
-    fn check_config(&self) -> Result<(), BackendError> {
-        match &self.config_error {
-            Some(error) => Err(error.clone().into()),
-            None => Ok(()),
-        }
-    }
-
-    /// Listing, describing and terminating need only the region and the endpoint.
-    fn check_connection(&self) -> Result<(), BackendError> {
-        self.config
-            .validate_connection()
-            .map_err(BackendError::from)
     }
 
     /// The SDK client, for callers that need more of EC2.
@@ -434,7 +446,6 @@ impl AwsBackend {
     /// Resolves the boot image and the network (creating the managed security group if needed)
     /// now, so configuration errors surface at startup instead of at the first pod.
     pub async fn prepare(&self) -> Result<(), BackendError> {
-        self.check_config()?;
         self.boot_image().await?;
         if let Some(arm64) = &self.config.arm64_boot_image {
             self.arm64_image
@@ -447,7 +458,6 @@ impl AwsBackend {
 
     /// The AMI id cells boot from.
     pub async fn boot_image(&self) -> Result<String, BackendError> {
-        self.check_config()?;
         Ok(self.image().await?.id.clone())
     }
 
@@ -582,7 +592,6 @@ impl AwsBackend {
 
     /// The id of the managed security group, created (with the agent-port rule) if missing.
     pub async fn managed_security_group(&self) -> Result<String, BackendError> {
-        self.check_config()?;
         Ok(self.network().await?.managed_group_id.clone())
     }
 
@@ -862,7 +871,7 @@ impl AwsBackend {
             .tag_specifications(tag_spec(ResourceType::Instance))
             .tag_specifications(tag_spec(ResourceType::Volume));
         if !spec.idempotency_token.is_empty() {
-            request = request.client_token(token);
+            request = request.client_token(&token);
         }
         if launch_type == LaunchType::Spot {
             request = request.instance_market_options(
@@ -904,10 +913,22 @@ impl AwsBackend {
             };
             request = request.iam_instance_profile(specification.build());
         }
-        let output = request
-            .send()
-            .await
-            .map_err(|error| classify("RunInstances", error))?;
+        let output = match request.send().await {
+            Ok(output) => output,
+            Err(error)
+                if !spec.idempotency_token.is_empty()
+                    && errors::code(&error) == Some("IdempotentParameterMismatch") =>
+            {
+                // The token launched an instance with other parameters (e.g. the user data of
+                // an Updraft since restarted): that instance is this start's.
+                let refused = classify("RunInstances", error);
+                return match self.find_started(spec, vec![token]).await? {
+                    Some(found) => Ok(found.id.0),
+                    None => Err(refused),
+                };
+            }
+            Err(error) => return Err(classify("RunInstances", error)),
+        };
         let instance = output
             .instances()
             .first()
@@ -920,9 +941,8 @@ impl AwsBackend {
     }
 
     /// The cell an earlier start with the same idempotency token launched (spot, or its
-    /// on-demand fallback), if any: a repeated start returns it instead of launching another,
-    /// as EC2 does for a repeated client token. A live cell is preferred; an ended one is
-    /// returned like EC2 returns it (the caller starts its next attempt with a new token).
+    /// on-demand fallback), if any: where the endpoint ignores client tokens, a repeated start
+    /// returns it instead of launching another, as EC2 does for a repeated client token.
     async fn started_before(&self, spec: &CellSpec) -> Result<Option<StartedCell>, BackendError> {
         if spec.idempotency_token.is_empty() {
             return Ok(None);
@@ -931,6 +951,17 @@ impl AwsBackend {
             client_token(&spec.idempotency_token, false),
             client_token(&spec.idempotency_token, true),
         ];
+        self.find_started(spec, tokens).await
+    }
+
+    /// The cell of `spec`'s controller tagged with one of the client `tokens`, if any, with its
+    /// pod address made sure of. A live cell is preferred; an ended one is returned like EC2
+    /// returns it (the caller starts its next attempt with a new token).
+    async fn find_started(
+        &self,
+        spec: &CellSpec,
+        tokens: Vec<String>,
+    ) -> Result<Option<StartedCell>, BackendError> {
         let filters = vec![
             Filter::builder()
                 .name(format!("tag:{TAG_CONTROLLER_ID}"))
@@ -1137,7 +1168,6 @@ impl CellBackend for AwsBackend {
     }
 
     async fn start(&self, spec: &CellSpec) -> Result<StartedCell, BackendError> {
-        self.check_config()?;
         if spec.user_data.len() > EC2_USER_DATA_LIMIT {
             return Err(BackendError::InvalidRequest {
                 detail: format!(
@@ -1148,7 +1178,11 @@ impl CellBackend for AwsBackend {
                 ),
             });
         }
-        if let Some(started) = self.started_before(spec).await? {
+        // EC2 answers a repeated client token itself; only an endpoint that ignores tokens
+        // needs the lookup by tag first.
+        if self.config.endpoint_ignores_client_tokens
+            && let Some(started) = self.started_before(spec).await?
+        {
             return Ok(started);
         }
         let image = match &spec.image {
@@ -1194,7 +1228,6 @@ impl CellBackend for AwsBackend {
     }
 
     async fn describe(&self, id: &CellId) -> Result<Cell, BackendError> {
-        self.check_connection()?;
         let cells = self
             .describe_many(Vec::new(), vec![id.0.clone()])
             .await
@@ -1209,7 +1242,6 @@ impl CellBackend for AwsBackend {
     }
 
     async fn list(&self, controller_id: &str) -> Result<Vec<Cell>, BackendError> {
-        self.check_connection()?;
         let filters = vec![
             Filter::builder()
                 .name(format!("tag:{TAG_CONTROLLER_ID}"))
@@ -1279,7 +1311,6 @@ impl CellBackend for AwsBackend {
     }
 
     async fn terminate(&self, id: &CellId) -> Result<(), BackendError> {
-        self.check_connection()?;
         let result = self
             .client
             .terminate_instances()

@@ -1,13 +1,18 @@
-//! `moto_server` (PyPI `moto[server]`, pinned) on loopback: the EC2 the tests run against.
+//! `moto_server` (PyPI `moto[server]`, pinned) on loopback: the EC2 the tests run against
+//! (feature `moto`, for tests only).
 //!
 //! [`install`] puts moto into a venv under the Updraft cache (`$UPDRAFT_CACHE_DIR`, else
 //! `~/.cache/updraft`), once per machine, like the devcluster's kubectl; [`MotoServer::start`]
-//! runs one on `127.0.0.1:<free port>` and stops it on drop. Only `std` is used so that
-//! `cargo xtask deps` can call the same steps.
+//! runs one on `127.0.0.1:<free port>` and stops it on drop. Installing and running use only
+//! `std`.
 //!
 //! [`Ec2Proxy`] sits in front of moto where moto grants what EC2 may refuse (spot capacity,
 //! private addresses): it answers the requests a test picks with EC2's error and records every
 //! request, so tests can also check what EC2 would have been asked.
+//!
+//! [`backend`] and [`client`] reach moto (or a proxy) with dummy credentials; the backend is
+//! told that the endpoint ignores client tokens (moto launches again for a repeated one), which
+//! EC2 does not. [`instances_of_pod`] is what tests ask EC2 about a pod's instances.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -17,6 +22,16 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
+
+use aws_sdk_ec2::Client;
+use aws_sdk_ec2::config::Credentials;
+use aws_sdk_ec2::types::{Filter, Instance};
+use updraft_cells_backend::BackendError;
+
+use crate::{AwsBackend, AwsConfig, AwsConfigError, TAG_POD_UID, classify};
+
+/// The dummy access key id and secret moto accepts.
+const DUMMY_KEY: &str = "testing";
 
 /// The moto release the tests are written against.
 pub const MOTO_VERSION: &str = "5.2.5";
@@ -291,6 +306,14 @@ impl Ec2Proxy {
         format!("http://{}", self.address)
     }
 
+    /// The bodies of every request seen so far, in order.
+    pub fn all_requests(&self) -> Vec<String> {
+        self.requests
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
     /// The bodies of the requests for `action` (e.g. `RunInstances`) seen so far, in order.
     pub fn requests(&self, action: &str) -> Vec<String> {
         let needle = format!("Action={action}&");
@@ -384,4 +407,50 @@ fn read_message(reader: &mut BufReader<TcpStream>) -> std::io::Result<Option<(Ve
     let mut body = vec![0; length];
     reader.read_exact(&mut body)?;
     Ok(Some((head, body)))
+}
+
+/// A backend of `config` at `endpoint` (moto's or an [`Ec2Proxy`]'s) with dummy credentials,
+/// told that the endpoint ignores client tokens (see
+/// [`AwsConfig::endpoint_ignores_client_tokens`]).
+pub async fn backend(endpoint: String, config: AwsConfig) -> Result<AwsBackend, AwsConfigError> {
+    let config = AwsConfig {
+        endpoint_url: Some(endpoint),
+        endpoint_ignores_client_tokens: true,
+        ..config
+    };
+    AwsBackend::with_credentials(config, DUMMY_KEY, DUMMY_KEY).await
+}
+
+/// An EC2 client of `region` at `endpoint` with dummy credentials: what a test sets moto up
+/// with (VPCs, subnets, images) before a backend's configuration can name them.
+pub async fn client(region: &str, endpoint: &str) -> Client {
+    let credentials = Credentials::new(DUMMY_KEY, DUMMY_KEY, None, None, "updraft-moto");
+    let loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .credentials_provider(credentials);
+    crate::sdk_client(region, Some(endpoint), loader).await
+}
+
+/// Every instance (in any state) tagged with the pod UID `uid`.
+pub async fn instances_of_pod(client: &Client, uid: &str) -> Result<Vec<Instance>, BackendError> {
+    let described = client
+        .describe_instances()
+        .filters(
+            Filter::builder()
+                .name(format!("tag:{TAG_POD_UID}"))
+                .values(uid)
+                .build(),
+        )
+        .send()
+        .await
+        .map_err(|error| classify("DescribeInstances", error))?;
+    Ok(described
+        .reservations()
+        .iter()
+        .flat_map(|reservation| reservation.instances().iter().cloned())
+        .collect())
+}
+
+/// Refuses nothing: an [`Ec2Proxy`] that only records.
+pub fn refuse_nothing(_body: &str) -> Option<Refusal> {
+    None
 }

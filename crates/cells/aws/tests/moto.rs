@@ -2,17 +2,21 @@
 //! credentials): start, tags (within EC2's limits, on the instance and its volume), describe,
 //! terminate, spot and its on-demand fallback, the managed and extra security groups, the pod's
 //! secondary private IP, user data and its size limit, listing for garbage collection, restart
-//! recovery (a repeated start launches nothing), standby cells taken by one pod, and errors
-//! that name the bad setting.
+//! recovery (a repeated start launches nothing, also where the endpoint ignores client tokens,
+//! and costs no lookup where it does not), standby cells taken by one pod, and errors that name
+//! the bad setting (a configuration that cannot work gets no backend).
 //!
-//! Where moto grants what EC2 may refuse (spot capacity, addresses), the loopback
-//! [`Ec2Proxy`] in front of it answers with EC2's error instead.
+//! Where moto grants what EC2 may refuse (spot capacity, addresses, a reused client token), the
+//! loopback [`Ec2Proxy`] in front of it answers with EC2's error instead; its record of the
+//! requests shows what a start costs where client tokens work (EC2) and where they do not (moto).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: a panic is a failure report
 
 use std::collections::BTreeMap;
 
 use base64::Engine;
-use updraft_cells_aws::moto::{Ec2Proxy, MotoServer, Refusal, no_spot_capacity};
+use updraft_cells_aws::moto::{
+    self, Ec2Proxy, MotoServer, Refusal, instances_of_pod, no_spot_capacity, refuse_nothing,
+};
 use updraft_cells_aws::{
     AwsBackend, AwsConfig, BootImage, MAX_POD_LABELS, TAG_CONTROLLER_ID, TAG_POD_UID, TAG_STANDBY,
 };
@@ -43,22 +47,15 @@ async fn through_proxy(proxy: &Ec2Proxy, config: AwsConfig) -> AwsBackend {
 }
 
 async fn backend_at(endpoint: String, config: AwsConfig) -> AwsBackend {
-    let config = AwsConfig {
-        endpoint_url: Some(endpoint),
-        ..config
-    };
-    AwsBackend::with_credentials(config, "testing", "testing").await
+    moto::backend(endpoint, config)
+        .await
+        .expect("a valid config")
 }
 
 /// A moto server with a VPC 10.0.0.0/16 and a subnet 10.0.1.0/24.
 async fn ec2() -> Ec2 {
     let moto = MotoServer::start().expect("moto_server");
-    let bootstrap = backend(
-        &moto,
-        AwsConfig::new(REGION, "setup", BootImage::Id(AMI.into()), "none"),
-    )
-    .await;
-    let client = bootstrap.client();
+    let client = moto::client(REGION, &moto.endpoint()).await;
     let vpc = client
         .create_vpc()
         .cidr_block("10.0.0.0/16")
@@ -436,9 +433,28 @@ async fn boot_image_by_filters_picks_the_newest() {
     assert_eq!(by_filter.boot_image().await.expect("image"), images[1]);
 }
 
+/// A configuration that cannot work gets no backend: the error names every one of `named` (the
+/// setting and what to write) and nothing reaches EC2.
+async fn assert_backend_refused(ec2: &Ec2, config: AwsConfig, named: &[&str]) {
+    let proxy = Ec2Proxy::start(&ec2.moto.endpoint(), refuse_nothing).expect("proxy");
+    let error = moto::backend(proxy.endpoint(), config)
+        .await
+        .expect_err("a backend with a broken configuration");
+    let message = BackendError::from(error).to_string();
+    assert!(
+        named.iter().all(|n| message.contains(n)),
+        "{named:?} not all in: {message}"
+    );
+    assert_eq!(
+        proxy.all_requests(),
+        Vec::<String>::new(),
+        "no request to EC2"
+    );
+}
+
 /// What a backend configured with `config` answers to a pod's start: an error whose message
 /// names every one of `named` (the setting and the bad value), typed as `InvalidRequest` when
-/// `invalid_request` (what EC2 refuses as a client error, or what never reaches EC2).
+/// `invalid_request` (what EC2 refuses as a client error).
 async fn assert_start_refused(ec2: &Ec2, config: AwsConfig, named: &[&str], invalid_request: bool) {
     let backend = backend(&ec2.moto, config).await;
     let error = backend
@@ -492,11 +508,10 @@ async fn errors_are_clear_and_typed() {
     )
     .await;
     // A filter without values never reaches EC2.
-    assert_start_refused(
+    assert_backend_refused(
         &ec2,
         with_image(filters(&["self"], "name", &[])),
         &["aws.bootImage.filters.name"],
-        true,
     )
     .await;
     let bad_subnet = AwsConfig {
@@ -504,18 +519,12 @@ async fn errors_are_clear_and_typed() {
         ..config(&ec2, "ctl")
     };
     assert_start_refused(&ec2, bad_subnet.clone(), &["aws.subnetId"], true).await;
-    // No region: every call says so, and none reaches EC2.
+    // No region: no backend, and no call reaches EC2.
     let no_region = AwsConfig {
         region: String::new(),
         ..config(&ec2, "ctl")
     };
-    assert_start_refused(&ec2, no_region.clone(), &["region", "e.g. us-east-1"], true).await;
-    let error = backend(&ec2.moto, no_region)
-        .await
-        .list("ctl")
-        .await
-        .expect_err("no region");
-    assert!(error.to_string().contains("region"), "{error}");
+    assert_backend_refused(&ec2, no_region, &["region", "e.g. us-east-1"]).await;
 
     // Preparing (what a start does first) names the setting and the value too.
     let no_match = backend(
@@ -657,27 +666,6 @@ async fn arm64_types_boot_the_arm64_image() {
         .await
         .expect("x86 start");
     assert_eq!(image_of(intel.id).await, AMI);
-}
-
-/// Every instance (in any state) tagged with the pod UID `uid`.
-async fn instances_of_pod(backend: &AwsBackend, uid: &str) -> Vec<aws_sdk_ec2::types::Instance> {
-    let described = backend
-        .client()
-        .describe_instances()
-        .filters(
-            aws_sdk_ec2::types::Filter::builder()
-                .name(format!("tag:{TAG_POD_UID}"))
-                .values(uid)
-                .build(),
-        )
-        .send()
-        .await
-        .expect("describe instances");
-    described
-        .reservations()
-        .iter()
-        .flat_map(|r| r.instances().iter().cloned())
-        .collect()
 }
 
 fn tag_map(tags: &[aws_sdk_ec2::types::Tag]) -> BTreeMap<String, String> {
@@ -847,7 +835,9 @@ async fn a_cell_without_its_pod_address_is_not_left_running() {
         "{message}"
     );
     assert_eq!(backend.list("ctl").await.expect("list"), Vec::new());
-    let launched = instances_of_pod(&backend, "uid-web-1").await;
+    let launched = instances_of_pod(backend.client(), "uid-web-1")
+        .await
+        .expect("describe instances");
     assert_eq!(launched.len(), 1, "one launch");
     assert_eq!(
         launched[0].state().and_then(|s| s.name()),
@@ -892,7 +882,12 @@ async fn user_data_is_checked_against_the_ec2_limit_before_launch() {
         message.contains("16385 bytes") && message.contains("16384"),
         "{message}"
     );
-    assert!(instances_of_pod(&backend, "uid-big-2").await.is_empty());
+    assert!(
+        instances_of_pod(backend.client(), "uid-big-2")
+            .await
+            .expect("describe instances")
+            .is_empty()
+    );
 
     // The bootstrap plus an operator's cloud-init that cannot fit even compressed is refused
     // when the user data is built, naming both sizes, the limit and the biggest file.
@@ -925,6 +920,8 @@ async fn user_data_is_checked_against_the_ec2_limit_before_launch() {
 
 #[tokio::test]
 async fn a_repeated_start_finds_its_cell_instead_of_launching_another() {
+    // moto launches again for a repeated client token: the backends here are told so, and
+    // find the earlier start's instance by its tag (on EC2 the token does this).
     let ec2 = ec2().await;
     let web = spec("ctl", "web-1", LaunchType::OnDemand);
     let before_restart = backend(&ec2.moto, config(&ec2, "ctl")).await;
@@ -936,7 +933,13 @@ async fn a_repeated_start_finds_its_cell_instead_of_launching_another() {
     let restarted = backend(&ec2.moto, config(&ec2, "ctl")).await;
     let again = restarted.start(&web).await.expect("repeated start");
     assert_eq!(again, started);
-    assert_eq!(instances_of_pod(&restarted, "uid-web-1").await.len(), 1);
+    assert_eq!(
+        instances_of_pod(restarted.client(), "uid-web-1")
+            .await
+            .expect("describe instances")
+            .len(),
+        1
+    );
 
     // Once that instance has ended, the same token still names it (as EC2 answers a repeated
     // client token): nothing is launched; the next attempt's token starts a new cell.
@@ -954,7 +957,13 @@ async fn a_repeated_start_finds_its_cell_instead_of_launching_another() {
             .state
             .is_ending()
     );
-    assert_eq!(instances_of_pod(&restarted, "uid-web-1").await.len(), 1);
+    assert_eq!(
+        instances_of_pod(restarted.client(), "uid-web-1")
+            .await
+            .expect("describe instances")
+            .len(),
+        1
+    );
     let next_attempt = CellSpec {
         idempotency_token: "uid-web-1-2".into(),
         ..web.clone()
@@ -969,6 +978,110 @@ async fn a_repeated_start_finds_its_cell_instead_of_launching_another() {
         .map(|cell| cell.id)
         .collect();
     assert_eq!(live, [replacement.id]);
+}
+
+/// The backend of `config` at `proxy` as it runs against EC2: the endpoint is taken to honour
+/// client tokens.
+async fn as_on_ec2(proxy: &Ec2Proxy, config: AwsConfig) -> AwsBackend {
+    let config = AwsConfig {
+        endpoint_url: Some(proxy.endpoint()),
+        ..config
+    };
+    assert!(!config.endpoint_ignores_client_tokens, "EC2's default");
+    AwsBackend::with_credentials(config, "testing", "testing")
+        .await
+        .expect("a valid config")
+}
+
+#[tokio::test]
+async fn a_start_asks_for_no_earlier_instance_where_client_tokens_work() {
+    let ec2 = ec2().await;
+    let proxy = Ec2Proxy::start(&ec2.moto.endpoint(), refuse_nothing).expect("proxy");
+    let describes = || proxy.requests("DescribeInstances").len();
+    let launches = || proxy.requests("RunInstances").len();
+
+    // As on EC2: a start is one RunInstances (and, on moto, the pod's address), nothing more.
+    let on_ec2 = as_on_ec2(&proxy, config(&ec2, "ctl")).await;
+    on_ec2.prepare().await.expect("prepare");
+    for pod in ["web-1", "web-2", "web-3"] {
+        on_ec2
+            .start(&spec("ctl", pod, LaunchType::OnDemand))
+            .await
+            .expect("start");
+    }
+    assert_eq!(
+        (launches(), describes()),
+        (3, 0),
+        "{:#?}",
+        proxy.all_requests()
+    );
+
+    // Where the endpoint ignores client tokens: one lookup by tag per start.
+    let ignoring = through_proxy(&proxy, config(&ec2, "ctl")).await;
+    ignoring.prepare().await.expect("prepare");
+    for pod in ["db-1", "db-2"] {
+        ignoring
+            .start(&spec("ctl", pod, LaunchType::OnDemand))
+            .await
+            .expect("start");
+    }
+    assert_eq!((launches(), describes()), (5, 2));
+}
+
+/// Refuses the launches with the client token of `web-1`'s first attempt as EC2 refuses a
+/// token reused with other parameters.
+fn token_reused_with_other_parameters(body: &str) -> Option<Refusal> {
+    (body.contains("Action=RunInstances")
+        && body.split('&').any(|pair| pair == "ClientToken=uid-web-1-1"))
+    .then_some((
+        "IdempotentParameterMismatch",
+        "The client token you have provided is associated with a resource that is already deleted or has different parameters.",
+    ))
+}
+
+#[tokio::test]
+async fn a_token_refused_for_changed_parameters_finds_its_instance() {
+    let ec2 = ec2().await;
+    let web = spec("ctl", "web-1", LaunchType::OnDemand);
+    let before_restart = backend(&ec2.moto, config(&ec2, "ctl")).await;
+    let started = before_restart.start(&web).await.expect("start");
+
+    // A restarted Updraft starts the same attempt with new user data; EC2 refuses the token.
+    let proxy =
+        Ec2Proxy::start(&ec2.moto.endpoint(), token_reused_with_other_parameters).expect("proxy");
+    let restarted = as_on_ec2(&proxy, config(&ec2, "ctl")).await;
+    let changed = CellSpec {
+        user_data: b"#cloud-config\n# new certificates\n".to_vec(),
+        ..web.clone()
+    };
+    let again = restarted.start(&changed).await.expect("repeated start");
+    assert_eq!(again, started);
+    assert_eq!(proxy.requests("RunInstances").len(), 1, "refused once");
+    assert_eq!(
+        instances_of_pod(restarted.client(), "uid-web-1")
+            .await
+            .expect("describe instances")
+            .len(),
+        1
+    );
+
+    // A token that launched nothing stays EC2's error.
+    let never_launched = CellSpec {
+        identity: CellIdentity {
+            controller_id: "ctl-b".into(),
+            ..changed.identity.clone()
+        },
+        ..changed
+    };
+    let error = as_on_ec2(&proxy, config(&ec2, "ctl-b"))
+        .await
+        .start(&never_launched)
+        .await
+        .expect_err("a mismatch without an instance");
+    assert!(
+        error.to_string().contains("IdempotentParameterMismatch"),
+        "{error}"
+    );
 }
 
 #[tokio::test]

@@ -284,7 +284,7 @@ impl LocalBackend {
 
     /// Every cell in the state directory with its observed state, and the unreadable records.
     pub fn scan(&self) -> Result<Scan, LocalError> {
-        self.inner.scan()
+        self.inner.scan(Scope::WithTombstones)
     }
 
     /// Finishes the starts that a process died in the middle of (Updraft killed while a cell
@@ -308,7 +308,7 @@ impl LocalBackend {
     pub fn remove_bridge_if_unused(&self) -> Result<bool, LocalError> {
         let inner = self.inner.clone();
         let _lock = inner.lock()?;
-        let scan = inner.scan()?;
+        let scan = inner.scan(Scope::Live)?;
         let busy =
             scan.cells.iter().any(|c| c.state != CellState::Terminated) || !scan.broken.is_empty();
         if busy {
@@ -352,6 +352,15 @@ pub type ResumedStarts = Vec<(CellId, Result<(), LocalError>)>;
 /// `(cell id, error)` of each unreadable record.
 type BrokenRecords = Vec<(String, LocalError)>;
 
+/// Which records a scan reads into memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scope {
+    /// Every cell not terminated.
+    Live,
+    /// Also the tombstones of terminated cells (kept [`TOMBSTONE_RETENTION`]).
+    WithTombstones,
+}
+
 /// Holds the state directory's lock file (flock) while alive.
 struct StateLock {
     _lock: nix::fcntl::Flock<std::fs::File>,
@@ -388,8 +397,9 @@ impl Inner {
         Ok(StateLock { _lock: lock })
     }
 
-    /// Reads every record: good ones and the errors of the unreadable ones.
-    fn read_records(&self) -> Result<(Vec<CellRecord>, BrokenRecords), LocalError> {
+    /// Reads the records of `scope`: good ones and the errors of the unreadable ones. Expired
+    /// tombstones are removed on the way.
+    fn read_records(&self, scope: Scope) -> Result<(Vec<CellRecord>, BrokenRecords), LocalError> {
         let dir = self.config.state_dir.join("records");
         let mut good = Vec::new();
         let mut broken = Vec::new();
@@ -407,6 +417,16 @@ impl Inner {
                 continue;
             }
             match record::read(&entry.path(), id) {
+                Ok(Some(found)) if found.phase == Phase::Terminated => {
+                    let expired = found.terminated_time_ms.is_some_and(|t| {
+                        now_ms().saturating_sub(t) > TOMBSTONE_RETENTION.as_millis() as u64
+                    });
+                    if expired {
+                        let _ = std::fs::remove_file(entry.path());
+                    } else if scope == Scope::WithTombstones {
+                        good.push(found);
+                    }
+                }
                 Ok(Some(found)) => good.push(found),
                 Ok(None) => {}
                 Err(error) => broken.push((id.to_string(), error)),
@@ -496,18 +516,10 @@ impl Inner {
         Ok(())
     }
 
-    fn scan(&self) -> Result<Scan, LocalError> {
-        let (records, broken) = self.read_records()?;
+    fn scan(&self, scope: Scope) -> Result<Scan, LocalError> {
+        let (records, broken) = self.read_records(scope)?;
         let mut cells = Vec::new();
         for mut found in records {
-            if found.phase == Phase::Terminated
-                && found.terminated_time_ms.is_some_and(|t| {
-                    now_ms().saturating_sub(t) > TOMBSTONE_RETENTION.as_millis() as u64
-                })
-            {
-                let _ = std::fs::remove_file(self.record_path(&found.id));
-                continue;
-            }
             let had_agent = found.agent.is_some();
             let state = self.observe(&mut found);
             if !had_agent && let Some(agent) = found.agent {
@@ -595,7 +607,8 @@ impl Inner {
 
         let found = {
             let _lock = self.lock()?;
-            let (records, broken) = self.read_records()?;
+            // Tombstones too: a repeated token names its cell even once it has ended.
+            let (records, broken) = self.read_records(Scope::WithTombstones)?;
             if let Some(existing) = records
                 .iter()
                 .find(|r| r.idempotency_token == spec.idempotency_token)
@@ -685,7 +698,7 @@ impl Inner {
     /// result; a start that cannot be resumed (its user data is gone) is removed like a failed
     /// start.
     fn resume_abandoned_starts(&self) -> Result<ResumedStarts, LocalError> {
-        let (records, _) = self.read_records()?;
+        let (records, _) = self.read_records(Scope::Live)?;
         let mut resumed = Vec::new();
         for candidate in records {
             let abandoned = |r: &CellRecord| {
@@ -978,7 +991,9 @@ impl CellBackend for LocalBackend {
     async fn list(&self, controller_id: &str) -> Result<Vec<Cell>, BackendError> {
         let controller_id = controller_id.to_string();
         self.blocking(move |inner| {
-            let scan = inner.scan()?;
+            // Not the tombstones: the provider lists on every pod start, and an hour of
+            // terminated cells would be read into memory by each of a burst's starts at once.
+            let scan = inner.scan(Scope::Live)?;
             for (id, error) in &scan.broken {
                 tracing::warn!(cell = %id, %error, "skipping a cell with an unreadable record");
             }
@@ -1024,6 +1039,75 @@ mod tests {
         );
         assert_eq!(hostname_from("---", "cell-00000001"), "cell-00000001");
         assert_eq!(hostname_from(&"a".repeat(80), "x").len(), 63);
+    }
+
+    /// Records in a temporary state directory, read without root (no cell is started).
+    fn state_with(records: &[(&str, Phase, Option<u64>)]) -> (tempfile::TempDir, Inner) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = LocalConfig {
+            state_dir: dir.path().to_path_buf(),
+            ..LocalConfig::default()
+        };
+        std::fs::create_dir_all(dir.path().join("records")).expect("records dir");
+        let inner = Inner {
+            config,
+            catalog: Catalog::local().expect("catalog"),
+            driver: CgroupDriver::V2 {
+                root: dir.path().join("cgroup"),
+            },
+        };
+        for (index, (id, phase, terminated_time_ms)) in records.iter().enumerate() {
+            let address = Ipv4Addr::new(10, 0, 0, 2 + 2 * index as u8);
+            let found = CellRecord {
+                version: record::RECORD_VERSION,
+                id: (*id).to_string(),
+                name: format!("pod-{index}"),
+                instance_type: "local.nano".into(),
+                launch_type: updraft_cells_backend::LaunchType::OnDemand,
+                idempotency_token: format!("token-{index}"),
+                identity: IdentityRecord {
+                    controller_id: "ctl".into(),
+                    ..IdentityRecord::default()
+                },
+                management_ip: address,
+                pod_ip: Ipv4Addr::from(u32::from(address) + 1),
+                launch_time_ms: now_ms(),
+                phase: *phase,
+                init: None,
+                agent: None,
+                starts_agent: true,
+                terminated_time_ms: *terminated_time_ms,
+                creator: None,
+            };
+            record::write(&inner.record_path(id), &found).expect("write record");
+        }
+        (dir, inner)
+    }
+
+    #[test]
+    fn a_listing_holds_no_tombstone_and_expired_ones_are_removed() {
+        let expired = now_ms() - TOMBSTONE_RETENTION.as_millis() as u64 - 1000;
+        let (_dir, inner) = state_with(&[
+            ("cell-0000000a", Phase::Launched, None),
+            ("cell-0000000b", Phase::Terminated, Some(now_ms())),
+            ("cell-0000000c", Phase::Terminated, Some(expired)),
+        ]);
+        let ids = |scope| -> Vec<String> {
+            let scan = inner.scan(scope).expect("scan");
+            scan.cells.into_iter().map(|cell| cell.id.0).collect()
+        };
+        // What the provider lists on every pod start holds no tombstone.
+        assert_eq!(ids(Scope::Live), ["cell-0000000a"]);
+        assert!(!inner.record_path("cell-0000000c").exists(), "expired");
+        // The tombstone stays for describe, terminate and a repeated start's token.
+        assert_eq!(
+            ids(Scope::WithTombstones),
+            ["cell-0000000a", "cell-0000000b"]
+        );
+        assert_eq!(
+            inner.describe("cell-0000000b").expect("describe").state,
+            CellState::Terminated
+        );
     }
 
     #[test]

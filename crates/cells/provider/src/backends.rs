@@ -98,13 +98,17 @@ pub async fn aws_backend(config: &CellsConfig) -> Result<AwsBackend, BackendSetu
             .as_ref()
             .zip(a.secret_access_key_file.as_ref())
     });
-    Ok(match files {
+    let backend = match files {
         Some((id_file, secret_file)) => {
             let id = read_secret("aws.accessKeyIdFile", id_file)?;
             let secret = read_secret("aws.secretAccessKeyFile", secret_file)?;
             AwsBackend::with_credentials(settings, &id, &secret).await
         }
         None => AwsBackend::connect(settings).await,
+    };
+    backend.map_err(|error| BackendSetupError::Config {
+        backend: "aws",
+        message: error.to_string(),
     })
 }
 

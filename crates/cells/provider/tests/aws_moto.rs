@@ -27,7 +27,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, PostParams};
-use updraft_cells_aws::moto::{Ec2Proxy, MotoServer, no_spot_capacity};
+use updraft_cells_aws::moto::{self, Ec2Proxy, MotoServer, no_spot_capacity};
 use updraft_cells_aws::{AwsBackend, AwsConfig, BootImage};
 use updraft_cells_backend::cloud_init::{EC2_USER_DATA_LIMIT, UserData};
 use updraft_cells_backend::{Cell, CellBackend, CellIdentity, CellSpec, LaunchType};
@@ -35,7 +35,7 @@ use updraft_provider::Provider as _;
 use updraft_provider_cells::CellsConfig;
 use updraft_testing::{TestCluster, eventually, unique_name, wait_for, wait_for_deletion};
 
-use common::{CELL_CONDITION, TIMEOUT, delete_node, start_node, start_node_configured};
+use common::{CELL_CONDITION, TIMEOUT, run_node};
 
 /// The message of the pod's cell condition, whatever its status.
 fn cell_condition(pod: &Pod) -> Option<String> {
@@ -64,10 +64,7 @@ struct Ec2 {
 
 async fn ec2() -> Ec2 {
     let moto = MotoServer::start().expect("moto_server");
-    let mut setup = AwsConfig::new(REGION, "setup", BootImage::Id(AMI.into()), "none");
-    setup.endpoint_url = Some(moto.endpoint());
-    let backend = AwsBackend::with_credentials(setup, "testing", "testing").await;
-    let client = backend.client().clone();
+    let client = moto::client(REGION, &moto.endpoint()).await;
     let vpc = client
         .create_vpc()
         .cidr_block("127.42.0.0/16")
@@ -95,6 +92,10 @@ async fn ec2() -> Ec2 {
         .send()
         .await
         .expect("create group");
+    let setup = AwsConfig::new(REGION, "setup", BootImage::Id(AMI.into()), &subnet_id);
+    let backend = moto::backend(moto.endpoint(), setup)
+        .await
+        .expect("a valid config");
     Ec2 {
         moto,
         backend,
@@ -175,36 +176,12 @@ async fn live_instances(ec2: &Ec2, controller_id: &str) -> Vec<Cell> {
         .collect()
 }
 
-/// Every instance of the pod `uid`, in any state.
-async fn instances_of_pod(
-    ec2: &Ec2,
-    uid: &str,
-) -> Vec<updraft_cells_aws::aws_sdk_ec2::types::Instance> {
-    let described = ec2
-        .backend
-        .client()
-        .describe_instances()
-        .filters(
-            updraft_cells_aws::aws_sdk_ec2::types::Filter::builder()
-                .name("tag:updraft:pod-uid")
-                .values(uid)
-                .build(),
-        )
-        .send()
-        .await
-        .expect("describe instances");
-    described
-        .reservations()
-        .iter()
-        .flat_map(|r| r.instances().iter().cloned())
-        .collect()
-}
-
 /// Fails the test when the pod `uid` has more than one instance that is not ending: nothing is
 /// ever started twice for one pod.
 async fn assert_at_most_one_live_instance(ec2: &Ec2, uid: &str) {
-    let live: Vec<String> = instances_of_pod(ec2, uid)
+    let live: Vec<String> = moto::instances_of_pod(ec2.backend.client(), uid)
         .await
+        .expect("describe instances")
         .iter()
         .filter(|i| {
             !matches!(
@@ -301,7 +278,7 @@ async fn a_pod_gets_one_ec2_instance_that_is_adopted_after_a_restart_and_termina
     let tmp = tempfile::tempdir().unwrap();
     let controller_id = format!("moto-{}", std::process::id());
     let config = write_config(tmp.path(), &ec2, &controller_id);
-    let (provider, stop) = start_node(&cluster, &node_name, &config).await;
+    let node = run_node(&cluster, &node_name, &config, |_| {}).await;
 
     // 3 CPUs / 6 GiB, spot: the cost engine's choice is what must be started.
     let pods = Api::<Pod>::namespaced(cluster.client(), namespace.name());
@@ -414,7 +391,8 @@ async fn a_pod_gets_one_ec2_instance_that_is_adopted_after_a_restart_and_termina
     }
 
     // Updraft restarts: the new provider finds the instance in the listing and adopts it.
-    let _ = stop.send(true);
+    let provider = node.provider.clone();
+    node.stop().await;
     provider.shutdown();
     drop(provider);
     let restarted = updraft_provider_cells::CellsProvider::from_config(&config, &node_name)
@@ -483,7 +461,7 @@ async fn a_pod_gets_one_ec2_instance_that_is_adopted_after_a_restart_and_termina
 
     // The node comes back: it sweeps the orphan once its grace period is over; the pod's
     // instance is the same one.
-    let (provider, stop) = start_node_configured(&cluster, &node_name, &config, |node| {
+    let node = run_node(&cluster, &node_name, &config, |node| {
         node.orphan_sweep_interval = std::time::Duration::from_secs(2);
     })
     .await;
@@ -523,7 +501,9 @@ async fn a_pod_gets_one_ec2_instance_that_is_adopted_after_a_restart_and_termina
     .await;
     assert!(boot_timeout.contains("cell i-"), "{boot_timeout}");
     // Every instance the pod ever had came from a start attempt of its own.
-    let instances = instances_of_pod(&ec2, &uid).await;
+    let instances = moto::instances_of_pod(ec2.backend.client(), &uid)
+        .await
+        .expect("describe instances");
     let mut tokens: Vec<String> = instances
         .iter()
         .map(|i| {
@@ -563,9 +543,7 @@ async fn a_pod_gets_one_ec2_instance_that_is_adopted_after_a_restart_and_termina
         }
     })
     .await;
-    let _ = stop.send(true);
-    provider.shutdown();
-    delete_node(&node_name);
+    node.stop_and_delete().await;
 }
 
 /// A pod whose user data cannot be built or whose cell EC2 cannot start.
@@ -617,16 +595,14 @@ async fn an_oversized_cloud_init_fails_the_pod_and_an_unknown_subnet_stops_the_s
         },
     );
     let node_name = unique_name("cells-aws-big");
-    let (provider, stop) = start_node(&cluster, &node_name, &config).await;
+    let node = run_node(&cluster, &node_name, &config, |_| {}).await;
     let message = refused_pod(&pods, &node_name, "big").await;
     assert!(
         message.contains("over the 16384-byte limit") && message.contains("/opt/blob"),
         "{message}"
     );
     assert!(live_instances(&ec2, &controller_id).await.is_empty());
-    let _ = stop.send(true);
-    provider.shutdown();
-    delete_node(&node_name);
+    node.stop_and_delete().await;
 
     // A subnet that does not exist: Updraft does not start, and says which setting to fix.
     let tmp = tempfile::tempdir().unwrap();
@@ -674,7 +650,7 @@ async fn a_spot_pod_without_spot_capacity_gets_an_on_demand_instance_when_config
         },
     );
     let node_name = unique_name("cells-aws-spot");
-    let (provider, stop) = start_node(&cluster, &node_name, &config).await;
+    let node = run_node(&cluster, &node_name, &config, |_| {}).await;
 
     let pod = pod_for(
         &node_name,
@@ -728,7 +704,5 @@ async fn a_spot_pod_without_spot_capacity_gets_an_on_demand_instance_when_config
         }
     })
     .await;
-    let _ = stop.send(true);
-    provider.shutdown();
-    delete_node(&node_name);
+    node.stop_and_delete().await;
 }

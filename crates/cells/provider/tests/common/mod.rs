@@ -475,6 +475,68 @@ pub async fn start_node_configured(
     config: &CellsConfig,
     configure: impl FnOnce(&mut NodeConfig),
 ) -> (Arc<CellsProvider>, tokio::sync::watch::Sender<bool>) {
+    let running = run_node(cluster, node_name, config, configure).await;
+    let (provider, stop) = (running.provider.clone(), running.stop.clone());
+    running.detach();
+    (provider, stop)
+}
+
+/// A node started by [`run_node`]. [`RunningNode::stop_and_delete`] stops its tasks, then
+/// deletes its Node: a heartbeat still running would register the Node again (it does when it
+/// finds it deleted). Dropped without that (a failing test), it stops the tasks and deletes the
+/// Node best effort.
+pub struct RunningNode {
+    /// The node's provider.
+    pub provider: Arc<CellsProvider>,
+    /// The Node's name.
+    pub name: String,
+    stop: tokio::sync::watch::Sender<bool>,
+    node: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl RunningNode {
+    /// Stops the node like [`start_node`]'s sender does (the provider keeps running: a restart
+    /// test starts another node on the same cells) and waits until its tasks have ended.
+    pub async fn stop(mut self) {
+        let _ = self.stop.send(true);
+        if let Some(node) = self.node.take() {
+            let _ = node.await;
+        }
+    }
+
+    /// Stops the node and its provider, waits until the node's tasks have ended, then deletes
+    /// the Node.
+    pub async fn stop_and_delete(self) {
+        let (provider, name) = (self.provider.clone(), self.name.clone());
+        self.stop().await;
+        provider.shutdown();
+        delete_node(&name);
+    }
+
+    /// Leaves the node running unattended (until its sender is used or the test ends).
+    fn detach(mut self) {
+        self.node = None;
+    }
+}
+
+impl Drop for RunningNode {
+    fn drop(&mut self) {
+        if let Some(node) = self.node.take() {
+            let _ = self.stop.send(true);
+            node.abort();
+            self.provider.shutdown();
+            delete_node(&self.name);
+        }
+    }
+}
+
+/// Starts the node and its kubelet API like [`start_node_configured`], keeping the node's task.
+pub async fn run_node(
+    cluster: &TestCluster,
+    node_name: &str,
+    config: &CellsConfig,
+    configure: impl FnOnce(&mut NodeConfig),
+) -> RunningNode {
     let node_name = node_name.to_owned();
     let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .await
@@ -520,8 +582,15 @@ pub async fn start_node_configured(
     node_config.kubelet_port = local.port();
     configure(&mut node_config);
     let node = VirtualNode::new(client, node_config, provider.clone());
-    tokio::spawn(node.run(until_stopped(stopped)));
-    (provider, stop)
+    let node = tokio::spawn(async move {
+        let _ = node.run(until_stopped(stopped)).await;
+    });
+    RunningNode {
+        provider,
+        name: node_name,
+        stop,
+        node: Some(node),
+    }
 }
 
 /// The real `updraft` binary running as a node with the cells provider; SIGKILLed when
