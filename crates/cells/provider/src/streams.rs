@@ -16,7 +16,8 @@ use updraft_provider::{
     Result, StreamIo,
 };
 
-use crate::provider::{CellsProvider, client_error};
+use crate::errors::client_error;
+use crate::provider::CellsProvider;
 
 fn rfc3339(time: SystemTime) -> String {
     let since = time

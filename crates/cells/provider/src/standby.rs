@@ -28,19 +28,21 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-use updraft_cells_backend::cloud_init::UserData;
 use updraft_cells_backend::{BackendError, Cell, CellId, CellIdentity, CellSpec, CellState};
 use updraft_cells_catalog::{LaunchType, decide};
 use updraft_provider::{PodRef, ProviderError, ResolvedPod};
 
-use super::{CellView, Inner, cell_name, lock};
+use crate::errors::backend_error;
+
+use crate::cell_summary::CellSummary;
+use crate::cells::{CellView, Cells, cell_name};
 use crate::config::StandbySettings;
-use crate::translate::{CellSummary, bootstrap};
+use crate::lock;
 
 /// One pool entry as the provider runs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,8 +76,8 @@ impl StandbyEntry {
 /// The pool's state in the provider: the desired entries and what this run is doing; the cells
 /// themselves are known only from the backend's listing.
 #[derive(Default)]
-pub(super) struct StandbyPool {
-    entries: Mutex<Vec<StandbyEntry>>,
+pub(crate) struct StandbyPool {
+    pub(crate) entries: Mutex<Vec<StandbyEntry>>,
     /// Claims hold it shared; the refill's listing and terminations hold it alone, so a cell
     /// being claimed is never terminated as surplus.
     claim_lock: tokio::sync::RwLock<()>,
@@ -86,16 +88,16 @@ pub(super) struct StandbyPool {
     /// listing shows them.
     started: Mutex<HashMap<CellId, (String, LaunchType, Instant)>>,
     /// Wakes the refill loop (after pod demand, so that it passes once the pods are quiet).
-    wake: Arc<Notify>,
+    pub(crate) wake: Arc<Notify>,
     /// When a pod last asked for a cell or was delivered to one (tokio's clock, so that tests
     /// can run it paused).
     last_demand: Mutex<Option<tokio::time::Instant>>,
     /// Whether the refill loop runs.
-    running: AtomicBool,
+    pub(crate) running: AtomicBool,
     /// Numbers the standby cells' idempotency tokens within this run.
     starts: AtomicU64,
     /// The standby cells of the last listing, for the spend metrics.
-    pub(super) summaries: Mutex<Vec<CellSummary>>,
+    pub(crate) summaries: Mutex<Vec<CellSummary>>,
 }
 
 /// How long a started cell missing from the listings still counts as part of the pool.
@@ -103,66 +105,46 @@ const LISTING_LAG: Duration = Duration::from_secs(120);
 
 impl StandbyPool {
     /// A pod asked for a cell or was delivered to one: the refill waits until pods are quiet.
-    pub(super) fn demand(&self) {
+    pub(crate) fn demand(&self) {
         *lock(&self.last_demand) = Some(tokio::time::Instant::now());
         self.wake.notify_one();
     }
 
     /// How much longer pods must stay quiet before the refill may start cells; `None` once
     /// they have been quiet for `quiet_period`.
-    fn quiet_remaining(&self, quiet_period: Duration) -> Option<Duration> {
+    pub(crate) fn quiet_remaining(&self, quiet_period: Duration) -> Option<Duration> {
         let last = (*lock(&self.last_demand))?;
         let remaining = quiet_period.saturating_sub(last.elapsed());
         (!remaining.is_zero()).then_some(remaining)
     }
 }
 
-impl Inner {
+impl StandbyPool {
     /// The configured entries.
-    pub(super) fn standby_entries(&self) -> Vec<StandbyEntry> {
-        lock(&self.standby.entries).clone()
+    pub(crate) fn entries(&self) -> Vec<StandbyEntry> {
+        lock(&self.entries).clone()
     }
 
     /// The standby cells of this node in `cells` that no pod has claimed.
-    fn idle_standby<'a>(&self, cells: &'a [Cell]) -> Vec<&'a Cell> {
-        let claimed = lock(&self.standby.claimed);
+    fn idle<'a>(&self, node: &str, cells: &'a [Cell]) -> Vec<&'a Cell> {
+        let claimed = lock(&self.claimed);
         cells
             .iter()
             .filter(|cell| {
                 !cell.state.is_ending()
                     && !claimed.contains(&cell.id)
-                    && cell.identity.as_ref().is_some_and(|identity| {
-                        identity.is_standby() && identity.node == self.settings.node_name
-                    })
+                    && cell
+                        .identity
+                        .as_ref()
+                        .is_some_and(|identity| identity.is_standby() && identity.node == node)
             })
             .collect()
     }
 
-    /// Fresh bootstrap user data: a new server certificate for the agent, the configured
-    /// cloud-init, size-checked for the backend.
-    pub(super) fn cell_user_data(&self) -> Result<Vec<u8>, ProviderError> {
-        let server = self.pki.issue_server_certificate().map_err(|e| {
-            ProviderError::transient(format!("issuing the agent's certificate: {e}"))
-        })?;
-        let bootstrap = bootstrap(
-            &self.settings.agent,
-            self.settings.agent_listen_flag,
-            self.pki.ca_pem(),
-            &server,
-        );
-        let user_data = UserData::build(
-            &bootstrap,
-            self.cloud_init.as_ref(),
-            self.settings.user_data_limit,
-        )
-        .map_err(|e| ProviderError::permanent(format!("building the cell's user data: {e}")))?;
-        Ok(user_data.bytes)
-    }
-
     /// Takes an idle standby cell for `resolved` when the pool has one of the type (and launch
     /// type) chosen for it; `None` when the pod must get a new cell.
-    pub(super) async fn take_standby(&self, resolved: &ResolvedPod) -> Option<CellView> {
-        let entries = self.standby_entries();
+    pub(crate) async fn take(&self, cells: &Cells, resolved: &ResolvedPod) -> Option<CellView> {
+        let entries = self.entries();
         if entries.is_empty() {
             return None;
         }
@@ -176,10 +158,10 @@ impl Inner {
             .unwrap_or_default();
         // A pod the selector refuses gets its error from the normal start.
         let (decision, wanted) = decide(
-            &self.selector,
+            &cells.selector,
             &spec,
             &annotations,
-            self.settings.default_launch_type,
+            cells.settings.default_launch_type,
         )
         .ok()?;
         let fits_a_standby_cell = wanted.security_groups.is_empty()
@@ -193,8 +175,8 @@ impl Inner {
         if !fits_a_standby_cell || !pooled {
             return None;
         }
-        let _claiming = self.standby.claim_lock.read().await;
-        let cells = match self.backend.list(&self.settings.controller_id).await {
+        let _claiming = self.claim_lock.read().await;
+        let listed = match cells.backend.list(&cells.settings.controller_id).await {
             Ok(cells) => cells,
             Err(e) => {
                 tracing::warn!(pod = %pod_ref, "listing standby cells: {e}; starting a new cell");
@@ -202,7 +184,7 @@ impl Inner {
             }
         };
         let mut candidates: Vec<&Cell> = self
-            .idle_standby(&cells)
+            .idle(&cells.settings.node_name, &listed)
             .into_iter()
             .filter(|cell| {
                 cell.instance_type == instance_type
@@ -213,15 +195,15 @@ impl Inner {
             .collect();
         // Oldest first: the likeliest to have an agent that answers.
         candidates.sort_by_key(|cell| cell.launch_time);
-        let identity = self.identity(resolved);
-        let name = cell_name(&self.settings.name_tag, &pod_ref);
+        let identity = cells.identity(resolved);
+        let name = cell_name(&cells.settings.name_tag, &pod_ref);
         let mut taken = None;
         for cell in candidates {
             // Reserve it: a concurrent claim of this run skips it.
-            if !lock(&self.standby.claimed).insert(cell.id.clone()) {
+            if !lock(&self.claimed).insert(cell.id.clone()) {
                 continue;
             }
-            match self.backend.assign(&cell.id, &name, &identity).await {
+            match cells.backend.assign(&cell.id, &name, &identity).await {
                 Ok(()) => {
                     taken = Some(cell.clone());
                     break;
@@ -231,7 +213,7 @@ impl Inner {
                     tracing::info!(pod = %pod_ref, cell = %cell.id, "standby cell not available: {e}");
                 }
                 Err(e) => {
-                    lock(&self.standby.claimed).remove(&cell.id);
+                    lock(&self.claimed).remove(&cell.id);
                     tracing::warn!(pod = %pod_ref, cell = %cell.id, "taking a standby cell: {e}; starting a new cell");
                     break;
                 }
@@ -246,32 +228,32 @@ impl Inner {
             instance_type = %cell.instance_type,
             "took a standby cell"
         );
-        Some(self.view(&cell, Some(decision.chosen.price_per_hour)))
+        Some(cells.view(&cell, Some(decision.chosen.price_per_hour)))
     }
 
     /// One pass of the pool's reconcile loop: surplus and broken standby cells are terminated,
-    /// missing ones started.
-    pub(super) async fn reconcile_standby(&self) {
-        let entries = self.standby_entries();
-        let claiming = self.standby.claim_lock.write().await;
-        let cells = match self.backend.list(&self.settings.controller_id).await {
+    /// missing ones started (not once `shutdown` is cancelled).
+    pub(crate) async fn reconcile(&self, cells: &Cells, shutdown: &CancellationToken) {
+        let entries = self.entries();
+        let claiming = self.claim_lock.write().await;
+        let listed = match cells.backend.list(&cells.settings.controller_id).await {
             Ok(cells) => cells,
             Err(e) => {
                 tracing::warn!("standby pool: listing cells: {e}");
                 return;
             }
         };
-        let listed_standby: HashSet<&CellId> = cells
+        let listed_standby: HashSet<&CellId> = listed
             .iter()
             .filter(|c| c.identity.as_ref().is_some_and(CellIdentity::is_standby))
             .map(|c| &c.id)
             .collect();
-        lock(&self.standby.claimed).retain(|id| listed_standby.contains(id));
-        lock(&self.standby.started).retain(|id, (_, _, at)| {
-            !cells.iter().any(|c| &c.id == id) && at.elapsed() < LISTING_LAG
+        lock(&self.claimed).retain(|id| listed_standby.contains(id));
+        lock(&self.started).retain(|id, (_, _, at)| {
+            !listed.iter().any(|c| &c.id == id) && at.elapsed() < LISTING_LAG
         });
-        let idle = self.idle_standby(&cells);
-        *lock(&self.standby.summaries) = idle.iter().map(|c| self.summary(c, None)).collect();
+        let idle = self.idle(&cells.settings.node_name, &listed);
+        *lock(&self.summaries) = idle.iter().map(|c| cells.summary(c, None)).collect();
 
         let mut surplus: Vec<CellId> = idle
             .iter()
@@ -285,7 +267,7 @@ impl Inner {
                 .copied()
                 .filter(|c| entry.matches(c) && !surplus.contains(&c.id))
                 .collect();
-            let pending = lock(&self.standby.started)
+            let pending = lock(&self.started)
                 .values()
                 .filter(|(t, l, _)| *t == entry.instance_type && *l == entry.launch_type)
                 .count();
@@ -309,7 +291,7 @@ impl Inner {
         surplus.dedup();
         for id in &surplus {
             tracing::info!(cell = %id, "standby pool: terminating a surplus or broken standby cell");
-            if let Err(e) = self.terminate(id).await {
+            if let Err(e) = cells.terminate(id).await {
                 tracing::warn!(cell = %id, "standby pool: {e}");
             }
         }
@@ -319,10 +301,14 @@ impl Inner {
             for _ in 0..count {
                 // One start at a time, each only while pods are quiet: a pod that asks for a
                 // cell meanwhile goes first (its demand wakes the loop for a later pass).
-                if self.shutdown.is_cancelled() || self.refill_must_wait().is_some() {
+                if shutdown.is_cancelled()
+                    || self
+                        .quiet_remaining(cells.settings.refill_quiet_period)
+                        .is_some()
+                {
                     break 'entries;
                 }
-                if let Err(e) = self.start_standby(&entry).await {
+                if let Err(e) = self.start(cells, &entry).await {
                     tracing::warn!(
                         instance_type = %entry.instance_type,
                         "standby pool: starting a cell: {e}; retrying on the next pass"
@@ -331,25 +317,18 @@ impl Inner {
                 }
             }
         }
-        self.refresh_metrics();
-    }
-
-    /// How long the refill must still wait for pods to be quiet (`None`: it may start cells).
-    fn refill_must_wait(&self) -> Option<Duration> {
-        self.standby
-            .quiet_remaining(self.settings.refill_quiet_period)
     }
 
     /// Starts one standby cell of `entry`.
-    async fn start_standby(&self, entry: &StandbyEntry) -> Result<CellId, ProviderError> {
-        let user_data = self.cell_user_data()?;
-        let sequence = self.standby.starts.fetch_add(1, Ordering::Relaxed);
+    async fn start(&self, cells: &Cells, entry: &StandbyEntry) -> Result<CellId, ProviderError> {
+        let user_data = cells.user_data()?;
+        let sequence = self.starts.fetch_add(1, Ordering::Relaxed);
         let run = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis());
         let spec = CellSpec {
             name: cell_name(
-                &self.settings.name_tag,
+                &cells.settings.name_tag,
                 &PodRef {
                     namespace: "standby".into(),
                     name: entry.instance_type.clone(),
@@ -360,25 +339,28 @@ impl Inner {
             launch_type: entry.launch_type,
             image: None,
             user_data,
-            identity: CellIdentity::standby(&self.settings.controller_id, &self.settings.node_name),
-            security_groups: self.settings.extra_security_groups.clone(),
+            identity: CellIdentity::standby(
+                &cells.settings.controller_id,
+                &cells.settings.node_name,
+            ),
+            security_groups: cells.settings.extra_security_groups.clone(),
             private_ip_only: false,
             root_volume_bytes: None,
             instance_profile: None,
             // Unique per start: a retry is the next pass, which counts the listing first.
             idempotency_token: format!("standby-{run:x}-{sequence}"),
         };
-        let started = self
+        let started = cells
             .backend
             .start(&spec)
             .await
-            .map_err(|e| super::backend_error("starting a standby cell", e))?;
+            .map_err(|e| backend_error("starting a standby cell", e))?;
         tracing::info!(
             cell = %started.id,
             instance_type = %entry.instance_type,
             "standby pool: started a standby cell"
         );
-        lock(&self.standby.started).insert(
+        lock(&self.started).insert(
             started.id.clone(),
             (
                 entry.instance_type.clone(),
@@ -387,51 +369,6 @@ impl Inner {
             ),
         );
         Ok(started.id)
-    }
-}
-
-/// Sets the pool's entries and starts its reconcile loop (once; later calls only change the
-/// entries and wake it).
-pub(super) fn start_pool(inner: &Arc<Inner>, entries: Vec<StandbyEntry>) {
-    *lock(&inner.standby.entries) = entries;
-    inner.standby.wake.notify_one();
-    if inner.standby.running.swap(true, Ordering::SeqCst) {
-        return;
-    }
-    let weak = Arc::downgrade(inner);
-    let shutdown = inner.shutdown.clone();
-    let interval = inner.settings.gc_interval;
-    let wake = inner.standby.wake.clone();
-    tokio::spawn(run_pool(weak, shutdown, interval, wake));
-}
-
-/// The pool's reconcile loop: a pass every `gcInterval`, and after pod demand once pods have
-/// been quiet for the quiet period.
-async fn run_pool(
-    inner: Weak<Inner>,
-    shutdown: CancellationToken,
-    interval: Duration,
-    wake: Arc<Notify>,
-) {
-    loop {
-        let next_pass = {
-            let Some(this) = inner.upgrade() else { return };
-            match this.refill_must_wait() {
-                Some(quiet_remaining) => quiet_remaining,
-                None => {
-                    tokio::select! {
-                        () = shutdown.cancelled() => return,
-                        () = this.reconcile_standby() => {}
-                    }
-                    interval
-                }
-            }
-        };
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = wake.notified() => {}
-            () = tokio::time::sleep(next_pass) => {}
-        }
     }
 }
 
@@ -452,7 +389,8 @@ mod tests {
 
     use super::*;
     use crate::pki::CellsPki;
-    use crate::provider::{CellsProvider, ProviderSettings, SetupError};
+    use crate::provider::{CellsProvider, SetupError};
+    use crate::settings::ProviderSettings;
 
     #[derive(Default)]
     struct PoolBackend {
@@ -659,7 +597,8 @@ mod tests {
         let web = pod("uid-1", ", labels: {app: web}");
         let view = provider
             .inner
-            .take_standby(&web)
+            .standby
+            .take(&provider.inner.cells, &web)
             .await
             .expect("a standby cell");
         assert_eq!(view.id, standby_id);
@@ -675,7 +614,8 @@ mod tests {
         assert!(
             provider
                 .inner
-                .take_standby(&pod("uid-2", ""))
+                .standby
+                .take(&provider.inner.cells, &pod("uid-2", ""))
                 .await
                 .is_none()
         );
@@ -689,14 +629,35 @@ mod tests {
             let yaml = "metadata: {name: big, namespace: ns, uid: uid-3}\nspec:\n  containers:\n  - name: app\n    image: busybox\n    resources: {requests: {cpu: '3', memory: 6Gi}}\n";
             ResolvedPod::unresolved(serde_yaml::from_str::<Pod>(yaml).unwrap())
         };
-        assert!(provider.inner.take_standby(&big).await.is_none());
+        assert!(
+            provider
+                .inner
+                .standby
+                .take(&provider.inner.cells, &big)
+                .await
+                .is_none()
+        );
         let groups = pod(
             "uid-4",
             ", annotations: {pod.elotl.co/security-groups: sg-1}",
         );
-        assert!(provider.inner.take_standby(&groups).await.is_none());
+        assert!(
+            provider
+                .inner
+                .standby
+                .take(&provider.inner.cells, &groups)
+                .await
+                .is_none()
+        );
         let spot = pod("uid-5", ", annotations: {pod.elotl.co/launch-type: spot}");
-        assert!(provider.inner.take_standby(&spot).await.is_none());
+        assert!(
+            provider
+                .inner
+                .standby
+                .take(&provider.inner.cells, &spot)
+                .await
+                .is_none()
+        );
         assert_eq!(backend.standby().len(), 1, "still there");
     }
 
@@ -777,7 +738,7 @@ mod tests {
         let pods: Vec<ResolvedPod> = (0..8).map(|i| pod(&format!("uid-{i}"), "")).collect();
         let claims = futures::future::join_all(pods.iter().map(|p| {
             let inner = provider.inner.clone();
-            async move { inner.take_standby(p).await }
+            async move { inner.standby.take(&inner.cells, p).await }
         }))
         .await;
         let winners: Vec<&CellView> = claims.iter().flatten().collect();
@@ -803,7 +764,7 @@ mod tests {
         let pods: Vec<ResolvedPod> = (0..4).map(|i| pod(&format!("uid-{i}"), "")).collect();
         let claims = futures::future::join_all(pods.iter().map(|p| {
             let inner = provider.inner.clone();
-            async move { inner.take_standby(p).await }
+            async move { inner.standby.take(&inner.cells, p).await }
         }))
         .await;
         let mut taken: Vec<CellId> = claims.iter().flatten().map(|v| v.id.clone()).collect();
@@ -839,7 +800,12 @@ mod tests {
         let first = provider(backend.clone(), dir.path()).await;
         *lock(&first.inner.standby.entries) = vec![entry("local.small", 2)];
         first.reconcile_standby_pool().await;
-        let taken = first.inner.take_standby(&pod("uid-1", "")).await.unwrap();
+        let taken = first
+            .inner
+            .standby
+            .take(&first.inner.cells, &pod("uid-1", ""))
+            .await
+            .unwrap();
         first.shutdown();
         drop(first);
         let starts_before = *backend.starts.lock().unwrap();
@@ -854,7 +820,12 @@ mod tests {
         second.reconcile_standby_pool().await;
         assert_eq!(backend.standby().len(), 2);
         assert_eq!(*backend.starts.lock().unwrap(), starts_before + 1);
-        let other = second.inner.take_standby(&pod("uid-2", "")).await.unwrap();
+        let other = second
+            .inner
+            .standby
+            .take(&second.inner.cells, &pod("uid-2", ""))
+            .await
+            .unwrap();
         assert_ne!(other.id, taken.id);
     }
 
