@@ -31,6 +31,7 @@ mod bootstrap;
 mod cell_summary;
 mod cells;
 pub mod config;
+mod deletion;
 mod errors;
 mod gc;
 mod lifecycle;

@@ -30,7 +30,7 @@
 //! `Starting` lets its backend call finish (a start cut off could leave a cell no listing
 //! shows yet); the deletion or shutdown is seen at the next wait. Deleting is not a state: the
 //! node's delete cancels `deleting`, waits for the task to end ([`TrackedPod::stopped`]), then
-//! stops the pod on the agent and terminates every cell of the pod ([`delete`]). On shutdown
+//! stops the pod on the agent and terminates every cell of the pod (`deletion`). On shutdown
 //! the cells keep running: the next run adopts them (`gc`), in `Booting` with the cell's own
 //! boot deadline (counted from its launch, so a restart does not extend it).
 //!
@@ -60,10 +60,6 @@ use crate::shared::Shared;
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 /// The longest pause between attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
-/// How long a delete waits for the agent to stop a pod it never ran.
-const UNAPPLIED_STOP_PATIENCE: Duration = Duration::from_secs(3);
-/// What a delete waits for the agent beyond the pod's grace period.
-const STOP_PATIENCE_BEYOND_GRACE: Duration = Duration::from_secs(30);
 
 /// Why waiting for a cell's agent ended without an answer.
 #[derive(Debug, thiserror::Error)]
@@ -866,56 +862,4 @@ impl Supervisor {
             replacing: Some(cell.id),
         })
     }
-}
-
-/// Deletes pod `pod`: its supervisor is stopped (a boot in progress stops waiting at once),
-/// the agent stops the containers (preStop, SIGTERM, grace, SIGKILL) before the cell goes,
-/// and every cell of the pod is terminated, also ones the backend lists that this run never
-/// tracked. An unreachable agent does not keep the cell alive, and a cell that never got the
-/// pod (still booting) is not waited for.
-pub(crate) async fn delete(
-    shared: &Arc<Shared>,
-    pod: &PodRef,
-    grace_period_seconds: i64,
-) -> Result<(), ProviderError> {
-    let tracked = shared.tracked(&pod.uid);
-    let mut cells: Vec<CellId> = Vec::new();
-    if let Some(tracked) = &tracked {
-        tracked.deleting.cancel();
-        tracked.stopped.cancelled().await;
-        let (cell, applied) = {
-            let record = tracked.record();
-            (record.cell.clone(), record.applied)
-        };
-        if let Some(cell) = cell {
-            if let Some(agent) = shared.cells.agent(&cell) {
-                let grace = Duration::from_secs(u64::try_from(grace_period_seconds).unwrap_or(0));
-                let patience = if applied {
-                    grace + STOP_PATIENCE_BEYOND_GRACE
-                } else {
-                    UNAPPLIED_STOP_PATIENCE
-                };
-                match tokio::time::timeout(patience, agent.delete_pod(grace)).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => tracing::info!(pod = %pod, "stopping the pod on its cell: {e}"),
-                    Err(_) => tracing::info!(pod = %pod, "stopping the pod on its cell timed out"),
-                }
-            }
-            cells.push(cell.id);
-        }
-    }
-    for cell in shared.cells.listed_for(&pod.uid).await? {
-        if !cells.contains(&cell.id) {
-            cells.push(cell.id);
-        }
-    }
-    for id in &cells {
-        tracing::info!(pod = %pod, cell = %id, "terminating the pod's cell");
-        shared.cells.terminate(id).await?;
-    }
-    if let Some(tracked) = &tracked {
-        shared.forget(tracked);
-    }
-    shared.refresh_metrics();
-    Ok(())
 }

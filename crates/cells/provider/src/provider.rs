@@ -32,6 +32,7 @@ use crate::agent::AgentConnector;
 use crate::backends::{BackendSetupError, provider_backend};
 use crate::cells::Cells;
 use crate::config::{CellsConfig, load_catalog};
+use crate::deletion;
 use crate::errors::backend_error;
 use crate::gc::{adopt_untracked, collect_garbage, spawn_collector};
 use crate::lifecycle;
@@ -342,7 +343,7 @@ impl Provider for CellsProvider {
         pod: &PodRef,
         grace_period_seconds: i64,
     ) -> updraft_provider::Result<()> {
-        lifecycle::delete(&self.inner, pod, grace_period_seconds).await
+        deletion::delete(&self.inner, pod, grace_period_seconds).await
     }
 
     async fn pod_status(&self, pod: &PodRef) -> updraft_provider::Result<Option<PodStatus>> {
