@@ -15,7 +15,7 @@ use updraft_cells_backend::cloud_init::{CloudConfig, UserData};
 use updraft_cells_backend::{
     BackendError, Cell, CellBackend, CellId, CellIdentity, CellSpec, CellState, LaunchType,
 };
-use updraft_cells_catalog::{Selector, decide};
+use updraft_cells_catalog::{CellAnnotations, CostError, Decision, Selector, decide};
 use updraft_provider::{PodRef, ProviderError, ResolvedPod};
 
 use crate::agent::{AgentConnector, CellAgent, TlsAgents};
@@ -182,6 +182,27 @@ impl Cells {
         Ok(user_data.bytes)
     }
 
+    /// The cost engine's choice for `resolved`: the instance and launch type, and what its
+    /// annotations ask of the cell.
+    pub(crate) fn decide(
+        &self,
+        resolved: &ResolvedPod,
+    ) -> Result<(Decision, CellAnnotations), CostError> {
+        let spec = resolved.pod.spec.clone().unwrap_or_default();
+        let annotations = resolved
+            .pod
+            .metadata
+            .annotations
+            .clone()
+            .unwrap_or_default();
+        decide(
+            &self.selector,
+            &spec,
+            &annotations,
+            self.settings.default_launch_type,
+        )
+    }
+
     /// Starts a new cell for `resolved`, attempt `attempt` (part of the idempotency token, so a
     /// replacement is a new start and a retried start is the same one).
     pub(crate) async fn start(
@@ -190,20 +211,7 @@ impl Cells {
         attempt: u32,
     ) -> Result<CellView, ProviderError> {
         let pod_ref = PodRef::of(&resolved.pod);
-        let spec = resolved.pod.spec.clone().unwrap_or_default();
-        let annotations = resolved
-            .pod
-            .metadata
-            .annotations
-            .clone()
-            .unwrap_or_default();
-        let (decision, cell_annotations) = decide(
-            &self.selector,
-            &spec,
-            &annotations,
-            self.settings.default_launch_type,
-        )
-        .map_err(cost_error)?;
+        let (decision, cell_annotations) = self.decide(resolved).map_err(cost_error)?;
         let user_data = self.user_data()?;
         let mut security_groups = self.settings.extra_security_groups.clone();
         security_groups.extend(cell_annotations.security_groups.iter().cloned());

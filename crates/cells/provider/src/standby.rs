@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use updraft_cells_backend::{BackendError, Cell, CellId, CellIdentity, CellSpec, CellState};
-use updraft_cells_catalog::{LaunchType, decide};
+use updraft_cells_catalog::LaunchType;
 use updraft_provider::{PodRef, ProviderError, ResolvedPod};
 
 use crate::errors::backend_error;
@@ -149,21 +149,8 @@ impl StandbyPool {
             return None;
         }
         let pod_ref = PodRef::of(&resolved.pod);
-        let spec = resolved.pod.spec.clone().unwrap_or_default();
-        let annotations = resolved
-            .pod
-            .metadata
-            .annotations
-            .clone()
-            .unwrap_or_default();
         // A pod the selector refuses gets its error from the normal start.
-        let (decision, wanted) = decide(
-            &cells.selector,
-            &spec,
-            &annotations,
-            cells.settings.default_launch_type,
-        )
-        .ok()?;
+        let (decision, wanted) = cells.decide(resolved).ok()?;
         let fits_a_standby_cell = wanted.security_groups.is_empty()
             && wanted.volume_size_bytes.is_none()
             && wanted.instance_profile.is_none()

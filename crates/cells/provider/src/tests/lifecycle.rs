@@ -107,6 +107,12 @@ impl World {
             .unwrap_or_default()
     }
 
+    /// Cell `id` ends: the cloud terminated it, its agent is gone.
+    fn lose(&self, id: &str) {
+        self.agent(id).down();
+        self.backend.set_state(id, CellState::Terminated);
+    }
+
     /// Creates `pod` and waits until it runs on its cell.
     async fn running(&self, pod: &ResolvedPod, cell: u8) {
         self.agent_of_cell(cell).up();
@@ -302,8 +308,7 @@ async fn a_cell_the_backend_ends_while_watching_is_replaced() {
     let mut updates = world.provider.status_updates().unwrap();
     world.agent_of_cell(1).up();
     // Watching → Lost → Starting → Booting → Delivering → Watching on a replacement.
-    world.agent("cell-0").down();
-    world.backend.set_state("cell-0", CellState::Terminated);
+    world.lose("cell-0");
     until("the replacement", || {
         world.cell_of("u1").as_deref() == Some("cell-1")
     })
@@ -341,8 +346,7 @@ async fn a_silent_agent_is_lost_after_the_health_timeout() {
 async fn restart_policy_never_fails_the_pod_when_its_cell_is_lost() {
     let world = World::new().await;
     world.running(&never(), 0).await;
-    world.agent("cell-0").down();
-    world.backend.set_state("cell-0", CellState::Terminated);
+    world.lose("cell-0");
     // Watching → Lost → Failed: no replacement.
     world.at("u1", Stage::Failed).await;
     let status = world.status("u1");
@@ -475,8 +479,7 @@ async fn an_adopted_running_pod_is_watched_and_fails_when_lost_before_the_node_a
     );
     assert_eq!(agent.applied(), 0);
     // Watching → Lost → Failed.
-    agent.down();
-    world.backend.set_state("old", CellState::Terminated);
+    world.lose("old");
     world.at("u1", Stage::Failed).await;
     let message = world.status("u1").message.unwrap_or_default();
     assert!(message.contains("adopted after a restart"), "{message}");
@@ -556,8 +559,7 @@ async fn a_transient_error_of_a_replacement_start_is_retried_with_backoff() {
             });
     }
     world.agent_of_cell(1).up();
-    world.agent("cell-0").down();
-    world.backend.set_state("cell-0", CellState::Terminated);
+    world.lose("cell-0");
     // Lost → Starting → Backoff → Starting → Backoff → Starting → Booting.
     world.at("u1", Stage::Backoff).await;
     world.at("u1", Stage::Watching).await;
@@ -577,8 +579,7 @@ async fn a_permanent_refusal_of_a_replacement_fails_the_pod() {
         .push_back(BackendError::InvalidRequest {
             detail: "the image is gone".into(),
         });
-    world.agent("cell-0").down();
-    world.backend.set_state("cell-0", CellState::Terminated);
+    world.lose("cell-0");
     world.at("u1", Stage::Failed).await;
     let status = world.status("u1");
     assert_eq!(status.phase.as_deref(), Some("Failed"));
