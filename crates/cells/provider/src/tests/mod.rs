@@ -6,6 +6,7 @@
 
 mod lifecycle;
 mod provider;
+mod standby;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
@@ -53,6 +54,8 @@ struct FakeBackend {
     addresses: Addresses,
     /// How many `describe` calls were answered (the supervisors' checks).
     describes: AtomicUsize,
+    /// Listings leave out the cells of starts from this one on (a lagging listing).
+    hide_started_from: Mutex<Option<usize>>,
     /// The answers of the next starts, before they start anything.
     start_errors: Mutex<VecDeque<BackendError>>,
 }
@@ -102,6 +105,23 @@ impl FakeBackend {
             .iter()
             .filter(|c| !c.state.is_ending())
             .map(|c| c.id.0.clone())
+            .collect()
+    }
+
+    fn live_cells(&self) -> Vec<Cell> {
+        let cells = self.cells.lock().unwrap();
+        cells
+            .iter()
+            .filter(|c| !c.state.is_ending())
+            .cloned()
+            .collect()
+    }
+
+    /// The idle standby cells.
+    fn standby(&self) -> Vec<Cell> {
+        self.live_cells()
+            .into_iter()
+            .filter(|c| c.identity.as_ref().is_some_and(CellIdentity::is_standby))
             .collect()
     }
 
@@ -218,18 +238,26 @@ impl CellBackend for FakeBackend {
     }
 
     async fn list(&self, controller_id: &str) -> Result<Vec<Cell>, BackendError> {
+        let hidden: Vec<CellId> = match *self.hide_started_from.lock().unwrap() {
+            Some(from) => self
+                .started_ids
+                .lock()
+                .unwrap()
+                .iter()
+                .skip(from)
+                .cloned()
+                .collect(),
+            None => Vec::new(),
+        };
         Ok(self
-            .cells
-            .lock()
-            .unwrap()
-            .iter()
+            .live_cells()
+            .into_iter()
             .filter(|c| {
-                !c.state.is_ending()
+                !hidden.contains(&c.id)
                     && c.identity
                         .as_ref()
                         .is_some_and(|i| i.controller_id == controller_id)
             })
-            .cloned()
             .collect())
     }
 
@@ -250,6 +278,9 @@ impl CellBackend for FakeBackend {
         name: &str,
         identity: &CellIdentity,
     ) -> Result<(), BackendError> {
+        // Yield between check and write: concurrent claims interleave here if the provider
+        // does not serialize them.
+        tokio::task::yield_now().await;
         let mut cells = self.cells.lock().unwrap();
         let cell = cells
             .iter_mut()
