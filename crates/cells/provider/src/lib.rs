@@ -11,10 +11,11 @@
 //!
 //! # Layout
 //! Set-up and the `Provider` impl in `provider`; per pod one supervisor task with an explicit
-//! state machine in `lifecycle` (the pod's record and commands in `pods`); adoption after a
-//! restart and garbage collection in `gc`; the standby pool in `standby`; what a cell is made
-//! from and single backend calls in `cells`; the agent seam in `agent`; the translations in
-//! `pod_status`, `apply_request`, `bootstrap` and `cell_summary`.
+//! state machine in `lifecycle` (the pod's record and commands in `pods`, its deletion in
+//! `deletion`); adoption after a restart and garbage collection in `gc`; the standby pool in
+//! `standby`; what a cell is made from and single backend calls in `cells`; the agent seam in
+//! `agent`; the translations in `pod_status`, `apply_request`, `bootstrap` and
+//! `cell_summary`.
 //!
 //! # What the pod shows
 //! The chosen instance type and hourly price are written to the pod as the status condition
