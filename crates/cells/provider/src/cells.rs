@@ -165,7 +165,7 @@ impl Cells {
     /// cloud-init, size-checked for the backend.
     pub(crate) fn user_data(&self) -> Result<Vec<u8>, ProviderError> {
         let server = self.pki.issue_server_certificate().map_err(|e| {
-            ProviderError::Transient(format!("issuing the agent's certificate: {e}"))
+            ProviderError::transient(format!("issuing the agent's certificate: {e}")).caused_by(e)
         })?;
         let bootstrap = bootstrap(
             &self.settings.agent,
@@ -178,7 +178,9 @@ impl Cells {
             self.cloud_init.as_ref(),
             self.settings.user_data_limit,
         )
-        .map_err(|e| ProviderError::Permanent(format!("building the cell's user data: {e}")))?;
+        .map_err(|e| {
+            ProviderError::permanent(format!("building the cell's user data: {e}")).caused_by(e)
+        })?;
         Ok(user_data.bytes)
     }
 
@@ -264,7 +266,7 @@ impl Cells {
         view.summary.launch_type = started.launch_type.as_str().to_owned();
         if cell.state.is_ending() {
             // An idempotency token that names a cell which has ended since: a new attempt.
-            return Err(ProviderError::Transient(format!(
+            return Err(ProviderError::transient(format!(
                 "cell {} for this start attempt has ended; retrying with a new cell",
                 cell.id
             )));

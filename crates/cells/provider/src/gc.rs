@@ -19,9 +19,9 @@ use updraft_cells_backend::Cell;
 use updraft_provider::PodRef;
 
 use crate::lifecycle;
-use crate::lock;
 use crate::pods::Stage;
 use crate::shared::Shared;
+use updraft_common::sync::lock;
 
 /// Tracks the cells in `cells` (of this node, for a pod) whose pod is not tracked yet.
 /// Returns how many were adopted.

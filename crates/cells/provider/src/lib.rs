@@ -62,10 +62,5 @@ pub use provider::{CellsProvider, SetupError, selector};
 pub use settings::{ProviderSettings, REFILL_QUIET_PERIOD};
 pub use standby::StandbyEntry;
 
-/// Locks `mutex`, also when a panicking holder poisoned it (the data are plain records).
-pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 #[cfg(test)]
 mod tests;

@@ -384,7 +384,7 @@ impl Supervisor {
                     state
                 }
                 state => {
-                    let _ = reply.send(Err(ProviderError::Transient(format!(
+                    let _ = reply.send(Err(ProviderError::transient(format!(
                         "pod {}: its cell is not reachable yet",
                         self.tracked.pod
                     ))));
@@ -419,7 +419,7 @@ impl Supervisor {
     /// The pod's latest inputs to the agent of `cell` now (the node's update).
     async fn apply(&self, cell: &CellView) -> Result<(), ProviderError> {
         let (Some(resolved), Some(agent)) = (self.resolved(), self.shared.cells.agent(cell)) else {
-            return Err(ProviderError::Transient(format!(
+            return Err(ProviderError::transient(format!(
                 "pod {}: its cell is not reachable yet",
                 self.tracked.pod
             )));
@@ -438,7 +438,7 @@ impl Supervisor {
     async fn start(&mut self, reply: Option<Reply>, replacing: Option<CellId>) -> Option<State> {
         if self.stopping() {
             if let Some(reply) = reply {
-                let _ = reply.send(Err(ProviderError::Transient(format!(
+                let _ = reply.send(Err(ProviderError::transient(format!(
                     "pod {} is being deleted",
                     self.tracked.pod
                 ))));
@@ -502,7 +502,7 @@ impl Supervisor {
         replacing: Option<&CellId>,
     ) -> Result<(CellView, bool), ProviderError> {
         let Some(resolved) = self.resolved() else {
-            return Err(ProviderError::Transient(format!(
+            return Err(ProviderError::transient(format!(
                 "pod {}: the node has not asked for it",
                 self.tracked.pod
             )));

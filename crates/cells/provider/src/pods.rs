@@ -17,7 +17,7 @@ use updraft_cells_backend::CellId;
 use updraft_provider::{PodRef, ProviderError, ResolvedPod};
 
 use crate::cells::CellView;
-use crate::lock;
+use updraft_common::sync::lock;
 
 /// Where a pod's supervisor is, for readers (see `lifecycle` for the states themselves).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -160,7 +160,7 @@ impl TrackedPod {
         command: impl FnOnce(oneshot::Sender<Result<(), ProviderError>>) -> Command,
     ) -> Result<(), ProviderError> {
         let stopped = || {
-            ProviderError::Transient(if self.deleting.is_cancelled() {
+            ProviderError::transient(if self.deleting.is_cancelled() {
                 format!("pod {} is being deleted", self.pod)
             } else {
                 "the cells provider is shutting down".to_owned()

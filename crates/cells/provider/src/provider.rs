@@ -36,12 +36,12 @@ use crate::deletion;
 use crate::errors::backend_error;
 use crate::gc::{adopt_untracked, collect_garbage, spawn_collector};
 use crate::lifecycle;
-use crate::lock;
 use crate::pki::{CellsPki, PkiError};
 use crate::pod_interface::PodInterfaceSource;
 use crate::settings::ProviderSettings;
 use crate::shared::Shared;
 use crate::standby::StandbyEntry;
+use updraft_common::sync::lock;
 
 /// The provider could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -320,7 +320,7 @@ impl Provider for CellsProvider {
     async fn create_pod(&self, pod: &ResolvedPod) -> updraft_provider::Result<()> {
         let pod_ref = PodRef::of(&pod.pod);
         if pod_ref.uid.is_empty() {
-            return Err(ProviderError::InvalidInput("the pod has no UID".into()));
+            return Err(ProviderError::invalid_input("the pod has no UID"));
         }
         // Returns once the pod has a cell; its supervisor waits for the boot.
         lifecycle::track_for_node(&self.inner, pod_ref)
@@ -331,7 +331,7 @@ impl Provider for CellsProvider {
     async fn update_pod(&self, pod: &ResolvedPod) -> updraft_provider::Result<()> {
         let pod_ref = PodRef::of(&pod.pod);
         let Some(tracked) = self.inner.tracked(&pod_ref.uid) else {
-            return Err(ProviderError::NotFound(format!(
+            return Err(ProviderError::not_found(format!(
                 "pod {pod_ref} has no cell"
             )));
         };
@@ -443,13 +443,13 @@ impl CellsProvider {
         let tracked = self
             .inner
             .tracked(&pod.uid)
-            .ok_or_else(|| ProviderError::NotFound(format!("pod {pod} runs on no cell")))?;
+            .ok_or_else(|| ProviderError::not_found(format!("pod {pod} runs on no cell")))?;
         let record = tracked.record();
         record
             .cell
             .as_ref()
             .and_then(|c| self.inner.cells.client(c))
-            .ok_or_else(|| ProviderError::NotFound(format!("pod {pod}: its cell is not running")))
+            .ok_or_else(|| ProviderError::not_found(format!("pod {pod}: its cell is not running")))
     }
 
     /// The pods with a reachable cell, with their last status.

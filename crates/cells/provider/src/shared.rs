@@ -13,11 +13,11 @@ use updraft_provider::PodStatusUpdate;
 
 use crate::cell_summary::CellSummary;
 use crate::cells::Cells;
-use crate::lock;
 use crate::metrics::CellsMetrics;
 use crate::pod_status::is_finished;
 use crate::pods::TrackedPod;
 use crate::standby::StandbyPool;
+use updraft_common::sync::lock;
 
 /// The provider's shared state.
 pub(crate) struct Shared {

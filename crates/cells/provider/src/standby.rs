@@ -42,7 +42,7 @@ use crate::errors::backend_error;
 use crate::cell_summary::CellSummary;
 use crate::cells::{CellView, Cells, cell_name};
 use crate::config::StandbySettings;
-use crate::lock;
+use updraft_common::sync::lock;
 
 /// One pool entry as the provider runs it.
 #[derive(Debug, Clone, PartialEq, Eq)]

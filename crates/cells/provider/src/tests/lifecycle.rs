@@ -238,7 +238,7 @@ async fn a_permanent_refusal_of_the_start_forgets_the_pod() {
             detail: "no such image".into(),
         });
     let err = world.provider.create_pod(&pod("u1", "")).await.unwrap_err();
-    assert!(matches!(err, ProviderError::Permanent(_)), "{err:?}");
+    assert!(matches!(err, ProviderError::Permanent { .. }), "{err:?}");
     assert!(world.provider.inner.tracked("u1").is_none());
     assert!(world.provider.list_pods().await.unwrap().is_empty());
 }
@@ -519,7 +519,7 @@ async fn a_cell_without_an_address_gets_one_and_boots() {
 async fn a_pod_of_a_pooled_type_claims_a_standby_cell() {
     let world = World::new().await;
     // The pod asks for 1.5 CPU / 1 GiB: local.medium.
-    *crate::lock(&world.provider.inner.standby.entries) = vec![StandbyEntry {
+    *updraft_common::sync::lock(&world.provider.inner.standby.entries) = vec![StandbyEntry {
         instance_type: "local.medium".into(),
         launch_type: updraft_cells_backend::LaunchType::OnDemand,
         count: 1,
@@ -646,7 +646,7 @@ async fn an_update_goes_to_the_agent_while_watching_and_with_the_delivery_while_
     assert_eq!(label(1).as_deref(), Some("3"));
     // A pod this provider does not know.
     let err = world.provider.update_pod(&pod("u9", "")).await.unwrap_err();
-    assert!(matches!(err, ProviderError::NotFound(_)), "{err:?}");
+    assert!(matches!(err, ProviderError::NotFound { .. }), "{err:?}");
 }
 
 #[tokio::test(start_paused = true)]

@@ -10,10 +10,10 @@ use updraft_provider::{Provider, ResolvedPod};
 
 use super::{FakeBackend, provider_with};
 use crate::cells::CellView;
-use crate::lock;
 use crate::provider::{CellsProvider, SetupError};
 use crate::settings::ProviderSettings;
 use crate::standby::StandbyEntry;
+use updraft_common::sync::lock;
 
 fn settings() -> ProviderSettings {
     let config = crate::config::CellsConfig::from_yaml_str(
