@@ -1,14 +1,14 @@
-//! Building the configured [`CellBackend`].
+//! Building the configured [`CellBackend`], and what the provider needs of it at start-up
+//! (the local backend's resumed starts, the AWS backend's checks).
 
 use std::sync::Arc;
 
-use updraft_cell_api::PodInterface;
-use updraft_cells_aws::{AwsBackend, AwsConfig, BootImage};
-use updraft_cells_backend::{Cell, CellBackend};
+use updraft_cells_aws::{AwsBackend, AwsConfig};
+use updraft_cells_backend::{BackendError, CellBackend};
 use updraft_cells_local::LocalBackend;
 
-use crate::config::{BackendKind, BootImageSettings, CellsConfig};
-use crate::provider::load_catalog;
+use crate::config::{BackendKind, CellsConfig, load_catalog};
+use crate::pod_interface::PodInterfaceSource;
 
 /// The backend could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -32,40 +32,24 @@ pub enum BackendSetupError {
         #[source]
         source: std::io::Error,
     },
-}
-
-fn boot_image(settings: &BootImageSettings) -> BootImage {
-    match &settings.id {
-        Some(id) => BootImage::Id(id.clone()),
-        None => BootImage::Filters {
-            owners: settings.owners.clone(),
-            filters: settings.filters.clone(),
-        },
-    }
+    /// The AWS backend refused its configuration at start-up (an image or subnet that does
+    /// not exist).
+    #[error("the aws backend cannot start cells with this config: {source}")]
+    Prepare {
+        /// The backend's error, naming the setting.
+        #[source]
+        source: BackendError,
+    },
 }
 
 /// The AWS backend's settings from the provider config.
 pub fn aws_config(config: &CellsConfig) -> Result<AwsConfig, BackendSetupError> {
-    let Some(aws) = &config.aws else {
-        return Err(BackendSetupError::Config {
+    config
+        .aws_backend_config()
+        .ok_or_else(|| BackendSetupError::Config {
             backend: "aws",
             message: "the config has no aws section".into(),
-        });
-    };
-    let mut settings = AwsConfig::new(
-        config.region(),
-        config.controller_id.clone(),
-        boot_image(&aws.boot_image),
-        aws.subnet_id.clone(),
-    );
-    settings.endpoint_url = aws.endpoint_url.clone();
-    settings.arm64_boot_image = aws.arm64_boot_image.as_ref().map(boot_image);
-    settings.security_group_name = aws.security_group_name.clone();
-    settings.agent_port = config.agent.port;
-    settings.extra_cidrs = config.extra_cidrs.clone();
-    settings.extra_security_groups = config.extra_security_groups.clone();
-    settings.spot_fallback_to_on_demand = aws.spot_fallback_to_on_demand;
-    Ok(settings)
+        })
 }
 
 fn read_secret(field: &'static str, path: &std::path::Path) -> Result<String, BackendSetupError> {
@@ -84,7 +68,7 @@ pub async fn connect_backend(
 ) -> Result<Arc<dyn CellBackend>, BackendSetupError> {
     match config.backend {
         BackendKind::Aws => Ok(Arc::new(aws_backend(config).await?)),
-        BackendKind::Local => local_backend(config),
+        BackendKind::Local => Ok(Arc::new(local(config)?)),
     }
 }
 
@@ -112,10 +96,6 @@ pub async fn aws_backend(config: &CellsConfig) -> Result<AwsBackend, BackendSetu
     })
 }
 
-fn local_backend(config: &CellsConfig) -> Result<Arc<dyn CellBackend>, BackendSetupError> {
-    Ok(Arc::new(local(config)?))
-}
-
 /// The local backend of `config` (its `local` section, defaults when absent).
 pub fn local(config: &CellsConfig) -> Result<LocalBackend, BackendSetupError> {
     let mut settings = config.local.clone().unwrap_or_default();
@@ -130,67 +110,46 @@ pub fn local(config: &CellsConfig) -> Result<LocalBackend, BackendSetupError> {
     })
 }
 
-/// How the pod's interface on a cell is derived from the cell (see [`PodWiring`]).
-pub(crate) fn pod_wiring(config: &CellsConfig, backend: Option<LocalBackend>) -> PodWiring {
-    if let Some(local) = backend {
-        return PodWiring::new(move |cell: &Cell| {
-            local.pod_network(cell).map(|w| PodInterface {
-                host_netns: None,
-                bridge: w.bridge,
-                host_veth: w.host_veth,
-                address: w.address,
-                prefix_len: w.prefix_len,
-                gateway: Some(w.gateway),
-            })
-        });
-    }
-    let Some(settings) = config.pod_network.clone() else {
-        return PodWiring::none();
-    };
-    PodWiring::new(move |cell: &Cell| match cell.pod_ip {
-        Some(std::net::IpAddr::V4(address)) => Some(PodInterface {
-            host_netns: settings.host_netns.clone(),
-            bridge: settings.bridge.clone(),
-            host_veth: settings.host_veth.clone(),
-            address,
-            prefix_len: settings.prefix_len,
-            gateway: settings.gateway,
-        }),
-        _ => None,
-    })
-}
-
-/// Computes a pod interface from a cell.
-type WiringFn = dyn Fn(&Cell) -> Option<PodInterface> + Send + Sync;
-
-/// The pod's interface on a cell (the agent's `PodNetworkConfig.interface`), derived from the
-/// cell: the local backend knows its bridge; other backends use the `podNetwork` section.
-#[derive(Clone)]
-pub struct PodWiring(Option<Arc<WiringFn>>);
-
-impl PodWiring {
-    /// Wiring computed by `f`.
-    pub fn new(f: impl Fn(&Cell) -> Option<PodInterface> + Send + Sync + 'static) -> PodWiring {
-        PodWiring(Some(Arc::new(f)))
-    }
-
-    /// No pod interface: the pod has loopback only (unless it uses the host network).
-    pub fn none() -> PodWiring {
-        PodWiring(None)
-    }
-
-    /// The interface for `cell`.
-    pub fn interface(&self, cell: &Cell) -> Option<PodInterface> {
-        self.0.as_ref().and_then(|f| f(cell))
-    }
-}
-
-impl std::fmt::Debug for PodWiring {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.is_some() {
-            "PodWiring(..)"
-        } else {
-            "PodWiring(none)"
-        })
+/// The configured backend as the provider runs it, with where its pods' interfaces come from.
+///
+/// - Local: starts a killed run cut short are launched again under their ids first, so the
+///   listing shows them and they are adopted as their pods' booting cells.
+/// - AWS: what only EC2 can tell (does the image exist, the subnet) stops the start here
+///   instead of failing every pod; EC2 out of reach for a moment does not.
+pub(crate) async fn provider_backend(
+    config: &CellsConfig,
+) -> Result<(Arc<dyn CellBackend>, PodInterfaceSource), BackendSetupError> {
+    match config.backend {
+        BackendKind::Local => {
+            let local = local(config)?;
+            let resumer = local.clone();
+            match tokio::task::spawn_blocking(move || resumer.resume_abandoned_starts()).await {
+                Ok(Ok(resumed)) => {
+                    for (cell, result) in resumed {
+                        match result {
+                            Ok(()) => tracing::info!(%cell, "resumed a start a killed run left"),
+                            Err(e) => {
+                                tracing::warn!(%cell, "resuming a start a killed run left: {e}")
+                            }
+                        }
+                    }
+                }
+                Ok(Err(e)) => tracing::warn!("looking for starts a killed run left: {e}"),
+                Err(e) => tracing::warn!("looking for starts a killed run left: {e}"),
+            }
+            let interfaces = PodInterfaceSource::local(local.clone());
+            Ok((Arc::new(local), interfaces))
+        }
+        BackendKind::Aws => {
+            let aws = aws_backend(config).await?;
+            match aws.prepare().await {
+                Ok(()) => {}
+                Err(source @ BackendError::InvalidRequest { .. }) => {
+                    return Err(BackendSetupError::Prepare { source });
+                }
+                Err(e) => tracing::warn!("preparing the aws backend, again at the first pod: {e}"),
+            }
+            Ok((Arc::new(aws), PodInterfaceSource::from_config(config)))
+        }
     }
 }

@@ -27,8 +27,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
-use updraft_cells_aws::AwsConfigError;
-use updraft_cells_catalog::LaunchType;
+use updraft_cells_aws::{AwsConfig, AwsConfigError, BootImage};
+use updraft_cells_catalog::{Catalog, CatalogError, LaunchType};
 
 /// A config that cannot be used: the message names the file, the field and what is expected.
 #[derive(Debug, thiserror::Error)]
@@ -449,7 +449,7 @@ impl CellsConfig {
                 }
                 // The backend's own checks (subnet and image ids, filters, CIDRs …), so a
                 // broken setting stops `updraft run` instead of failing the first pod.
-                if let Ok(settings) = crate::backends::aws_config(self)
+                if let Some(settings) = self.aws_backend_config()
                     && let Err(AwsConfigError::Invalid { field, problem }) = settings.validate()
                 {
                     return Err(invalid(&field, problem));
@@ -588,6 +588,46 @@ impl CellsConfig {
     /// The cells' name prefix.
     pub fn name_tag(&self) -> &str {
         self.name_tag.as_deref().unwrap_or("updraft")
+    }
+
+    /// The AWS backend's settings of this config (`None` without an `aws` section).
+    pub fn aws_backend_config(&self) -> Option<AwsConfig> {
+        let aws = self.aws.as_ref()?;
+        let mut settings = AwsConfig::new(
+            self.region(),
+            self.controller_id.clone(),
+            boot_image(&aws.boot_image),
+            aws.subnet_id.clone(),
+        );
+        settings.endpoint_url = aws.endpoint_url.clone();
+        settings.arm64_boot_image = aws.arm64_boot_image.as_ref().map(boot_image);
+        settings.security_group_name = aws.security_group_name.clone();
+        settings.agent_port = self.agent.port;
+        settings.extra_cidrs = self.extra_cidrs.clone();
+        settings.extra_security_groups = self.extra_security_groups.clone();
+        settings.spot_fallback_to_on_demand = aws.spot_fallback_to_on_demand;
+        Some(settings)
+    }
+}
+
+fn boot_image(settings: &BootImageSettings) -> BootImage {
+    match &settings.id {
+        Some(id) => BootImage::Id(id.clone()),
+        None => BootImage::Filters {
+            owners: settings.owners.clone(),
+            filters: settings.filters.clone(),
+        },
+    }
+}
+
+/// The catalog the config names (its file, or the built-in one of its region).
+pub fn load_catalog(config: &CellsConfig) -> Result<Catalog, CatalogError> {
+    match &config.catalog_file {
+        Some(path) => Catalog::from_path(path),
+        None => Catalog::builtin(&match config.backend {
+            BackendKind::Local => "local".to_owned(),
+            BackendKind::Aws => format!("aws-{}", config.region()),
+        }),
     }
 }
 

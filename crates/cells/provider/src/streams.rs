@@ -16,7 +16,8 @@ use updraft_provider::{
     Result, StreamIo,
 };
 
-use crate::provider::{CellsProvider, client_error};
+use crate::errors::client_error;
+use crate::provider::CellsProvider;
 
 fn rfc3339(time: SystemTime) -> String {
     let since = time
@@ -290,10 +291,7 @@ impl NodeHealth for CellsProvider {
     async fn check(&self) -> Result<()> {
         // The garbage collector lists the backend every gcInterval and records the outcome:
         // health costs no extra cloud calls.
-        self.inner
-            .backend_healthy
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        updraft_common::sync::lock(&self.inner.backend_healthy)
             .clone()
             .map_err(ProviderError::transient)
     }

@@ -1,209 +1,14 @@
-//! Unit tests of selection, restart recovery, deletion and garbage collection against an
-//! in-memory backend (no agent answers: cells never get past booting here; the integration
-//! test runs real agents on local cells).
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+//! Selection, restart recovery, deletion and garbage collection through the `Provider` API,
+//! with the real agent client: no agent answers here (cells never get past booting; the
+//! integration tests run real agents on local cells).
 
-use std::collections::BTreeMap;
-use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::sync::Arc;
+use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Pod;
-use updraft_cells_backend::{
-    BackendError, Cell, CellBackend, CellId, CellIdentity, CellSpec, CellState, LaunchType,
-    StartedCell,
-};
-use updraft_cells_catalog::{Catalog, SelectionPolicy, Selector};
+use updraft_cells_backend::CellId;
 use updraft_provider::{PodRef, Provider, ProviderError, ResolvedPod};
 
-use crate::config::AgentSettings;
-use crate::pki::CellsPki;
-use crate::provider::{CellsProvider, ProviderSettings};
-
-/// Cells in memory; `address` is given to every started cell (none: they stay without one).
-#[derive(Default)]
-struct FakeBackend {
-    cells: Mutex<Vec<Cell>>,
-    started: Mutex<Vec<CellSpec>>,
-    terminated: Mutex<Vec<CellId>>,
-    address: Option<IpAddr>,
-    /// How many `describe` calls were answered (the watchers' and boots' checks).
-    describes: std::sync::atomic::AtomicUsize,
-}
-
-impl FakeBackend {
-    fn add(&self, id: &str, controller: &str, node: &str, uid: &str, age: Duration) {
-        self.cells.lock().unwrap().push(Cell {
-            id: CellId(id.into()),
-            name: id.into(),
-            state: CellState::Running,
-            instance_type: "local.small".into(),
-            launch_type: LaunchType::OnDemand,
-            management_ip: self.address,
-            pod_ip: None,
-            public_ip: None,
-            launch_time: Some(SystemTime::now() - age),
-            identity: Some(CellIdentity {
-                controller_id: controller.into(),
-                node: node.into(),
-                namespace: "ns".into(),
-                pod_name: format!("pod-{uid}"),
-                pod_uid: uid.into(),
-                pod_labels: BTreeMap::new(),
-            }),
-            tags: BTreeMap::new(),
-        });
-    }
-
-    fn live(&self) -> Vec<String> {
-        self.cells
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|c| !c.state.is_ending())
-            .map(|c| c.id.0.clone())
-            .collect()
-    }
-}
-
-#[async_trait::async_trait]
-impl CellBackend for FakeBackend {
-    fn kind(&self) -> &'static str {
-        "fake"
-    }
-
-    async fn start(&self, spec: &CellSpec) -> Result<StartedCell, BackendError> {
-        let mut started = self.started.lock().unwrap();
-        // Idempotency: the same token names the same cell.
-        if let Some(index) = started
-            .iter()
-            .position(|s| s.idempotency_token == spec.idempotency_token)
-        {
-            return Ok(StartedCell {
-                id: CellId(format!("cell-{index}")),
-                launch_type: spec.launch_type,
-            });
-        }
-        let id = CellId(format!("cell-{}", started.len()));
-        started.push(spec.clone());
-        self.cells.lock().unwrap().push(Cell {
-            id: id.clone(),
-            name: spec.name.clone(),
-            state: CellState::Running,
-            instance_type: spec.instance_type.clone(),
-            launch_type: spec.launch_type,
-            management_ip: self.address,
-            pod_ip: None,
-            public_ip: None,
-            launch_time: Some(SystemTime::now()),
-            identity: Some(spec.identity.clone()),
-            tags: BTreeMap::new(),
-        });
-        Ok(StartedCell {
-            id,
-            launch_type: spec.launch_type,
-        })
-    }
-
-    async fn describe(&self, id: &CellId) -> Result<Cell, BackendError> {
-        self.describes
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        self.cells
-            .lock()
-            .unwrap()
-            .iter()
-            .find(|c| &c.id == id)
-            .cloned()
-            .ok_or(BackendError::NotFound { id: id.0.clone() })
-    }
-
-    async fn list(&self, controller_id: &str) -> Result<Vec<Cell>, BackendError> {
-        Ok(self
-            .cells
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|c| {
-                !c.state.is_ending()
-                    && c.identity
-                        .as_ref()
-                        .is_some_and(|i| i.controller_id == controller_id)
-            })
-            .cloned()
-            .collect())
-    }
-
-    async fn terminate(&self, id: &CellId) -> Result<(), BackendError> {
-        let mut cells = self.cells.lock().unwrap();
-        let cell = cells
-            .iter_mut()
-            .find(|c| &c.id == id)
-            .ok_or(BackendError::NotFound { id: id.0.clone() })?;
-        cell.state = CellState::Terminated;
-        self.terminated.lock().unwrap().push(id.clone());
-        Ok(())
-    }
-}
-
-fn settings(node: &str) -> ProviderSettings {
-    ProviderSettings {
-        node_name: node.into(),
-        controller_id: "ctl".into(),
-        name_tag: "updraft".into(),
-        boot_timeout: Duration::from_millis(300),
-        health_timeout: Duration::from_secs(60),
-        // Adopted cells are listed at once (most tests have no node to claim them).
-        gc_grace_period: Duration::ZERO,
-        gc_interval: Duration::from_secs(3600),
-        finished_pod_retention: Duration::from_secs(300),
-        agent: AgentSettings::default(),
-        extra_security_groups: vec!["sg-extra".into()],
-        pod_network: None,
-        default_launch_type: LaunchType::OnDemand,
-        user_data_limit: 1 << 20,
-        status_wait: Duration::from_secs(1),
-        retry_interval: Duration::from_millis(50),
-        pod_wiring: crate::backends::PodWiring::none(),
-        agent_listen_flag: true,
-        refill_quiet_period: crate::provider::REFILL_QUIET_PERIOD,
-    }
-}
-
-async fn provider(backend: Arc<FakeBackend>, pki_dir: &std::path::Path) -> CellsProvider {
-    provider_with(backend, pki_dir, settings("node-a")).await
-}
-
-async fn provider_with(
-    backend: Arc<FakeBackend>,
-    pki_dir: &std::path::Path,
-    settings: ProviderSettings,
-) -> CellsProvider {
-    let selector = Selector::new(
-        Catalog::local().unwrap(),
-        SelectionPolicy::new("local.small"),
-    )
-    .unwrap();
-    CellsProvider::with_parts(
-        settings,
-        backend,
-        selector,
-        None,
-        CellsPki::open(pki_dir).unwrap(),
-    )
-    .await
-    .unwrap()
-}
-
-fn pod(uid: &str, yaml_extra: &str) -> ResolvedPod {
-    ResolvedPod::unresolved(api_pod(uid, yaml_extra))
-}
-
-fn api_pod(uid: &str, yaml_extra: &str) -> Pod {
-    let yaml = format!(
-        "metadata: {{name: web, namespace: ns, uid: {uid}{yaml_extra}}}\nspec:\n  containers:\n  - name: app\n    image: busybox\n    resources: {{requests: {{cpu: 1500m, memory: 1Gi}}}}\n"
-    );
-    serde_yaml::from_str::<Pod>(&yaml).unwrap()
-}
+use super::{Addresses, FakeBackend, api_pod, pod, provider, provider_with, settings, until};
 
 #[tokio::test]
 async fn a_bad_annotation_or_an_impossible_request_starts_nothing() {
@@ -238,11 +43,8 @@ async fn a_bad_annotation_or_an_impossible_request_starts_nothing() {
 #[tokio::test]
 async fn a_cell_that_never_answers_is_terminated_and_the_retry_starts_a_new_one() {
     let dir = tempfile::tempdir().unwrap();
-    let backend = Arc::new(FakeBackend {
-        // Nothing listens there: the agent never answers.
-        address: Some("127.0.0.1".parse().unwrap()),
-        ..FakeBackend::default()
-    });
+    // Nothing listens there: the agent never answers.
+    let backend = Arc::new(FakeBackend::with_addresses(silent_address()));
     let provider = provider(backend.clone(), dir.path()).await;
     let web = pod("u1", "");
     let mut updates = provider.status_updates().unwrap();
@@ -407,28 +209,14 @@ async fn garbage_collection_terminates_a_second_cell_of_one_pod_after_the_grace_
 }
 
 /// An address where no agent listens: the agent of such a cell never answers.
-fn silent_address() -> Option<IpAddr> {
-    Some("127.0.0.1".parse().unwrap())
-}
-
-/// Waits until `condition` holds (bounded, for a hang only).
-async fn until(what: &str, condition: impl Fn() -> bool) {
-    let waited = tokio::time::timeout(Duration::from_secs(120), async {
-        while !condition() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
-    assert!(waited.is_ok(), "gave up waiting for {what}");
+fn silent_address() -> Addresses {
+    Addresses::Shared("127.0.0.1".parse().unwrap())
 }
 
 #[tokio::test]
 async fn a_cell_adopted_while_booting_keeps_its_boot_timeout() {
     let dir = tempfile::tempdir().unwrap();
-    let backend = Arc::new(FakeBackend {
-        address: silent_address(),
-        ..FakeBackend::default()
-    });
+    let backend = Arc::new(FakeBackend::with_addresses(silent_address()));
     // Launched a moment ago by a run that was killed before the agent answered.
     backend.add("booting", "ctl", "node-a", "u1", Duration::from_secs(1));
     let mut settings = settings("node-a");
@@ -471,10 +259,7 @@ async fn a_cell_adopted_while_booting_keeps_its_boot_timeout() {
 #[tokio::test]
 async fn a_cell_whose_boot_timed_out_before_the_restart_is_lost_after_the_health_timeout() {
     let dir = tempfile::tempdir().unwrap();
-    let backend = Arc::new(FakeBackend {
-        address: silent_address(),
-        ..FakeBackend::default()
-    });
+    let backend = Arc::new(FakeBackend::with_addresses(silent_address()));
     backend.add("silent", "ctl", "node-a", "u1", Duration::from_secs(600));
     let mut settings = settings("node-a");
     settings.health_timeout = Duration::from_millis(100);
@@ -527,10 +312,7 @@ async fn a_cell_no_pod_claims_is_reported_to_the_orphan_sweep_only_after_the_gra
 #[tokio::test]
 async fn a_create_returns_once_the_cell_is_started_and_a_delete_ends_the_boot() {
     let dir = tempfile::tempdir().unwrap();
-    let backend = Arc::new(FakeBackend {
-        address: silent_address(),
-        ..FakeBackend::default()
-    });
+    let backend = Arc::new(FakeBackend::with_addresses(silent_address()));
     let mut settings = settings("node-a");
     settings.boot_timeout = Duration::from_secs(3600);
     let provider = provider_with(backend.clone(), dir.path(), settings).await;
