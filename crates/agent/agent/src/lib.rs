@@ -8,12 +8,17 @@
 #![forbid(unsafe_code)]
 
 pub mod images;
+mod launch;
+mod lifecycle;
 pub mod logs;
 pub mod netns;
 pub mod pod;
 pub mod probe;
+mod record;
+mod runtime;
 pub mod server;
 pub mod spec;
+mod status;
 pub mod tls;
 pub mod volumes;
 
