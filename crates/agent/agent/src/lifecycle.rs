@@ -582,14 +582,18 @@ impl ContainerLifecycle {
         };
         match event {
             Event::Done => State::Running(run, probes),
-            Event::Delete => {
-                probes.shutdown().await;
-                self.ending(run, End::Deleted)
-            }
-            Event::Detach => {
-                probes.shutdown().await;
-                Self::detached(run)
-            }
+            Event::Delete => self.leave(run, probes, Some(End::Deleted)).await,
+            Event::Detach => self.leave(run, probes, None).await,
+        }
+    }
+
+    /// Leaves a state with probes: the workers go, then the instance is ended for `why` or,
+    /// without a reason (the agent exits), detached.
+    async fn leave(&self, run: Run, probes: Probes, why: Option<End>) -> State {
+        probes.shutdown().await;
+        match why {
+            Some(why) => self.ending(run, why),
+            None => Self::detached(run),
         }
     }
 
@@ -620,23 +624,14 @@ impl ContainerLifecycle {
                     run.ready = ready;
                     State::Running(run, probes)
                 }
-                Verdict::Unhealthy => {
-                    probes.shutdown().await;
-                    self.ending(run, End::Unhealthy)
-                }
+                Verdict::Unhealthy => self.leave(run, probes, Some(End::Unhealthy)).await,
             },
             Event::Exit(exit) => {
                 probes.shutdown().await;
                 self.ended(run, exit, End::Exited).await
             }
-            Event::Delete => {
-                probes.shutdown().await;
-                self.ending(run, End::Deleted)
-            }
-            Event::Detach => {
-                probes.shutdown().await;
-                Self::detached(run)
-            }
+            Event::Delete => self.leave(run, probes, Some(End::Deleted)).await,
+            Event::Detach => self.leave(run, probes, None).await,
         }
     }
 
