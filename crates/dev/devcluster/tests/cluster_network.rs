@@ -54,7 +54,10 @@ async fn the_cluster_dns_answers_for_services_on_the_host_address() {
         resolve("kubernetes.default.svc.cluster.local").unwrap(),
         Some(Ipv4Addr::new(10, 96, 0, 1))
     );
-    assert_eq!(resolve("no-such-service.default.svc.cluster.local").unwrap(), None);
+    assert_eq!(
+        resolve("no-such-service.default.svc.cluster.local").unwrap(),
+        None
+    );
 }
 
 /// One A query to the cluster DNS: the first address of the answer, `None` for no answer.
