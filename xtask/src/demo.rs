@@ -196,7 +196,10 @@ pub async fn run(layout: &Layout) -> anyhow::Result<()> {
             path(&node.serving.1),
             "--client-ca-file".into(),
             path(&node.client_ca),
-        ],
+        ]
+        .into_iter()
+        .chain(cluster::node_network_args())
+        .collect::<Vec<_>>(),
     )?;
     println!(
         "started Updraft as node {NODE} with local cells; log: {}",

@@ -10,6 +10,7 @@ use k8s_openapi::api::core::v1::Taint;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use serde::Deserialize;
 use updraft_node::NodeConfig;
+use updraft_node::dns::{DnsSettings, ResolverFile};
 
 /// The providers this binary carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -137,6 +138,27 @@ pub struct RunArgs {
     /// Updraft; false leaves them translating to SPDY).
     #[arg(long = "feature-gates", env = "UPDRAFT_FEATURE_GATES", value_delimiter = ',', value_parser = parse_feature_gate)]
     pub feature_gates: Vec<(FeatureGate, bool)>,
+    /// The cluster DNS servers pods with `dnsPolicy: ClusterFirst` get (the kubelet's flag;
+    /// comma-separated or repeated). Overrides the provider file's `clusterDNS`.
+    #[arg(
+        long = "cluster-dns",
+        env = "UPDRAFT_CLUSTER_DNS",
+        value_delimiter = ','
+    )]
+    pub cluster_dns: Vec<std::net::IpAddr>,
+    /// The cluster's DNS domain (the kubelet's flag, usually `cluster.local`): pods search
+    /// `<namespace>.svc.<domain> svc.<domain> <domain>`. Overrides the provider file's
+    /// `clusterDomain`.
+    #[arg(long = "cluster-domain", env = "UPDRAFT_CLUSTER_DOMAIN")]
+    pub cluster_domain: Option<String>,
+    /// The resolver file `dnsPolicy: Default` pods inherit and whose search domains cluster
+    /// pods append (the kubelet's flag; `""`: none).
+    #[arg(
+        long = "resolv-conf",
+        env = "UPDRAFT_RESOLV_CONF",
+        default_value = "/etc/resolv.conf"
+    )]
+    pub resolv_conf: String,
     /// Log filter (`info`, `updraft_node=debug`, …).
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     pub log_level: String,
@@ -216,6 +238,44 @@ pub struct MockProviderFile {
     /// Node capacity, e.g. `{cpu: "20", memory: 100Gi, pods: "110"}`.
     #[serde(default)]
     pub capacity: BTreeMap<String, String>,
+    /// As `--cluster-dns`.
+    #[serde(default, rename = "clusterDNS")]
+    pub cluster_dns: Vec<std::net::IpAddr>,
+    /// As `--cluster-domain`.
+    #[serde(default)]
+    pub cluster_domain: Option<String>,
+}
+
+/// What a provider file says about the node (not the provider): its capacity and the
+/// kubelet's DNS settings, which the flags override.
+#[derive(Debug, Clone, Copy)]
+pub struct NodeFile<'a> {
+    /// `capacity`.
+    pub capacity: &'a BTreeMap<String, String>,
+    /// `clusterDNS`.
+    pub cluster_dns: &'a [std::net::IpAddr],
+    /// `clusterDomain`.
+    pub cluster_domain: Option<&'a str>,
+}
+
+impl MockProviderFile {
+    /// The node's part.
+    pub fn node(&self) -> NodeFile<'_> {
+        NodeFile {
+            capacity: &self.capacity,
+            cluster_dns: &self.cluster_dns,
+            cluster_domain: self.cluster_domain.as_deref(),
+        }
+    }
+}
+
+/// The node's part of the cells provider's file.
+pub fn cells_node_file(config: &updraft_provider_cells::CellsConfig) -> NodeFile<'_> {
+    NodeFile {
+        capacity: &config.capacity,
+        cluster_dns: &config.cluster_dns,
+        cluster_domain: config.cluster_domain.as_deref(),
+    }
 }
 
 /// Reads the cells provider's config file (required with `--provider cells`).
@@ -251,8 +311,8 @@ pub fn read_mock_config(path: Option<&PathBuf>) -> anyhow::Result<MockProviderFi
 }
 
 impl RunArgs {
-    /// The node's configuration from the flags and the provider file's capacity.
-    pub fn node_config(&self, capacity: &BTreeMap<String, String>) -> NodeConfig {
+    /// The node's configuration from the flags and the provider file's node settings.
+    pub fn node_config(&self, file: NodeFile<'_>) -> NodeConfig {
         let provider = self.provider.as_str();
         let mut config = NodeConfig::new(&self.node_name, provider);
         config.internal_ip = self.node_ip.clone();
@@ -281,12 +341,52 @@ impl RunArgs {
                 }
             }
         }
-        for (resource, value) in capacity {
+        for (resource, value) in file.capacity {
             config
                 .capacity
                 .insert(resource.clone(), Quantity(value.clone()));
         }
+        config.dns = self.dns_settings(file);
         config
+    }
+
+    /// How pods' resolver files are formed: the flags, else the provider file; the host's
+    /// resolver file read now, as the kubelet reads it once.
+    fn dns_settings(&self, file: NodeFile<'_>) -> DnsSettings {
+        let cluster_dns = if self.cluster_dns.is_empty() {
+            file.cluster_dns.to_vec()
+        } else {
+            self.cluster_dns.clone()
+        };
+        let cluster_domain = self
+            .cluster_domain
+            .as_deref()
+            .or(file.cluster_domain)
+            .unwrap_or_default()
+            .trim_end_matches('.')
+            .to_owned();
+        let host = (!self.resolv_conf.is_empty()).then(|| {
+            match std::fs::read_to_string(&self.resolv_conf) {
+                Ok(text) => ResolverFile::parse(&text),
+                Err(e) => {
+                    tracing::warn!(
+                        "--resolv-conf {}: {e}; pods with dnsPolicy Default get no nameserver (pass --resolv-conf \"\" to say so on purpose)",
+                        self.resolv_conf
+                    );
+                    ResolverFile::default()
+                }
+            }
+        });
+        if cluster_dns.is_empty() {
+            tracing::info!(
+                "no --cluster-dns: pods with dnsPolicy ClusterFirst get the host's resolver (a MissingClusterDNS event each), as on a kubelet"
+            );
+        }
+        DnsSettings {
+            cluster_dns,
+            cluster_domain,
+            host,
+        }
     }
 
     /// Where the kubelet API listens.
@@ -357,7 +457,9 @@ mod tests {
                 std::iter::once("updraft").chain(args.iter().copied()),
             )
             .unwrap();
-            cli.run.node_config(&BTreeMap::new()).declared_features
+            cli.run
+                .node_config(MockProviderFile::default().node())
+                .declared_features
         };
         assert!(declared(&[]).contains("ExtendWebSocketsToKubelet"));
         assert!(declared(&["--feature-gates", "ExtendWebSocketsToKubelet=false"]).is_empty());

@@ -17,7 +17,8 @@ use updraft_provider_cells::CellsProvider;
 use updraft_provider_mock::{MockConfig, MockProvider};
 
 use crate::config::{
-    ProviderKind, RunArgs, ServingCertificateSource, read_cells_config, read_mock_config,
+    ProviderKind, RunArgs, ServingCertificateSource, cells_node_file, read_cells_config,
+    read_mock_config,
 };
 use crate::metrics::Metrics;
 
@@ -124,7 +125,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 keep_inputs: false,
                 ..MockConfig::default()
             }));
-            let node_config = args.node_config(&provider_file.capacity);
+            let node_config = args.node_config(provider_file.node());
             let streaming = StreamingMetrics::default();
             let metrics = Metrics::with_extra(|registry| streaming.register(registry));
             run_with(args, provider, node_config, metrics, streaming).await
@@ -139,7 +140,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 provider.register_metrics(registry);
                 streaming.register(registry);
             });
-            let node_config = args.node_config(&config.capacity);
+            let node_config = args.node_config(cells_node_file(&config));
             let provider = Arc::new(provider);
             let result = run_with(args, provider.clone(), node_config, metrics, streaming).await;
             // Cells keep running: the next start adopts them.

@@ -80,9 +80,6 @@ pub use tags::{
     TAG_POD_UID, TAG_STANDBY, TAG_START_TOKEN, identity_from_tags, identity_tags,
 };
 
-/// The port the cell agent listens on (Kip's itzo used the same).
-pub const DEFAULT_AGENT_PORT: u16 = 6421;
-
 /// Where the boot image comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BootImage {
@@ -151,7 +148,7 @@ impl AwsConfig {
             arm64_boot_image: None,
             subnet_id: subnet_id.into(),
             security_group_name: None,
-            agent_port: DEFAULT_AGENT_PORT,
+            agent_port: updraft_cell_api::DEFAULT_AGENT_PORT,
             extra_cidrs: Vec::new(),
             extra_security_groups: Vec::new(),
             spot_fallback_to_on_demand: false,

@@ -1,5 +1,5 @@
 //! The provider's side of a cell's agent, as the pod's supervisor uses it: answer a ping, take
-//! the pod, report its status (a long-poll), stop it. A trait so that the lifecycle's tests run
+//! the pod and the Service routes, report its status (a long-poll), stop it. A trait so that the lifecycle's tests run
 //! against an in-memory agent on tokio's paused clock; [`TlsAgents`] is the real one (the
 //! agent's HTTPS API with the provider's client certificate).
 
@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use updraft_cell_api::services::{ServiceRoutes, ServiceRoutesStatus};
 use updraft_cell_api::{ApplyPodRequest, CellClient, ClientError, ClientTls, PodStatusResponse};
 
 /// One cell's agent.
@@ -24,6 +25,11 @@ pub(crate) trait CellAgent: Send + Sync {
     ) -> Result<PodStatusResponse, ClientError>;
     /// Stops the pod's containers (preStop, SIGTERM, `grace`, SIGKILL) and removes it.
     async fn delete_pod(&self, grace: Duration) -> Result<(), ClientError>;
+    /// Makes `routes` the cell's Service routes (a whole table; an older one is ignored).
+    async fn put_services(
+        &self,
+        routes: &ServiceRoutes,
+    ) -> Result<ServiceRoutesStatus, ClientError>;
 }
 
 /// Makes the agent of the cell at an address.
@@ -80,5 +86,12 @@ impl CellAgent for CellClient {
 
     async fn delete_pod(&self, grace: Duration) -> Result<(), ClientError> {
         CellClient::delete_pod(self, Some(grace)).await
+    }
+
+    async fn put_services(
+        &self,
+        routes: &ServiceRoutes,
+    ) -> Result<ServiceRoutesStatus, ClientError> {
+        CellClient::put_services(self, routes).await
     }
 }

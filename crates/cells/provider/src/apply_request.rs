@@ -49,11 +49,20 @@ pub fn apply_request(
             (name.clone(), VolumeContent { files })
         })
         .collect();
-    let dns = network.map_or_else(DnsSettings::default, |settings| DnsSettings {
-        nameservers: settings.nameservers.clone(),
-        searches: settings.searches.clone(),
-        options: Vec::new(),
-    });
+    // The node forms the resolver file as the kubelet does; the config's servers are for
+    // pods it formed none for.
+    let dns = match &resolved.dns {
+        Some(dns) => DnsSettings {
+            nameservers: dns.nameservers.clone(),
+            searches: dns.searches.clone(),
+            options: dns.options.clone(),
+        },
+        None => network.map_or_else(DnsSettings::default, |settings| DnsSettings {
+            nameservers: settings.nameservers.clone(),
+            searches: settings.searches.clone(),
+            options: Vec::new(),
+        }),
+    };
     ApplyPodRequest {
         pod,
         env,
@@ -116,5 +125,14 @@ mod tests {
         let interface = request.network.interface.unwrap();
         assert_eq!(interface.address.to_string(), "10.1.0.7");
         assert_eq!(request.network.dns.nameservers, vec!["10.0.0.53"]);
+        // What the node formed wins over the config's servers.
+        resolved.dns = Some(updraft_provider::PodDns {
+            nameservers: vec!["10.96.0.10".into()],
+            searches: vec!["ns.svc.cluster.local".into()],
+            options: vec!["ndots:5".into()],
+        });
+        let request = apply_request(&resolved, None, Some(&network));
+        assert_eq!(request.network.dns.nameservers, vec!["10.96.0.10"]);
+        assert_eq!(request.network.dns.options, vec!["ndots:5"]);
     }
 }

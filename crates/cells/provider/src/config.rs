@@ -12,6 +12,8 @@
 //!   port: 6421
 //!   command: [/usr/local/bin/updraft-cell]
 //! capacity: {cpu: "64", memory: 256Gi, pods: "50"}
+//! clusterDNS: [10.96.0.10]    # the kubelet's names; --cluster-dns/--cluster-domain win
+//! clusterDomain: cluster.local
 //! standbyPool:               # pre-started idle cells a pod of that type takes at once
 //!   - {instanceType: local.small, count: 2}
 //! aws:                        # only with backend: aws
@@ -147,7 +149,7 @@ pub struct AgentSettings {
 }
 
 fn default_agent_port() -> u16 {
-    updraft_cells_aws::DEFAULT_AGENT_PORT
+    updraft_cell_api::DEFAULT_AGENT_PORT
 }
 fn default_agent_command() -> Vec<String> {
     vec!["updraft-cell".into()]
@@ -233,10 +235,12 @@ pub struct PodNetworkSettings {
     /// Default gateway of the pod.
     #[serde(default)]
     pub gateway: Option<std::net::Ipv4Addr>,
-    /// resolv.conf nameservers.
+    /// resolv.conf nameservers of pods the node formed no resolver file for (the node forms
+    /// one for every pod it runs, from `--cluster-dns`, `--cluster-domain` and
+    /// `--resolv-conf`).
     #[serde(default)]
     pub nameservers: Vec<String>,
-    /// resolv.conf search domains.
+    /// resolv.conf search domains, with `nameservers`.
     #[serde(default)]
     pub searches: Vec<String>,
 }
@@ -346,6 +350,14 @@ pub struct CellsConfig {
     /// The node's advertised capacity, e.g. `{cpu: "64", memory: 256Gi, pods: "50"}`.
     #[serde(default)]
     pub capacity: BTreeMap<String, String>,
+    /// The cluster DNS servers of `dnsPolicy: ClusterFirst` pods (the kubelet's
+    /// `clusterDNS`; `--cluster-dns` overrides it).
+    #[serde(default, rename = "clusterDNS")]
+    pub cluster_dns: Vec<std::net::IpAddr>,
+    /// The cluster's DNS domain (the kubelet's `clusterDomain`, usually `cluster.local`;
+    /// `--cluster-domain` overrides it).
+    #[serde(default)]
+    pub cluster_domain: Option<String>,
     /// Pre-started idle cells per instance type, e.g.
     /// `[{instanceType: t3.small, count: 2}]`; empty (default): no pool.
     #[serde(default)]

@@ -42,8 +42,9 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
+use updraft_cell_api::services::ServiceRoutes;
 use updraft_cells_backend::{BackendError, CellId, CellState};
 use updraft_provider::{PodRef, ProviderError, ResolvedPod};
 
@@ -140,6 +141,26 @@ struct Boot {
     since: Instant,
     /// The last answer of the backend or the agent, for the timeout's message.
     last_error: String,
+    /// Whether the log said this adopted cell is still awaited past `healthTimeout`.
+    said_waiting: bool,
+}
+
+impl Boot {
+    fn new(
+        cell: CellView,
+        deadline: Instant,
+        adopted: bool,
+        last_error: impl Into<String>,
+    ) -> Self {
+        Self {
+            cell,
+            deadline,
+            adopted,
+            since: Instant::now(),
+            last_error: last_error.into(),
+            said_waiting: false,
+        }
+    }
 }
 
 /// The watching state.
@@ -151,6 +172,20 @@ struct Watch {
     last_ok: Instant,
     /// Whether this cell's agent has been given the pod by this run.
     delivered: bool,
+    /// The version of the Service routes the agent last said it applied (0: none).
+    services_version: u64,
+}
+
+impl Watch {
+    fn new(cell: CellView, delivered: bool) -> Self {
+        Self {
+            cell,
+            after: None,
+            last_ok: Instant::now(),
+            delivered,
+            services_version: 0,
+        }
+    }
 }
 
 impl State {
@@ -208,13 +243,8 @@ fn track(shared: &Arc<Shared>, pod: PodRef, adopted: Option<CellView>) -> (Arc<T
         let now = Instant::now();
         let (state, stage, record, adopted_at) = match adopted {
             Some(cell) => {
-                let boot = Boot {
-                    deadline: shared.cells.adopted_boot_deadline(&cell),
-                    adopted: true,
-                    since: now,
-                    last_error: "no answer yet".to_owned(),
-                    cell: cell.clone(),
-                };
+                let deadline = shared.cells.adopted_boot_deadline(&cell);
+                let boot = Boot::new(cell.clone(), deadline, true, "no answer yet");
                 let record = PodRecord {
                     cell: Some(cell),
                     ..PodRecord::default()
@@ -238,6 +268,7 @@ fn track(shared: &Arc<Shared>, pod: PodRef, adopted: Option<CellView>) -> (Arc<T
             shared: shared.clone(),
             tracked: tracked.clone(),
             commands,
+            routes: shared.routes.subscribe(),
             attempt: 0,
             delay: FIRST_BACKOFF,
         };
@@ -251,6 +282,9 @@ struct Supervisor {
     shared: Arc<Shared>,
     tracked: Arc<TrackedPod>,
     commands: mpsc::UnboundedReceiver<Command>,
+    /// The node's Service routes: the latest table goes to the cell whenever its agent
+    /// reports another version.
+    routes: watch::Receiver<Arc<ServiceRoutes>>,
     /// Start attempts: part of the idempotency token, so a replacement is a new start.
     attempt: u32,
     /// The next pause after a failure.
@@ -451,13 +485,13 @@ impl Supervisor {
                     let _ = reply.send(Ok(()));
                 }
                 self.delay = FIRST_BACKOFF;
-                Some(State::Booting(Boot {
-                    deadline: self.shared.cells.boot_deadline(&cell),
-                    adopted: listed,
-                    since: Instant::now(),
-                    last_error: "no answer yet".to_owned(),
+                let deadline = self.shared.cells.boot_deadline(&cell);
+                Some(State::Booting(Boot::new(
                     cell,
-                }))
+                    deadline,
+                    listed,
+                    "no answer yet",
+                )))
             }
             Err(error) => match reply {
                 Some(reply) if error.is_transient() => {
@@ -566,12 +600,7 @@ impl Supervisor {
                             deadline: boot.deadline,
                         }
                     } else {
-                        State::Watching(Watch {
-                            cell: boot.cell,
-                            after: None,
-                            last_ok: Instant::now(),
-                            delivered: false,
-                        })
+                        State::Watching(Watch::new(boot.cell, false))
                     });
                 }
                 Wake::Done(Err(e)) => boot.last_error = e.to_string(),
@@ -607,6 +636,17 @@ impl Supervisor {
                             reason: REASON_CELL_LOST,
                             why: format!("its agent did not answer for {}s", silent.as_secs()),
                         });
+                    }
+                    // Still booting past `healthTimeout`: a booting cell is judged by its
+                    // boot deadline, not by its silence.
+                    _ if silent >= cells.settings.health_timeout && !boot.said_waiting => {
+                        boot.said_waiting = true;
+                        tracing::debug!(
+                            pod = %self.tracked.pod,
+                            cell = %boot.cell.id,
+                            silent_for = silent.as_secs(),
+                            "the cell's agent has not answered yet: waiting for it to boot"
+                        );
                     }
                     _ => {}
                 }
@@ -644,30 +684,45 @@ impl Supervisor {
         let shared = self.shared.clone();
         let cells = &shared.cells;
         let (Some(resolved), Some(agent)) = (self.resolved(), cells.agent(&cell)) else {
-            return Some(State::Watching(Watch {
-                cell,
-                after: None,
-                last_ok: Instant::now(),
-                delivered: false,
-            }));
+            return Some(State::Watching(Watch::new(cell, false)));
         };
         let request = apply_request(
             &resolved,
             cell.interface.clone(),
             cells.settings.pod_network.as_ref(),
         );
+        // The routes first: the agent installs them as it creates the pod's network, so the
+        // containers start with the cluster's Services reachable.
+        let routes = self.routes.borrow().clone();
+        let mut services_version = 0;
+        if routes.version != 0 {
+            match self.wait(agent.put_services(&routes)).await {
+                Wake::Done(Ok(status)) => {
+                    services_version = status.applied_version;
+                    log_route_problems(&self.tracked.pod, &status.problems);
+                }
+                // The watch sends them again.
+                Wake::Done(Err(error)) => {
+                    tracing::debug!(pod = %self.tracked.pod, cell = %cell.id, "service routes before the pod: {error}");
+                }
+                Wake::Command(command) => {
+                    return Some(
+                        self.on_command(State::Delivering { cell, deadline }, command)
+                            .await,
+                    );
+                }
+                Wake::Stop => return None,
+            }
+        }
         let error = match self.wait(agent.apply_pod(&request)).await {
             Wake::Done(Ok(())) => {
                 tracing::debug!(pod = %self.tracked.pod, cell = %cell.id, "delivered the pod to its cell");
                 self.shared.standby.demand();
                 self.tracked.record().applied = true;
                 self.delay = FIRST_BACKOFF;
-                return Some(State::Watching(Watch {
-                    cell,
-                    after: None,
-                    last_ok: Instant::now(),
-                    delivered: true,
-                }));
+                let mut watch = Watch::new(cell, true);
+                watch.services_version = services_version;
+                return Some(State::Watching(watch));
             }
             Wake::Done(Err(e)) => {
                 client_error(&format!("delivering the pod to cell {}", cell.id), e)
@@ -694,13 +749,7 @@ impl Supervisor {
             return Some(State::BootFailed { cell, error });
         }
         tracing::warn!(pod = %self.tracked.pod, "starting the pod on a cell: {error}; retrying in {}s", self.delay.as_secs());
-        let boot = Boot {
-            cell,
-            deadline,
-            adopted: false,
-            since: Instant::now(),
-            last_error: error.to_string(),
-        };
+        let boot = Boot::new(cell, deadline, false, error.to_string());
         Some(self.backoff(State::Booting(boot)))
     }
 
@@ -708,20 +757,41 @@ impl Supervisor {
         let shared = self.shared.clone();
         let cells = &shared.cells;
         let Some(agent) = cells.agent(&watch.cell) else {
-            let boot = Boot {
-                deadline: cells.boot_deadline(&watch.cell),
-                cell: watch.cell,
-                adopted: true,
-                since: Instant::now(),
-                last_error: "no address".to_owned(),
-            };
+            let deadline = cells.boot_deadline(&watch.cell);
+            let boot = Boot::new(watch.cell, deadline, true, "no address");
             return Some(State::Booting(boot));
         };
-        let poll = agent.pod_status(watch.after, cells.settings.status_wait);
+        let routes = self.routes.borrow_and_update().clone();
+        if routes.version != 0 && routes.version != watch.services_version {
+            match self.wait(agent.put_services(&routes)).await {
+                Wake::Done(Ok(status)) => {
+                    watch.last_ok = Instant::now();
+                    watch.services_version = status.applied_version;
+                    log_route_problems(&self.tracked.pod, &status.problems);
+                }
+                Wake::Done(Err(error)) => {
+                    tracing::debug!(pod = %self.tracked.pod, cell = %watch.cell.id, "service routes: {error}");
+                }
+                Wake::Command(command) => {
+                    return Some(self.on_command(State::Watching(watch), command).await);
+                }
+                Wake::Stop => return None,
+            }
+        }
+        // The long-poll ends early when the node has new routes for the cell.
+        let mut new_routes = self.routes.clone();
+        let poll = async {
+            tokio::select! {
+                answer = agent.pod_status(watch.after, cells.settings.status_wait) => Some(answer),
+                _ = new_routes.changed() => None,
+            }
+        };
         match self.wait(poll).await {
-            Wake::Done(Ok(response)) => {
+            Wake::Done(None) => return Some(State::Watching(watch)),
+            Wake::Done(Some(Ok(response))) => {
                 watch.last_ok = Instant::now();
                 watch.after = Some(response.version);
+                watch.services_version = response.services_version;
                 if response.uid.as_deref() == Some(self.tracked.pod.uid.as_str()) {
                     tracing::debug!(
                         pod = %self.tracked.pod,
@@ -745,7 +815,7 @@ impl Supervisor {
                 }
                 return Some(State::Watching(watch));
             }
-            Wake::Done(Err(error)) => {
+            Wake::Done(Some(Err(error))) => {
                 tracing::debug!(pod = %self.tracked.pod, cell = %watch.cell.id, "agent status: {error}");
             }
             Wake::Command(command) => {
@@ -861,5 +931,13 @@ impl Supervisor {
             reply: None,
             replacing: Some(cell.id),
         })
+    }
+}
+
+/// Logs the routes an agent could not install (at warn: a Service the pod may need is
+/// unreachable from its cell).
+fn log_route_problems(pod: &PodRef, problems: &[String]) {
+    for problem in problems {
+        tracing::warn!(%pod, "service routes on the pod's cell: {problem}");
     }
 }

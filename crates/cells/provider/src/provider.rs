@@ -435,6 +435,16 @@ impl Provider for CellsProvider {
     fn stats(&self) -> Option<&dyn updraft_provider::ProviderStats> {
         Some(self)
     }
+    fn service_routing(&self) -> Option<&dyn updraft_provider::ServiceRouting> {
+        Some(self)
+    }
+}
+
+/// Every pod's supervisor pushes the latest table to its cell (see `lifecycle`).
+impl updraft_provider::ServiceRouting for CellsProvider {
+    fn routes_changed(&self, routes: Arc<updraft_cell_api::services::ServiceRoutes>) {
+        self.inner.routes.send_replace(routes);
+    }
 }
 
 impl CellsProvider {

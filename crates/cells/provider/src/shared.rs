@@ -1,14 +1,15 @@
 //! What the provider's parts share: the cells, the standby pool, the tracked pods, the status
-//! broadcast and the metrics. The `Provider` impl, the supervisors and the garbage collector
+//! broadcast, the Service routes and the metrics. The `Provider` impl, the supervisors and the garbage collector
 //! all hold it; none of them holds another's state.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use k8s_openapi::api::core::v1::PodStatus;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use updraft_cell_api::services::ServiceRoutes;
 use updraft_provider::PodStatusUpdate;
 
 use crate::cell_summary::CellSummary;
@@ -27,6 +28,9 @@ pub(crate) struct Shared {
     pods: Mutex<HashMap<String, Arc<TrackedPod>>>,
     updates: broadcast::Sender<PodStatusUpdate>,
     pub(crate) metrics: CellsMetrics,
+    /// The node's latest Service routes, the one copy every supervisor pushes to its cell
+    /// (version 0: none yet).
+    pub(crate) routes: watch::Sender<Arc<ServiceRoutes>>,
     /// The outcome of the garbage collector's last listing (the node's health check).
     pub(crate) backend_healthy: Mutex<Result<(), String>>,
     /// Stops the supervisors and loops; cells keep running (a later provider adopts them).
@@ -42,6 +46,7 @@ impl Shared {
             pods: Mutex::new(HashMap::new()),
             updates,
             metrics: CellsMetrics::default(),
+            routes: watch::Sender::new(Arc::new(ServiceRoutes::default())),
             backend_healthy: Mutex::new(Ok(())),
             shutdown: CancellationToken::new(),
         }

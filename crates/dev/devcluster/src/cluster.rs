@@ -526,35 +526,54 @@ pub async fn client_for(path: &Path) -> Result<kube::Client> {
     Ok(kube::Client::try_from(config)?)
 }
 
-/// Grants the API server's kubelet-client identity what kubeadm grants it: the kubelet API.
+/// Grants what a kubeadm cluster grants: the API server's kubelet-client identity the
+/// kubelet API; and the nodes (Updraft's virtual nodes route their pods' Services, the
+/// kube-proxy role) what kube-proxy gets, `system:node-proxier` (EndpointSlices).
 async fn bootstrap_rbac(layout: &Layout) -> Result<()> {
     let client = admin_client(layout).await?;
-    let binding: ClusterRoleBinding = serde_json::from_value(serde_json::json!({
-        "apiVersion": "rbac.authorization.k8s.io/v1",
-        "kind": "ClusterRoleBinding",
-        "metadata": { "name": "updraft-dev:apiserver-kubelet-client" },
-        "roleRef": {
-            "apiGroup": "rbac.authorization.k8s.io",
-            "kind": "ClusterRole",
-            "name": "system:kubelet-api-admin"
-        },
-        "subjects": [{
-            "apiGroup": "rbac.authorization.k8s.io",
-            "kind": "User",
-            "name": KUBELET_CLIENT_USER
-        }]
-    }))
-    .map_err(|e| Error::NotRunning {
-        reason: format!("invalid built-in RBAC binding: {e}"),
-    })?;
-    let name = binding.metadata.name.clone().unwrap_or_default();
-    Api::<ClusterRoleBinding>::all(client)
-        .patch(
-            &name,
-            &PatchParams::apply("updraft-devcluster").force(),
-            &Patch::Apply(&binding),
-        )
-        .await?;
+    let bindings = [
+        (
+            "updraft-dev:apiserver-kubelet-client",
+            "system:kubelet-api-admin",
+            serde_json::json!({
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "User",
+                "name": KUBELET_CLIENT_USER
+            }),
+        ),
+        (
+            "updraft-dev:node-proxier",
+            "system:node-proxier",
+            serde_json::json!({
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "Group",
+                "name": "system:nodes"
+            }),
+        ),
+    ];
+    for (name, role, subject) in bindings {
+        let binding: ClusterRoleBinding = serde_json::from_value(serde_json::json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": { "name": name },
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": role
+            },
+            "subjects": [subject]
+        }))
+        .map_err(|e| Error::NotRunning {
+            reason: format!("invalid built-in RBAC binding {name}: {e}"),
+        })?;
+        Api::<ClusterRoleBinding>::all(client.clone())
+            .patch(
+                name,
+                &PatchParams::apply("updraft-devcluster").force(),
+                &Patch::Apply(&binding),
+            )
+            .await?;
+    }
     Ok(())
 }
 
@@ -837,6 +856,25 @@ pub struct NodeFiles {
     pub client_ca: PathBuf,
     /// The directory, for further files (a provider config).
     pub dir: PathBuf,
+}
+
+/// The `updraft run` flags that make a node a member of this cluster's network as a kubelet
+/// would be: its `InternalIP` on the host address (the API server proxies to it; it refuses
+/// loopback) when the host has it, and the cluster DNS of `kube-dns`.
+pub fn node_network_args() -> Vec<String> {
+    let node_ip = if host_address::present() {
+        HOST_ADDRESS.to_string()
+    } else {
+        "127.0.0.1".to_owned()
+    };
+    vec![
+        "--node-ip".into(),
+        node_ip,
+        "--cluster-dns".into(),
+        coredns::CLUSTER_DNS_IP.to_string(),
+        "--cluster-domain".into(),
+        coredns::CLUSTER_DOMAIN.into(),
+    ]
 }
 
 /// Writes node `node`'s kubeconfig and serving certificate (for 127.0.0.1, the host address,

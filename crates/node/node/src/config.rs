@@ -49,6 +49,9 @@ pub struct NodeConfig {
     /// API server then passes kubectl's WebSocket exec, attach and port-forward through to
     /// the node instead of translating them to SPDY.
     pub declared_features: BTreeSet<String>,
+    /// How pods' resolver files are formed (the kubelet's `--cluster-dns`,
+    /// `--cluster-domain`, `--resolv-conf`).
+    pub dns: crate::dns::DnsSettings,
 }
 
 /// The node feature that makes API servers pass exec, attach and port-forward WebSockets
@@ -91,6 +94,7 @@ impl NodeConfig {
             orphan_sweep_interval: Duration::from_secs(60),
             token_refresh_fraction: 0.8,
             declared_features: BTreeSet::from([EXTEND_WEBSOCKETS_TO_KUBELET.to_owned()]),
+            dns: crate::dns::DnsSettings::default(),
         }
     }
 

@@ -23,6 +23,7 @@
 use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::Pod;
+pub use updraft_provider::PodDns;
 
 /// The most nameservers a resolver uses (glibc's `MAXNS`).
 const MAX_NAMESERVERS: usize = 3;
@@ -82,34 +83,6 @@ impl ResolverFile {
             }
         }
         file
-    }
-}
-
-/// A pod's resolver settings.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PodDns {
-    /// `nameserver` lines.
-    pub nameservers: Vec<String>,
-    /// The `search` line.
-    pub searches: Vec<String>,
-    /// The `options` line.
-    pub options: Vec<String>,
-}
-
-impl PodDns {
-    /// The resolv.conf text.
-    pub fn to_resolv_conf(&self) -> String {
-        let mut text = String::new();
-        for server in &self.nameservers {
-            text.push_str(&format!("nameserver {server}\n"));
-        }
-        if !self.searches.is_empty() {
-            text.push_str(&format!("search {}\n", self.searches.join(" ")));
-        }
-        if !self.options.is_empty() {
-            text.push_str(&format!("options {}\n", self.options.join(" ")));
-        }
-        text
     }
 }
 

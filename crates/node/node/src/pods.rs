@@ -35,6 +35,7 @@ use crate::metrics::PodMetrics;
 use crate::references::ReferenceWatches;
 use crate::resolve::{ResolveError, Resolver};
 use crate::services::Services;
+use updraft_common::sync::lock;
 
 /// Why one reconciliation of a pod failed; it is retried with backoff.
 #[derive(Debug, thiserror::Error)]
@@ -171,6 +172,19 @@ impl<P: Provider> PodController<P> {
         // and the reconcile reads the pod from the store.
         let mut background = tokio::task::JoinSet::new();
         background.spawn(watch_services);
+        if self.provider.service_routing().is_some() {
+            let provider = self.provider.clone();
+            background.spawn(crate::service_routes::run(
+                self.client.clone(),
+                context.services.clone(),
+                self.config.name.clone(),
+                move |routes| {
+                    if let Some(routing) = provider.service_routing() {
+                        routing.routes_changed(routes);
+                    }
+                },
+            ));
+        }
         background.spawn(forward_pod_changes(
             reflector(writer, watch),
             trigger,
@@ -253,10 +267,6 @@ async fn forward_pod_changes(
             }
         }
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn spec_hash(pod: &Pod) -> u64 {
@@ -383,7 +393,7 @@ async fn reconcile<P: Provider>(
         return Ok(next_action(&context, &pod_ref));
     }
 
-    let resolution = match Resolver::resolve(
+    let mut resolution = match Resolver::resolve(
         context.client.clone(),
         &pod,
         &service_env(&context, &pod).await,
@@ -423,6 +433,18 @@ async fn reconcile<P: Provider>(
             EventType::Warning,
             missing.reason,
             missing.message.clone(),
+        )
+        .await;
+    }
+    let (dns, dns_warnings) = crate::dns::pod_dns(&pod, &context.config.dns);
+    resolution.pod.dns = Some(dns);
+    for warning in dns_warnings {
+        publish(
+            &context,
+            &pod,
+            EventType::Warning,
+            warning.reason,
+            warning.message,
         )
         .await;
     }

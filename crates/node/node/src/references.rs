@@ -21,6 +21,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::cache::CachedPod;
+use updraft_common::sync::lock;
 
 /// Which kind of object a pod references.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -79,10 +80,6 @@ pub struct ReferenceWatches {
     client: kube::Client,
     state: std::sync::Arc<Mutex<State>>,
     trigger: mpsc::UnboundedSender<ObjectRef<CachedPod>>,
-}
-
-fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
-    state.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl ReferenceWatches {

@@ -140,6 +140,7 @@ impl Resolver {
                 pod: Arc::clone(pod),
                 env,
                 volumes,
+                dns: None,
             },
             references: resolver
                 .config_maps

@@ -20,10 +20,20 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddrV4};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::{Service, ServicePort};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
-use updraft_common::services::{Protocol, ServiceRoute};
+use kube::api::Api;
+use kube::runtime::WatchStreamExt as _;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::watcher;
+use tokio::sync::watch;
+use updraft_common::services::{Protocol, ServiceRoute, ServiceRoutes};
+
+use crate::services::Services;
 
 /// The label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -108,6 +118,136 @@ pub fn routes<'a>(
         }
     }
     (routes, problems)
+}
+
+/// The shortest time between two tables: a burst of changes (a Deployment scaled by
+/// hundreds, a re-list) becomes a few tables instead of one per event, as kube-proxy's
+/// minimum sync period does.
+const MIN_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Derives the node's Service routes until dropped: watches EndpointSlices (one watch for
+/// the node, reduced to what [`routes`] reads), recomputes the table whenever a Service or
+/// an EndpointSlice changes, and calls `publish` with each table that differs from the last.
+///
+/// Versions grow with the wall clock (milliseconds), so that the tables of a restarted
+/// Updraft are newer than any an agent kept from before the restart. A Service port that
+/// cannot be routed is logged once, when it first appears in the problems.
+pub async fn run(
+    client: kube::Client,
+    services: Services,
+    node_name: String,
+    publish: impl Fn(Arc<ServiceRoutes>) + Send,
+) {
+    let (slices, watch_slices) = watch_endpoint_slices(client);
+    let watch_slices = tokio::spawn(watch_slices);
+    let mut slice_changes = slices.changed.clone();
+    let mut service_changes = services.changes();
+    services.ready().await;
+    if slice_changes.wait_for(|n| *n > 0).await.is_err() {
+        return;
+    }
+    let mut last: Option<ServiceRoutes> = None;
+    let mut reported = BTreeSet::new();
+    loop {
+        service_changes.borrow_and_update();
+        slice_changes.borrow_and_update();
+        let all_services = services.all();
+        let all_slices = slices.store.state();
+        let (table, problems) = routes(
+            all_services.iter().map(AsRef::as_ref),
+            all_slices.iter().map(AsRef::as_ref),
+            &node_name,
+        );
+        for problem in &problems {
+            if !reported.contains(problem) {
+                tracing::warn!("service routes: {problem}");
+            }
+        }
+        reported = problems.into_iter().collect();
+        if last.as_ref().map(|l| &l.routes) != Some(&table) {
+            let version = next_version(last.as_ref().map_or(0, |l| l.version));
+            let next = ServiceRoutes {
+                version,
+                routes: table,
+            };
+            tracing::debug!(version, routes = next.routes.len(), "new service routes");
+            publish(Arc::new(next.clone()));
+            last = Some(next);
+        }
+        tokio::time::sleep(MIN_INTERVAL).await;
+        tokio::select! {
+            changed = service_changes.changed() => if changed.is_err() { break },
+            changed = slice_changes.changed() => if changed.is_err() { break },
+        }
+    }
+    watch_slices.abort();
+}
+
+/// A version past `previous` and at least the wall clock in milliseconds.
+fn next_version(previous: u64) -> u64 {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    now.max(previous.saturating_add(1))
+}
+
+/// The EndpointSlices of the cluster as the routes read them, and a count of their changes
+/// (0 until the first list is in).
+struct Slices {
+    store: Store<EndpointSlice>,
+    changed: watch::Receiver<u64>,
+}
+
+fn watch_endpoint_slices(client: kube::Client) -> (Slices, impl Future<Output = ()> + Send) {
+    let (store, writer) = reflector::store();
+    let stream = watcher::watcher(
+        Api::<EndpointSlice>::all(client),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .modify(slim_slice);
+    let (count, changed) = watch::channel(0u64);
+    let run = async move {
+        let mut events = reflector::reflector(writer, stream).boxed();
+        let mut listed = false;
+        while let Some(event) = events.next().await {
+            match event {
+                Ok(watcher::Event::InitDone) => {
+                    listed = true;
+                    count.send_modify(|n| *n += 1);
+                }
+                Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) if listed => {
+                    count.send_modify(|n| *n += 1);
+                }
+                Ok(_) => {}
+                Err(err) => tracing::debug!("watching endpoint slices: {err}"),
+            }
+        }
+    };
+    (Slices { store, changed }, run)
+}
+
+/// Keeps what [`routes`] reads: the Service label, the address type, the ports, and per
+/// endpoint its addresses, conditions and node.
+fn slim_slice(slice: &mut EndpointSlice) {
+    let metadata = std::mem::take(&mut slice.metadata);
+    slice.metadata.name = metadata.name;
+    slice.metadata.namespace = metadata.namespace;
+    slice.metadata.resource_version = metadata.resource_version;
+    slice.metadata.uid = metadata.uid;
+    slice.metadata.labels = metadata.labels.map(|labels| {
+        labels
+            .into_iter()
+            .filter(|(key, _)| key == SERVICE_NAME_LABEL)
+            .collect()
+    });
+    for endpoint in slice.endpoints.iter_mut().flatten() {
+        endpoint.hints = None;
+        endpoint.target_ref = None;
+        endpoint.deprecated_topology = None;
+        endpoint.hostname = None;
+        endpoint.zone = None;
+    }
 }
 
 /// The Service's IPv4 cluster IP (the first of `clusterIPs` that is one), if it has one.

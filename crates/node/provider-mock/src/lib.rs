@@ -181,6 +181,7 @@ struct MockPod {
 type Inputs = (
     BTreeMap<String, Vec<updraft_provider::EnvVar>>,
     BTreeMap<String, updraft_provider::VolumeFiles>,
+    Option<updraft_provider::PodDns>,
 );
 
 impl MockPod {
@@ -237,17 +238,18 @@ impl MockProvider {
 
     /// What the node last gave the provider for `pod`, if it runs: the pod as the mock keeps
     /// it (identity, annotations, restart policy, containers' names, images and resources)
-    /// and, with `MockConfig::keep_inputs`, its env and volume files.
+    /// and, with `MockConfig::keep_inputs`, its env, volume files and resolver settings.
     pub fn resolved(&self, namespace: &str, name: &str) -> Option<ResolvedPod> {
         self.lock()
             .pods
             .get(&(namespace.to_owned(), name.to_owned()))
             .map(|p| {
-                let (env, volumes) = p.inputs.clone().unwrap_or_default();
+                let (env, volumes, dns) = p.inputs.clone().unwrap_or_default();
                 ResolvedPod {
                     pod: Arc::new(p.slim_pod()),
                     env,
                     volumes,
+                    dns,
                 }
             })
     }
@@ -536,9 +538,13 @@ fn kept(pod: &Pod) -> Box<[u8]> {
 
 impl MockProvider {
     fn inputs(&self, resolved: &ResolvedPod) -> Option<Inputs> {
-        self.config
-            .keep_inputs
-            .then(|| (resolved.env.clone(), resolved.volumes.clone()))
+        self.config.keep_inputs.then(|| {
+            (
+                resolved.env.clone(),
+                resolved.volumes.clone(),
+                resolved.dns.clone(),
+            )
+        })
     }
 }
 

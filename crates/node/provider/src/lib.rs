@@ -21,7 +21,7 @@ pub use capabilities::{
     StreamIo, TerminalSize,
 };
 pub use error::ProviderError;
-pub use resolved::{EnvVar, ResolvedPod, VolumeFile, VolumeFiles};
+pub use resolved::{EnvVar, PodDns, ResolvedPod, VolumeFile, VolumeFiles};
 pub use updraft_common::services::{Protocol, ServiceRoute, ServiceRoutes};
 
 use std::fmt;

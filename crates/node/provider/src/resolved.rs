@@ -44,6 +44,38 @@ pub struct ResolvedPod {
     pub env: BTreeMap<String, Vec<EnvVar>>,
     /// The files of every configMap, secret, downwardAPI and projected volume, by volume name.
     pub volumes: BTreeMap<String, VolumeFiles>,
+    /// The pod's resolver settings, formed by the node as the kubelet forms them (its
+    /// `dnsPolicy` and `dnsConfig` under the node's `--cluster-dns`, `--cluster-domain` and
+    /// `--resolv-conf`); `None` when the node formed none (the provider's default applies).
+    pub dns: Option<PodDns>,
+}
+
+/// A pod's `/etc/resolv.conf`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct PodDns {
+    /// `nameserver` lines.
+    pub nameservers: Vec<String>,
+    /// The `search` line.
+    pub searches: Vec<String>,
+    /// The `options` line.
+    pub options: Vec<String>,
+}
+
+impl PodDns {
+    /// The resolv.conf text.
+    pub fn to_resolv_conf(&self) -> String {
+        let mut text = String::new();
+        for server in &self.nameservers {
+            text.push_str(&format!("nameserver {server}\n"));
+        }
+        if !self.searches.is_empty() {
+            text.push_str(&format!("search {}\n", self.searches.join(" ")));
+        }
+        if !self.options.is_empty() {
+            text.push_str(&format!("options {}\n", self.options.join(" ")));
+        }
+        text
+    }
 }
 
 impl ResolvedPod {
@@ -53,6 +85,7 @@ impl ResolvedPod {
             pod: pod.into(),
             env: BTreeMap::new(),
             volumes: BTreeMap::new(),
+            dns: None,
         }
     }
 }

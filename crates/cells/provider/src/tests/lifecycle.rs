@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::PodStatus;
+use updraft_cell_api::services::ServiceRoutes;
 use updraft_cells_backend::{BackendError, CellIdentity, CellState};
-use updraft_provider::{PodRef, Provider, ProviderError, ResolvedPod};
+use updraft_provider::{PodRef, Provider, ProviderError, ResolvedPod, ServiceRouting as _};
 
 use super::{Addresses, FakeAgent, FakeAgents, FakeBackend, api_pod, pod, selector, settings};
 use crate::pki::CellsPki;
@@ -120,6 +121,14 @@ impl World {
         let uid = PodRef::of(&pod.pod).uid;
         self.at(&uid, Stage::Watching).await;
     }
+}
+
+/// The node hands the provider a table of Service routes of `version`.
+fn routes(world: &World, version: u64) {
+    world.provider.routes_changed(Arc::new(ServiceRoutes {
+        version,
+        routes: Vec::new(),
+    }));
 }
 
 fn pod_ref(uid: &str) -> PodRef {
@@ -658,4 +667,47 @@ async fn shutdown_stops_every_supervisor_and_leaves_the_cells() {
     world.at("u1", Stage::Stopped).await;
     world.at("u2", Stage::Stopped).await;
     assert_eq!(world.backend.live(), vec!["cell-0", "cell-1"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_routes_reach_a_new_cell_before_its_pod_and_every_new_table_reaches_it_at_once() {
+    let world = World::new().await;
+    routes(&world, 5);
+    world.running(&pod("u1", ""), 0).await;
+    let agent = world.agent("cell-0");
+    // Delivering: the table before the pod, so its containers start with the routes.
+    assert_eq!(agent.routes.lock().unwrap().first().copied(), Some((5, 0)));
+    // Watching: a new table interrupts the status long-poll (30 s) and goes out at once.
+    let before = tokio::time::Instant::now();
+    routes(&world, 6);
+    until("table 6", || agent.routes_taken().last() == Some(&6)).await;
+    assert!(before.elapsed() < Duration::from_secs(1));
+    // The agent has it: nothing is sent again while the versions agree.
+    let sent = agent.routes_taken().len();
+    agent.report("Running");
+    until("the status", || {
+        world.status("u1").phase.as_deref() == Some("Running")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    assert_eq!(agent.routes_taken().len(), sent);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_agent_that_missed_tables_or_forgot_them_gets_the_latest_when_it_answers() {
+    let world = World::new().await;
+    world.running(&pod("u1", ""), 0).await;
+    let agent = world.agent("cell-0");
+    // Down while three tables come (shorter than the health timeout): it gets only the last.
+    agent.down();
+    for version in [7, 8, 9] {
+        routes(&world, version);
+    }
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    agent.up();
+    until("table 9", || agent.routes_taken() == vec![9]).await;
+    // Restarted (the status says it applied none): the table goes again.
+    agent.forget_routes();
+    until("table 9 again", || agent.routes_taken() == vec![9, 9]).await;
+    assert_eq!(world.tracked("u1").stage(), Stage::Watching);
 }

@@ -16,6 +16,7 @@ use std::time::{Duration, SystemTime};
 
 use k8s_openapi::api::core::v1::{Pod, PodStatus};
 use tokio::sync::watch;
+use updraft_cell_api::services::{ServiceRoutes, ServiceRoutesStatus};
 use updraft_cell_api::{ApplyPodRequest, ClientError, PodStatusResponse};
 use updraft_cells_backend::{
     BackendError, Cell, CellBackend, CellId, CellIdentity, CellSpec, CellState, LaunchType,
@@ -303,6 +304,8 @@ struct AgentPod {
     version: u64,
     uid: Option<String>,
     status: PodStatus,
+    /// The version of the Service routes in force.
+    services_version: u64,
 }
 
 /// One in-memory agent: down (every call refused) until [`FakeAgent::up`].
@@ -317,6 +320,9 @@ struct FakeAgent {
     apply_calls: AtomicUsize,
     applies: Mutex<Vec<ApplyPodRequest>>,
     deletes: AtomicUsize,
+    /// The version of every table of Service routes taken, and how many pods had been
+    /// applied when it came.
+    routes: Mutex<Vec<(u64, usize)>>,
 }
 
 impl FakeAgent {
@@ -355,6 +361,24 @@ impl FakeAgent {
 
     fn applied(&self) -> usize {
         self.applies.lock().unwrap().len()
+    }
+
+    /// The versions of the Service route tables taken, in order.
+    fn routes_taken(&self) -> Vec<u64> {
+        self.routes
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(v, _)| *v)
+            .collect()
+    }
+
+    /// The agent restarted: it forgot which routes it applied.
+    fn forget_routes(&self) {
+        self.pod().send_modify(|pod| {
+            pod.version += 1;
+            pod.services_version = 0;
+        });
     }
 
     fn refused(&self, address: SocketAddr) -> Result<(), ClientError> {
@@ -446,12 +470,35 @@ impl CellAgent for FakeAgentAt {
             version: now.version,
             uid: now.uid,
             status: now.status,
+            services_version: now.services_version,
         })
     }
 
     async fn delete_pod(&self, _grace: Duration) -> Result<(), ClientError> {
         self.agent.deletes.fetch_add(1, Ordering::SeqCst);
         self.agent.refused(self.address)
+    }
+
+    async fn put_services(
+        &self,
+        routes: &ServiceRoutes,
+    ) -> Result<ServiceRoutesStatus, ClientError> {
+        self.agent.refused(self.address)?;
+        let applied = self.agent.applied();
+        self.agent
+            .routes
+            .lock()
+            .unwrap()
+            .push((routes.version, applied));
+        let mut in_force = 0;
+        self.agent.pod().send_modify(|pod| {
+            pod.services_version = pod.services_version.max(routes.version);
+            in_force = pod.services_version;
+        });
+        Ok(ServiceRoutesStatus {
+            applied_version: in_force,
+            problems: Vec::new(),
+        })
     }
 }
 

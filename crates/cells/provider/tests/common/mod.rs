@@ -100,9 +100,36 @@ pub fn busybox_rootfs(dir: &Path) {
     }
 }
 
+/// [`busybox_rootfs`] plus the host's `curl` and the shared libraries it loads (for
+/// `--image-dir curl=<dir>`): a client that verifies TLS, for calls to the API server.
+pub fn curl_rootfs(dir: &Path) {
+    busybox_rootfs(dir);
+    let curl = Path::new("/usr/bin/curl");
+    let ldd = Command::new("ldd").arg(curl).output().unwrap();
+    assert!(ldd.status.success(), "ldd /usr/bin/curl: {ldd:?}");
+    let libraries = String::from_utf8_lossy(&ldd.stdout)
+        .lines()
+        // `libx.so => /lib/…/libx.so (0x…)` or `/lib64/ld-linux-x86-64.so.2 (0x…)`
+        .filter_map(|line| {
+            let path = line.split("=>").last()?.split_whitespace().next()?;
+            path.starts_with('/').then(|| PathBuf::from(path))
+        })
+        .collect::<Vec<_>>();
+    for file in libraries.iter().map(PathBuf::as_path).chain([curl]) {
+        let target = dir.join(file.strip_prefix("/").unwrap());
+        std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+        // Linked when on one filesystem (the image is only read), else copied.
+        let file = std::fs::canonicalize(file).unwrap();
+        if std::fs::hard_link(&file, &target).is_err() {
+            std::fs::copy(&file, &target).unwrap();
+        }
+    }
+}
+
 /// Where the cells' agents get images from.
 pub enum Images<'a> {
-    /// `image: busybox` is a directory copy of the host's busybox (no registry).
+    /// `image: busybox` is a directory copy of the host's busybox (no registry); with
+    /// [`ConfigOptions::curl_image`], `image: curl` the same with the host's curl.
     Directory,
     /// OCI images pulled from the loopback registry.
     Registry(&'a LoopbackRegistry),
@@ -129,6 +156,8 @@ pub struct ConfigOptions<'a> {
     /// The agent binary the cells start (the real `updraft-cell` when absent), e.g. a
     /// [`GatedAgent`].
     pub agent_binary: Option<PathBuf>,
+    /// Also `image: curl` (with directory images).
+    pub curl_image: bool,
 }
 
 impl<'a> ConfigOptions<'a> {
@@ -144,6 +173,7 @@ impl<'a> ConfigOptions<'a> {
             boot_timeout: None,
             health_timeout: None,
             agent_binary: None,
+            curl_image: false,
         }
     }
 }
@@ -165,10 +195,14 @@ pub fn write_config(dir: &Path, options: ConfigOptions<'_>) -> TestConfig {
         Images::Directory => {
             let rootfs = dir.join("busybox-image");
             busybox_rootfs(&rootfs);
-            (
-                format!(r#"["--image-dir", "busybox={}"]"#, rootfs.display()),
-                String::new(),
-            )
+            let mut args = format!(r#"["--image-dir", "busybox={}""#, rootfs.display());
+            if options.curl_image {
+                let curl = dir.join("curl-image");
+                curl_rootfs(&curl);
+                args.push_str(&format!(r#", "--image-dir", "curl={}""#, curl.display()));
+            }
+            args.push(']');
+            (args, String::new())
         }
         Images::Registry(registry) => (
             "[]".to_owned(),
@@ -623,6 +657,7 @@ impl UpdraftProcess {
             .arg("--client-ca-file")
             .arg(&files.client_ca)
             .args(["--kubelet-port", &port.to_string()])
+            .args(updraft_devcluster::cluster::node_network_args())
             .env(
                 "RUST_LOG",
                 "info,updraft_provider_cells=debug,updraft_node=debug",
