@@ -20,6 +20,7 @@ use tokio::net::TcpStream;
 use tokio_util::codec::Framed;
 
 use crate::frame::{Frame, FrameCodec, FrameError, PORT_FORWARD_PROTOCOL, STREAM_PROTOCOL};
+use crate::services::{ServiceRoutes, ServiceRoutesStatus};
 use crate::types::{
     ApplyPodRequest, ApplyPodResponse, AttachOptions, ErrorBody, ExecOptions, LogOptions,
     PodStatusResponse, StatsResponse, StreamEnd, TerminalSize, VersionInfo, VolumeContent,
@@ -424,6 +425,21 @@ impl CellClient {
         )
         .await
         .map(drop)
+    }
+
+    /// `PUT /v1/services`: makes `routes` the pod's Service routes unless the agent holds a
+    /// newer table; answers what is in force (a table kept but not installed is a success
+    /// whose `problems` say why).
+    pub async fn put_services(
+        &self,
+        routes: &ServiceRoutes,
+    ) -> Result<ServiceRoutesStatus, ClientError> {
+        self.json(Method::PUT, "/services", Some(routes)).await
+    }
+
+    /// `GET /v1/services`: the Service routes table in force and its problems.
+    pub async fn services(&self) -> Result<ServiceRoutesStatus, ClientError> {
+        self.json(Method::GET, "/services", None::<&()>).await
     }
 
     /// `GET /v1/logs/{container}`: the log as a stream of byte chunks (ends with the log, or

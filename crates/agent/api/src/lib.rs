@@ -21,6 +21,15 @@
 //! | `POST /v1/portforward` | `port`; `Upgrade: updraft-cell-portforward.v1` | `101`, then raw bytes to the pod's port |
 //! | `GET /v1/stats` | | [`StatsResponse`] |
 //! | `PUT /v1/volumes/{name}` | [`VolumeContent`] | `200 {}`; atomic `..data` swap |
+//! | `PUT /v1/services` | [`services::ServiceRoutes`] | [`services::ServiceRoutesStatus`]; a lower version than the agent's is ignored |
+//! | `GET /v1/services` | | [`services::ServiceRoutesStatus`] |
+//!
+//! The agent keeps the newest Service routes table it was sent (in memory only) and installs
+//! it in the pod's network namespace, now and whenever a pod sandbox is created, before the
+//! containers start. `PUT /v1/services` answers `200` once the table is kept, also when its
+//! rules could not be installed: `appliedVersion` is then still the version in force and
+//! `problems` says why (e.g. no `nft` on the cell). The version in force is also
+//! [`PodStatusResponse::services_version`], and its changes wake the status long-poll.
 //!
 //! Errors are JSON [`ErrorBody`] with `400` (bad input, the message names the field), `404`
 //! (no pod, container or volume of that name), `409` (e.g. exec into a container that is not

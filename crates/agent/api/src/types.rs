@@ -169,13 +169,19 @@ pub struct ApplyPodResponse {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PodStatusResponse {
-    /// Increases with every change of `status`.
+    /// Increases with every change of `status` or `services_version`.
     pub version: u64,
     /// UID of the pod the status belongs to; absent when no pod was applied.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uid: Option<String>,
     /// The pod status in the Kubernetes shape.
     pub status: PodStatus,
+    /// Version of the Service routes table in force in the pod's network namespace
+    /// (`PUT /v1/services`); 0 when there is none: no pod, no table sent since the agent
+    /// started (a restarted agent forgets the table, so the provider sends it again), or none
+    /// could be installed.
+    #[serde(default)]
+    pub services_version: u64,
 }
 
 /// `GET /v1/logs/{container}` query. Log lines are in the CRI format on disk; the response is
@@ -343,4 +349,24 @@ pub struct ErrorBody {
     pub code: String,
     /// What went wrong and what to do.
     pub message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn the_services_version_is_camel_case_and_zero_from_an_agent_without_it() {
+        let json = serde_json::to_value(PodStatusResponse {
+            version: 3,
+            services_version: 7,
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(json["servicesVersion"], 7);
+        let older: PodStatusResponse =
+            serde_json::from_str(r#"{"version": 3, "status": {}}"#).unwrap();
+        assert_eq!(older.services_version, 0);
+    }
 }

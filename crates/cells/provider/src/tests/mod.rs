@@ -446,6 +446,7 @@ impl CellAgent for FakeAgentAt {
             version: now.version,
             uid: now.uid,
             status: now.status,
+            ..PodStatusResponse::default()
         })
     }
 
