@@ -5,6 +5,10 @@
 //! `pod/containers/<name>.json` (PID and start time of each running instance), logs, FIFOs,
 //! volumes. A restarted agent re-adopts the running containers from these records (same PID
 //! and start time) or reports them as lost and restarts them per policy; nothing runs twice.
+//!
+//! The pod's Service routes ([`services`]) are kept in memory only: they are installed in each
+//! pod sandbox before its containers start, and a restarted agent reports none in force until
+//! the provider sends them again.
 #![forbid(unsafe_code)]
 
 pub mod images;
@@ -17,6 +21,7 @@ pub mod probe;
 mod record;
 mod runtime;
 pub mod server;
+pub mod services;
 pub mod spec;
 mod status;
 pub mod tls;
@@ -31,6 +36,7 @@ use updraft_cell_api::{ApplyPodRequest, PodStatusResponse};
 use updraft_cell_runtime::CgroupDriver;
 
 pub use pod::{Pod, PodError, PodSettings};
+pub use services::{Nft, Services};
 
 /// Errors of the agent outside a single request.
 #[derive(Debug, thiserror::Error)]
@@ -62,27 +68,31 @@ pub struct Agent {
 
 impl Agent {
     /// An agent keeping its state in `dir`; takes over a pod an earlier agent left running.
+    /// Service routes are installed with `nft`.
     pub async fn open(
         dir: PathBuf,
         images: Arc<dyn images::ImageSource>,
         cgroup_root: PathBuf,
+        nft: Nft,
     ) -> Result<Arc<Self>, AgentError> {
         std::fs::create_dir_all(&dir).map_err(|source| AgentError::Dir {
             path: dir.clone(),
             source,
         })?;
+        let status = watch::channel(PodStatusResponse::default()).0;
         let settings = PodSettings {
             driver: CgroupDriver::detect()?,
             cgroup_root,
             images,
             backoff_initial: Duration::from_secs(10),
             backoff_max: Duration::from_secs(300),
+            services: Arc::new(Services::new(nft, status.clone())),
         };
         let agent = Arc::new(Self {
             dir,
             settings,
             pod: Mutex::new(None),
-            status: watch::channel(PodStatusResponse::default()).0,
+            status,
         });
         let recorded = agent.pod_dir().join("pod.json");
         if let Ok(bytes) = std::fs::read(&recorded) {
@@ -135,6 +145,11 @@ impl Agent {
         self.status.subscribe()
     }
 
+    /// The pod's Service routes.
+    pub fn services(&self) -> &Arc<Services> {
+        &self.settings.services
+    }
+
     /// Makes `request` the desired pod: same UID → file volumes updated; other UID → the old
     /// pod is stopped and the new one started.
     pub async fn apply(&self, request: ApplyPodRequest) -> Result<(String, u64), PodError> {
@@ -153,6 +168,7 @@ impl Agent {
         }
         if let Some(old) = current.take() {
             old.clone().stop().await;
+            self.settings.services.detach();
             old.remove();
         }
         let _ = std::fs::remove_dir_all(self.pod_dir());
@@ -175,6 +191,7 @@ impl Agent {
             return false;
         };
         pod.clone().stop().await;
+        self.settings.services.detach();
         pod.remove();
         self.status.send_modify(|s| {
             s.version += 1;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 use updraft_cell_agent::images::{DirectoryImages, ImageSource, OciImages, PreparedImage};
-use updraft_cell_agent::{Agent, server, tls};
+use updraft_cell_agent::{Agent, Nft, server, tls};
 use updraft_cell_api::DEFAULT_AGENT_PORT;
 
 /// Runs one pod on this cell behind an HTTPS API with mutual TLS.
@@ -46,6 +46,10 @@ struct Args {
     /// from registries (air-gapped cells, tests).
     #[arg(long = "image-dir")]
     image_dirs: Vec<String>,
+    /// The nftables command the pod's Service routes are installed with (Debian package
+    /// nftables); without it the agent runs, and `PUT /v1/services` says the rules are missing.
+    #[arg(long, env = "UPDRAFT_CELL_NFT", default_value = "nft")]
+    nft: PathBuf,
 }
 
 fn read(path: &PathBuf) -> Result<Vec<u8>, String> {
@@ -76,9 +80,14 @@ async fn run(args: Args) -> Result<(), String> {
         }
         Arc::new(images)
     };
-    let agent = Agent::open(args.dir.clone(), images, args.cgroup_root.clone())
-        .await
-        .map_err(|e| e.to_string())?;
+    let agent = Agent::open(
+        args.dir.clone(),
+        images,
+        args.cgroup_root.clone(),
+        Nft::new(&args.nft),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| format!("listening on {}: {e}", args.listen))?;

@@ -19,6 +19,7 @@ use crate::launch::CellRuntime;
 use crate::lifecycle::{Backoff, PodLifecycle, Stops};
 use crate::logs::ContainerLog;
 use crate::record::write_json;
+use crate::services::Services;
 use crate::status::StatusBoard;
 use crate::{spec, volumes};
 
@@ -58,6 +59,9 @@ pub struct PodSettings {
     pub backoff_initial: Duration,
     /// Largest CrashLoopBackOff delay (kubelet: 5 min).
     pub backoff_max: Duration,
+    /// The agent's Service routes: each pod's sandbox is attached to them before its
+    /// containers start.
+    pub services: Arc<Services>,
 }
 
 /// A pod running on this cell.
@@ -145,8 +149,8 @@ impl Pod {
             .collect()
     }
 
-    /// Creates (or, with `adopt`, takes over) the sandbox and volumes and starts the
-    /// containers.
+    /// Creates (or, with `adopt`, takes over) the sandbox and volumes, installs the Service
+    /// routes in the sandbox's network namespace and starts the containers.
     pub fn start(
         request: ApplyPodRequest,
         dir: PathBuf,
@@ -321,6 +325,12 @@ impl Pod {
             tasks: Mutex::new(Vec::new()),
         });
         pod.publish();
+        // After everything that can fail (the agent detaches the routes from the pods it
+        // stops; a pod that failed to start is never stopped) and before the containers start
+        // (one calling a Service as it starts finds the rules).
+        settings
+            .services
+            .attach(pod.sandbox().netns(), host_network);
         lock(&pod.tasks).push(tokio::spawn(lifecycle.run()));
         Ok(pod)
     }

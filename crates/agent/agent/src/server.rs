@@ -19,6 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use updraft_cell_api::frame::{PORT_FORWARD_PROTOCOL, STREAM_PROTOCOL};
+use updraft_cell_api::services::{ServiceRoutes, ServiceRoutesStatus};
 use updraft_cell_api::{
     ApplyPodRequest, ApplyPodResponse, ContainerStats, ErrorBody, Frame, FrameCodec, FrameError,
     LogOptions, StatsResponse, StreamEnd, UsageStats, VersionInfo, VolumeContent,
@@ -105,6 +106,8 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/portforward", post(port_forward))
         .route("/v1/stats", get(stats))
         .route("/v1/volumes/{name}", put(update_volume))
+        .route("/v1/services", put(put_services))
+        .route("/v1/services", get(services_status))
         .fallback(|| async { ApiError::not_found("no such route; this agent serves /v1/...") })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn(refuse_oversized))
@@ -827,4 +830,39 @@ async fn update_volume(
         },
     )?;
     Ok(axum::Json(serde_json::json!({})))
+}
+
+/// `PUT /v1/services`: a `200` once the table is kept, also when its rules could not be
+/// installed (the answer's problems say why); the install runs `nft`, so off the runtime.
+async fn put_services(
+    State(agent): State<Arc<Agent>>,
+    body: Result<axum::Json<ServiceRoutes>, JsonRejection>,
+) -> ApiResult<axum::Json<ServiceRoutesStatus>> {
+    let axum::Json(table) = body.map_err(|e| ApiError::body("ServiceRoutes", &e))?;
+    let services = agent.services().clone();
+    let status = tokio::task::spawn_blocking(move || services.put(table))
+        .await
+        .map_err(|e| {
+            ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("installing the Service routes: {e}"),
+            )
+        })?;
+    Ok(axum::Json(status))
+}
+
+/// `GET /v1/services` (off the runtime: it waits for an install under way).
+async fn services_status(
+    State(agent): State<Arc<Agent>>,
+) -> ApiResult<axum::Json<ServiceRoutesStatus>> {
+    let services = agent.services().clone();
+    let status = tokio::task::spawn_blocking(move || services.status())
+        .await
+        .map_err(|e| {
+            ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("reading the Service routes: {e}"),
+            )
+        })?;
+    Ok(axum::Json(status))
 }

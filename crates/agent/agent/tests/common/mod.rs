@@ -8,7 +8,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::{Pod, PodStatus};
 use tokio_util::sync::CancellationToken;
 use updraft_cell_agent::images::{DirectoryImages, PreparedImage};
-use updraft_cell_agent::{Agent, server, tls};
+use updraft_cell_agent::{Agent, Nft, server, tls};
 use updraft_cell_api::{ApplyPodRequest, CellClient, ClientTls, PodStatusResponse};
 
 /// A CA with server and client certificates, in PEM.
@@ -113,6 +113,19 @@ pub async fn start_agent_with(
     images: impl FnOnce(&Path) -> Arc<dyn updraft_cell_agent::images::ImageSource>,
     backoff: Option<Duration>,
 ) -> TestAgent {
+    start_agent_full(images, backoff, Nft::default()).await
+}
+
+/// An agent installing Service routes with `nft`.
+pub async fn start_agent_with_nft(nft: Nft) -> TestAgent {
+    start_agent_full(|dir| Arc::new(images(dir)), None, nft).await
+}
+
+async fn start_agent_full(
+    images: impl FnOnce(&Path) -> Arc<dyn updraft_cell_agent::images::ImageSource>,
+    backoff: Option<Duration>,
+    nft: Nft,
+) -> TestAgent {
     require_root();
     let dir = tempfile::tempdir().unwrap();
     let pki = pki();
@@ -120,6 +133,7 @@ pub async fn start_agent_with(
         dir.path().join("agent"),
         images(dir.path()),
         PathBuf::from("updraft-cell-test"),
+        nft,
     )
     .await
     .unwrap();
