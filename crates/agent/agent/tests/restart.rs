@@ -1,5 +1,6 @@
 //! The `updraft-cell` binary killed and started again: it finds its running container again,
-//! nothing runs twice, and a container that ends meanwhile is reported honestly.
+//! nothing runs twice, and a container that ends meanwhile is reported honestly; the Service
+//! rules stay in force, but the agent reports none until it is sent the table again.
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
 mod common;
@@ -9,6 +10,7 @@ use std::process::{Child, Command};
 use std::time::Duration;
 
 use common::*;
+use updraft_cell_api::services::{Protocol, ServiceRoute, ServiceRoutes};
 use updraft_cell_api::{CellClient, ClientTls, LogOptions};
 
 struct AgentProcess(Child);
@@ -97,6 +99,40 @@ spec:
 "#);
     client.apply_pod(&req).await.unwrap();
     let before = wait_status(&client, "running", |s| running(s, "app")).await;
+    let table = ServiceRoutes {
+        version: 7,
+        routes: vec![ServiceRoute {
+            service: "default/web:80".into(),
+            cluster_ip: [10, 96, 0, 60].into(),
+            protocol: Protocol::Tcp,
+            port: 80,
+            endpoints: vec![std::net::SocketAddrV4::new([127, 0, 0, 1].into(), 8080)],
+            affinity_timeout_seconds: None,
+        }],
+    };
+    assert_eq!(
+        client.put_services(&table).await.unwrap().applied_version,
+        7
+    );
+    let uid = req.pod.metadata.uid.as_deref().unwrap();
+    let netns = format!("updraft-{}", updraft_cell_agent::pod::uid_to_id(uid));
+    let rules = || {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &netns,
+                "nft",
+                "list",
+                "table",
+                "ip",
+                "updraft-proxy",
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(rules().contains("10.96.0.60"), "{}", rules());
     let started_at = |s: &k8s_openapi::api::core::v1::PodStatus| {
         container(s, "app")
             .and_then(|c| c.state.as_ref())
@@ -116,6 +152,17 @@ spec:
         "the same instance, not a new one"
     );
     assert_eq!(container(&after, "app").unwrap().restart_count, 0);
+    // The rules are still in the pod's namespace, but the new agent was not told: it says
+    // none, so the provider sends the table again, and installing it again is harmless.
+    let status = client.pod_status(None, Duration::ZERO).await.unwrap();
+    assert_eq!(status.services_version, 0);
+    assert_eq!(client.services().await.unwrap().applied_version, 0);
+    assert!(rules().contains("10.96.0.60"), "{}", rules());
+    assert_eq!(
+        client.put_services(&table).await.unwrap().applied_version,
+        7
+    );
+    assert!(rules().contains("10.96.0.60"), "{}", rules());
     let (starts, _, code) = exec(&client, "app", &["cat", "/data/starts"]).await;
     assert_eq!(
         (starts.as_str(), code),
