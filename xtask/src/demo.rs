@@ -1,6 +1,7 @@
 //! `cargo xtask demo`: the control plane, the loopback registry with a busybox image, Updraft
 //! as the virtual node `updraft-demo` with the cells provider's **local** backend, and a
-//! Deployment whose two replicas each run on their own cell. `cargo xtask demo --down`
+//! Deployment whose two replicas each run on their own cell behind a Service, which one
+//! replica reaches by name from its cell (as it reaches the API server). `cargo xtask demo --down`
 //! deletes it again and terminates every cell (no namespaces, veths, mounts or cgroups left).
 
 use std::collections::BTreeMap;
@@ -11,7 +12,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use futures::TryStreamExt as _;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use kube::api::{Api, DeleteParams, ListParams};
 use kube::runtime::watcher;
 use updraft_devcluster::{Layout, cluster};
@@ -98,9 +99,25 @@ spec:
       containers:
         - name: hello
           image: {image}
-          command: [sh, -c, 'while true; do echo "hello from $(hostname) at $(date)"; sleep 5; done']
+          # Logs a line every 5 s and serves the last one over HTTP (busybox httpd).
+          command: [sh, -c, 'mkdir -p /www && httpd -p 8080 -h /www && while true; do echo "hello from $(hostname) at $(date)" | tee /www/index.html; sleep 5; done']
+          ports:
+            - {{name: http, containerPort: 8080}}
+          readinessProbe:
+            httpGet: {{path: /, port: http}}
+            periodSeconds: 2
           resources:
             requests: {{cpu: 500m, memory: 256Mi}}
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: {DEPLOYMENT}
+  namespace: default
+spec:
+  selector: {{app: {DEPLOYMENT}}}
+  ports:
+    - {{name: http, port: 80, targetPort: http}}
 "#
     )
 }
@@ -246,6 +263,24 @@ pub async fn run(layout: &Layout) -> anyhow::Result<()> {
         &format!("kubectl exec {first} -- sh -c '{exec_script}'"),
         kubectl(layout).args(["exec", first, "--", "sh", "-c", exec_script]),
     )?;
+    // From the other replica's cell: the Service by short name and FQDN (the cluster DNS),
+    // then the API server with the pod's own token.
+    let other = running.last().map(String::as_str).unwrap_or(first);
+    wait_for_service(layout, other).await?;
+    for url in [
+        format!("http://{DEPLOYMENT}"),
+        format!("http://{DEPLOYMENT}.default.svc.cluster.local"),
+    ] {
+        show(
+            &format!("kubectl exec {other} -- wget -qO- {url}"),
+            kubectl(layout).args(["exec", other, "--", "wget", "-qO-", &url]),
+        )?;
+    }
+    let api_call = "wget -qO- --header \"Authorization: Bearer $(cat /var/run/secrets/kubernetes.io/serviceaccount/token)\" https://kubernetes.default.svc/version";
+    show(
+        &format!("kubectl exec {other} -- sh -c '{api_call}'"),
+        kubectl(layout).args(["exec", other, "--", "sh", "-c", api_call]),
+    )?;
     show(
         &format!(
             "updraft cells select -f {} --provider-config {}",
@@ -382,7 +417,27 @@ async fn wait_for_log_line(layout: &Layout, pod: &str) -> anyhow::Result<()> {
     bail!("pod {pod} wrote no log line within 30 s")
 }
 
-/// `cargo xtask demo --down`: deletes the Deployment (Updraft terminates its cells), stops
+/// Waits until `pod` reaches the demo's Service by name: its cell has the Service routes and
+/// the cluster DNS answers (the endpoints follow the replicas' readiness).
+async fn wait_for_service(layout: &Layout, pod: &str) -> anyhow::Result<()> {
+    let url = format!("http://{DEPLOYMENT}");
+    let mut last = String::new();
+    for _ in 0..60 {
+        let output = kubectl(layout)
+            .args(["exec", pod, "--", "wget", "-qO-", "-T", "5", &url])
+            .output()
+            .context("running kubectl exec")?;
+        if output.status.success() {
+            return Ok(());
+        }
+        last = String::from_utf8_lossy(&output.stderr).trim().to_owned();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    bail!("pod {pod} could not reach {url} within a minute: {last}")
+}
+
+/// `cargo xtask demo --down`: deletes the Deployment (Updraft terminates its cells) and its
+/// Service, stops
 /// Updraft, terminates any cell left (also when Updraft or the control plane is gone), removes
 /// the bridge and cgroups, stops the registry, and deletes the demo node. The control plane
 /// stays up (`cargo xtask cluster down` stops it).
@@ -398,6 +453,13 @@ pub async fn down(layout: &Layout) -> anyhow::Result<()> {
             println!("deleted deployment {DEPLOYMENT}; waiting for its pods to go …");
             let pods = Api::<Pod>::namespaced(client.clone(), "default");
             wait_pods_gone(&pods).await;
+        }
+        let services = Api::<Service>::namespaced(client.clone(), "default");
+        if services.get_opt(DEPLOYMENT).await?.is_some() {
+            services
+                .delete(DEPLOYMENT, &DeleteParams::default())
+                .await?;
+            println!("deleted service {DEPLOYMENT}");
         }
     } else {
         println!("the control plane is not running: terminating the cells directly");

@@ -160,11 +160,12 @@ async fn a_pod_on_a_cell_reaches_services_by_name_and_the_api_server_with_its_to
         assert_eq!(body.trim(), "hello from web-0", "{url}");
     }
 
-    // No endpoint: refused at once, not a timeout.
+    // No endpoint: refused at once (curl's exit code 7, "couldn't connect"), not a timeout
+    // (its exit code 28).
     let refused = fetch(&cluster, ns, "client", "http://nobody")
         .await
         .unwrap_err();
-    assert!(refused.contains("refused"), "{refused}");
+    assert!(refused.contains("exit Some(7)"), "{refused}");
 
     // The API server, with the pod's own token and CA.
     let call = "curl -sS --max-time 10 --cacert /var/run/secrets/kubernetes.io/serviceaccount/ca.crt \
@@ -188,7 +189,7 @@ async fn a_pod_on_a_cell_reaches_services_by_name_and_the_api_server_with_its_to
     wait_for_deletion(&pods, "web-0", TIMEOUT).await;
     eventually(TIMEOUT, || async {
         match fetch(&cluster, ns, "client", "http://web").await {
-            Err(refused) if refused.contains("refused") => Ok(()),
+            Err(refused) if refused.contains("exit Some(7)") => Ok(()),
             other => Err(format!("{other:?}")),
         }
     })

@@ -24,7 +24,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use k8s_openapi::api::core::v1::{Namespace, Node};
+use k8s_openapi::api::core::v1::{Namespace, Node, ServiceAccount};
 use kube::api::{Api, DeleteParams, PostParams};
 use updraft_devcluster::{Layout, cluster};
 
@@ -74,6 +74,21 @@ impl TestCluster {
             .create(&PostParams::default(), &namespace)
             .await
             .unwrap_or_else(|err| panic!("creating namespace {name}: {err}"));
+        // The ServiceAccount admission refuses pods until the controller manager has made
+        // the namespace's `default` ServiceAccount.
+        let accounts = Api::<ServiceAccount>::namespaced(self.client(), &name);
+        let made = kube::runtime::wait::await_condition(
+            accounts,
+            "default",
+            |sa: Option<&ServiceAccount>| sa.is_some(),
+        );
+        match tokio::time::timeout(std::time::Duration::from_secs(120), made).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(err)) => panic!("watching namespace {name}'s default ServiceAccount: {err}"),
+            Err(_) => panic!(
+                "namespace {name} got no default ServiceAccount within 120 s: is the controller manager running?"
+            ),
+        }
         TestNamespace { name }
     }
 
