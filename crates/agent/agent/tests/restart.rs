@@ -116,22 +116,7 @@ spec:
     );
     let uid = req.pod.metadata.uid.as_deref().unwrap();
     let netns = format!("updraft-{}", updraft_cell_agent::pod::uid_to_id(uid));
-    let rules = || {
-        let out = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &netns,
-                "nft",
-                "list",
-                "table",
-                "ip",
-                "updraft-proxy",
-            ])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let rules = || proxy_rules(&netns);
     assert!(rules().contains("10.96.0.60"), "{}", rules());
     let started_at = |s: &k8s_openapi::api::core::v1::PodStatus| {
         container(s, "app")

@@ -92,22 +92,7 @@ fn route(cluster_ip: [u8; 4], endpoints: &[([u8; 4], u16)]) -> ServiceRoute {
 /// `nft list table ip updraft-proxy` in the pod's network namespace.
 async fn pod_rules(t: &TestAgent) -> String {
     let pod = t.agent.pod().await.unwrap();
-    let netns = pod.sandbox().netns_name().unwrap().to_owned();
-    let out = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &netns,
-            "nft",
-            "list",
-            "table",
-            "ip",
-            "updraft-proxy",
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "nft list: {out:?}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    proxy_rules(pod.sandbox().netns_name().unwrap())
 }
 
 /// Long-polls the pod status until its `servicesVersion` is `version` (60 s bound).

@@ -331,3 +331,23 @@ pub async fn raw_request(t: &TestAgent, request: &[u8]) -> (u16, String) {
     let _ = tokio::time::timeout(Duration::from_secs(30), io.read_to_end(&mut body)).await;
     (status, String::from_utf8_lossy(&body).into_owned())
 }
+
+/// `nft list table ip updraft-proxy` in the named network namespace `netns` (the table must
+/// exist).
+pub fn proxy_rules(netns: &str) -> String {
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            netns,
+            "nft",
+            "list",
+            "table",
+            "ip",
+            "updraft-proxy",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "nft list in {netns}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
