@@ -7,6 +7,7 @@
 //! backend, the agent's API) lives in that concept's crate instead.
 
 pub mod error_chain;
+pub mod network_policy;
 pub mod quantity;
 pub mod services;
 pub mod sync;

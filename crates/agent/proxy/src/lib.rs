@@ -25,6 +25,7 @@
 #![forbid(unsafe_code)]
 
 mod apply;
+pub mod policy;
 mod render;
 
 pub use apply::{ApplyError, Nft, TABLE};

@@ -18,6 +18,7 @@ pub mod cache;
 pub mod config;
 pub mod dns;
 pub mod metrics;
+pub mod network_policy;
 pub mod node;
 pub mod pods;
 pub mod references;
