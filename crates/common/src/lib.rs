@@ -2,8 +2,9 @@
 //!
 //! Only utilities that have no better owner live here, each once: an error's cause chain as
 //! one line ([`error_chain`]), the poison-ignoring lock ([`sync::lock`]), Kubernetes resource
-//! quantities ([`quantity`]), and the Service routes the node derives and the cell agents
-//! install ([`services`]), a wire type of both sides. A utility that belongs to a concept (a
+//! quantities ([`quantity`]), and the Service routes and NetworkPolicy tables the node
+//! derives and the cell agents install ([`services`], [`network_policy`]), wire types of
+//! both sides. A utility that belongs to a concept (a
 //! backend, the agent's API) lives in that concept's crate instead.
 
 pub mod error_chain;

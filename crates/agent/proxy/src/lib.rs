@@ -1,4 +1,6 @@
-//! The kube-proxy role on a cell: routes a pod's connections to ClusterIP Services.
+//! The kube-proxy role on a cell: routes a pod's connections to ClusterIP Services; and the
+//! network-policy role: enforces the pod's NetworkPolicy ([`policy`], its own table
+//! `inet updraft-policy`).
 //!
 //! A pod on a kubelet node reaches a Service because kube-proxy rewrote the node's packet
 //! filter. A cell has no kube-proxy, so the agent does the same in the pod's own network
