@@ -360,7 +360,7 @@ async fn reconcile<P: Provider>(
     let tokens_due = tokens_due.is_some_and(|due| due <= std::time::Instant::now());
     let inputs_changed = context
         .references
-        .take_changed(&pod_ref.namespace, &pod_ref.name)
+        .take_resolve_again(&pod_ref.namespace, &pod_ref.name)
         || tokens_due;
     if running && applied == Some(spec) && !inputs_changed {
         return Ok(next_action(&context, &pod_ref));
@@ -494,7 +494,7 @@ async fn reconcile<P: Provider>(
                     // Make the retry resolve and update again rather than take the pod as done.
                     context
                         .references
-                        .mark_changed(&pod_ref.namespace, &pod_ref.name);
+                        .resolve_again(&pod_ref.namespace, &pod_ref.name);
                 }
                 return Err(err.into());
             }
