@@ -37,6 +37,8 @@ use crate::references::ReferenceWatches;
 use crate::services::Services;
 
 mod decision;
+#[cfg(test)]
+pub(crate) mod fakes;
 mod reconcile;
 
 pub use reconcile::ReconcileError;

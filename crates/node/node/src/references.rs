@@ -253,3 +253,46 @@ async fn watch_object<K>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pods::fakes::FakeApi;
+
+    #[tokio::test]
+    async fn the_resolve_again_mark_is_taken_once_and_dropped_with_the_pod() {
+        let api = FakeApi::default();
+        let (trigger, _triggered) = mpsc::unbounded_channel();
+        let watches = ReferenceWatches::new(api.client(), trigger);
+        let shared = Referenced::config_map("ns", "shared");
+        watches.track(
+            "ns",
+            "p",
+            vec![shared.clone(), Referenced::secret("ns", "own")],
+        );
+        watches.track("ns", "q", vec![shared]);
+        assert_eq!(watches.watched(), 2);
+
+        assert!(
+            !watches.take_resolve_again("ns", "p"),
+            "tracking marks nothing"
+        );
+        watches.resolve_again("ns", "p");
+        assert!(
+            !watches.take_resolve_again("ns", "q"),
+            "only the pod marked"
+        );
+        assert!(watches.take_resolve_again("ns", "p"));
+        assert!(!watches.take_resolve_again("ns", "p"), "taken once");
+
+        watches.resolve_again("ns", "p");
+        watches.forget("ns", "p");
+        assert!(
+            !watches.take_resolve_again("ns", "p"),
+            "dropped with the pod"
+        );
+        assert_eq!(watches.watched(), 1, "q still references the shared one");
+        watches.track("ns", "q", Vec::new());
+        assert_eq!(watches.watched(), 0);
+    }
+}

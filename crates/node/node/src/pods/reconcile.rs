@@ -525,3 +525,6 @@ async fn write_provider_failure<P>(
         .await?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;
