@@ -2,54 +2,47 @@
 //!
 //! One kube-runtime controller watches pods with `spec.nodeName=<node>` (a single watch, no
 //! per-pod polling) and reconciles each pod when it changes: create it in the provider,
-//! update it when its spec changed, delete it (honouring the grace period) when the pod is
-//! being deleted, and leave terminal pods alone. Status flows the other way through the
-//! provider's status stream, and is written only when it differs from what the API has.
-//! A sweep once the pods are listed, then every `orphan_sweep_interval` (a minute), deletes
-//! provider pods that no longer exist in the API (force-deleted while Updraft was down, for
-//! instance).
+//! update it when its spec or its inputs changed, delete it (honouring the grace period)
+//! when the pod is being deleted, and leave terminal pods alone. Status flows the other way
+//! through the provider's status stream, and is written only when it differs from what the
+//! API has. A sweep once the pods are listed, then every `orphan_sweep_interval` (a minute),
+//! deletes provider pods that no longer exist in the API (force-deleted while Updraft was
+//! down, for instance).
+//!
+//! This module wires the controller: the pod watch and its cache, the triggers (pod
+//! changes, and the references watch's "resolve again"), the status stream and the orphan
+//! sweep. What one reconciliation does is in `reconcile` (small named steps), and what a
+//! pod needs from the provider is decided in one place, `decision`.
 
-use std::collections::hash_map::DefaultHasher;
 use std::collections::{HashMap, HashSet};
-use std::hash::{Hash as _, Hasher as _};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use futures::StreamExt as _;
 use futures::stream::BoxStream;
 use k8s_openapi::api::core::v1::{HostIP, Pod, PodIP, PodStatus};
 use kube::Resource as _;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
+use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::WatchStreamExt as _;
 use kube::runtime::controller::{self, Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, reflector};
 use kube::runtime::watcher;
 use tokio::sync::watch;
-use updraft_common::error_chain;
-use updraft_provider::{PodRef, PodStatusUpdate, Provider, ProviderError};
+use updraft_provider::{PodRef, PodStatusUpdate, Provider};
 
 use crate::NodeConfig;
 use crate::cache::{CachedPod, PodCache};
 use crate::metrics::PodMetrics;
 use crate::references::ReferenceWatches;
-use crate::resolve::{ResolveError, Resolver};
 use crate::services::Services;
-use updraft_common::sync::lock;
 
-/// Why one reconciliation of a pod failed; it is retried with backoff.
-#[derive(Debug, thiserror::Error)]
-pub enum ReconcileError {
-    /// The provider failed transiently.
-    #[error("provider: {}", error_chain(.0))]
-    Provider(#[from] ProviderError),
-    /// The pod's references could not be resolved yet.
-    #[error("resolving the pod: {0}")]
-    Resolve(#[from] ResolveError),
-    /// An API call failed.
-    #[error("Kubernetes API: {0}")]
-    Kube(#[from] kube::Error),
-}
+mod decision;
+#[cfg(test)]
+pub(crate) mod fakes;
+mod reconcile;
+
+pub use reconcile::ReconcileError;
+use reconcile::{Context, error_policy, reconcile};
 
 /// Reconciles the pods bound to the node.
 pub struct PodController<P> {
@@ -63,39 +56,6 @@ pub struct PodController<P> {
     listed: watch::Sender<bool>,
     /// The cache as others read it.
     pods: PodCache,
-}
-
-struct Context<P> {
-    client: kube::Client,
-    provider: Arc<P>,
-    config: NodeConfig,
-    recorder: Recorder,
-    metrics: PodMetrics,
-    /// Watches of the ConfigMaps and Secrets the pods reference.
-    references: ReferenceWatches,
-    /// The cluster's Services, for the containers' service variables.
-    services: Services,
-    /// What the node has handed the provider, per pod: one entry per pod, dropped when
-    /// the pod is gone. Rebuilt after a restart by adopting what the provider runs.
-    handed: Mutex<HashMap<PodRef, Handed>>,
-    /// Whether the provider pushes status; if not, status is read after each call and
-    /// reconciliation repeats every minute.
-    streams_status: bool,
-}
-
-/// What the node knows of one pod it has handed (or tried to hand) to the provider.
-#[derive(Debug, Default)]
-struct Handed {
-    /// Hash of the spec the provider last received: an update is sent only when the spec
-    /// really changed.
-    spec: Option<u64>,
-    /// Hash of the env and files it last received, so a referenced object's change causes
-    /// an update only when the pod's inputs really changed.
-    inputs: Option<u64>,
-    /// When the pod's projected service-account tokens must be requested again.
-    tokens_due: Option<std::time::Instant>,
-    /// Consecutive failed reconciliations, for exponential backoff.
-    failures: u32,
 }
 
 impl<P: Provider> PodController<P> {
@@ -269,21 +229,7 @@ async fn forward_pod_changes(
     }
 }
 
-fn spec_hash(pod: &Pod) -> u64 {
-    let mut hasher = DefaultHasher::new();
-    serde_json::to_string(&pod.spec)
-        .unwrap_or_default()
-        .hash(&mut hasher);
-    hasher.finish()
-}
-
-fn is_terminal(pod: &Pod) -> bool {
-    matches!(
-        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
-        Some("Succeeded" | "Failed")
-    )
-}
-
+/// One reconciliation, timed for the metrics.
 async fn timed_reconcile<P: Provider>(
     cached: Arc<CachedPod>,
     context: Arc<Context<P>>,
@@ -294,336 +240,6 @@ async fn timed_reconcile<P: Provider>(
         .metrics
         .observe_reconcile(started.elapsed(), result.is_ok());
     result
-}
-
-async fn reconcile<P: Provider>(
-    pod: Arc<Pod>,
-    context: Arc<Context<P>>,
-) -> Result<Action, ReconcileError> {
-    let pod_ref = PodRef::of(&pod);
-    let provider = &context.provider;
-
-    if pod.metadata.deletion_timestamp.is_some() {
-        let grace = pod.metadata.deletion_grace_period_seconds.unwrap_or(30);
-        if let Err(err) = provider.delete_pod(&pod_ref, grace).await
-            && !matches!(err, ProviderError::NotFound { .. })
-        {
-            context.metrics.provider_error("delete", &err);
-            publish(
-                &context,
-                &pod,
-                EventType::Warning,
-                "ProviderDeleteFailed",
-                error_chain(&err),
-            )
-            .await;
-            return Err(err.into());
-        }
-        forget(&context, &pod_ref);
-        // The provider has stopped the pod: now the API object may go, but only this
-        // incarnation of it (a pod re-created under the same name keeps running).
-        let params = DeleteParams {
-            grace_period_seconds: Some(0),
-            preconditions: Some(Preconditions {
-                uid: Some(pod_ref.uid.clone()),
-                resource_version: None,
-            }),
-            ..DeleteParams::default()
-        };
-        match Api::<Pod>::namespaced(context.client.clone(), &pod_ref.namespace)
-            .delete(&pod_ref.name, &params)
-            .await
-        {
-            Ok(_) => {}
-            Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => {}
-            Err(err) => return Err(err.into()),
-        }
-        return Ok(Action::await_change());
-    }
-    if is_terminal(&pod) {
-        forget(&context, &pod_ref);
-        return Ok(Action::await_change());
-    }
-
-    let spec = spec_hash(&pod);
-    let (applied, tokens_due) = lock(&context.handed)
-        .get(&pod_ref)
-        .map_or((None, None), |h| (h.spec, h.tokens_due));
-    let running = match applied {
-        Some(_) => true,
-        None => provider
-            .pod_status(&pod_ref)
-            .await
-            .inspect_err(|err| context.metrics.provider_error("status", err))?
-            .is_some(),
-    };
-    let tokens_due = tokens_due.is_some_and(|due| due <= std::time::Instant::now());
-    let inputs_changed = context
-        .references
-        .take_changed(&pod_ref.namespace, &pod_ref.name)
-        || tokens_due;
-    if running && applied == Some(spec) && !inputs_changed {
-        return Ok(next_action(&context, &pod_ref));
-    }
-    if running && applied.is_none() && !inputs_changed {
-        // Running from before a restart: adopt it without touching it, but watch what it
-        // references from now on.
-        lock(&context.handed)
-            .entry(pod_ref.clone())
-            .or_default()
-            .spec = Some(spec);
-        if let Ok(resolution) = Resolver::resolve(
-            context.client.clone(),
-            &pod,
-            &service_env(&context, &pod).await,
-        )
-        .await
-        {
-            context
-                .references
-                .track(&pod_ref.namespace, &pod_ref.name, resolution.references);
-            if resolution.token_lifetime.is_some() {
-                // How old its tokens are is unknown: give it fresh ones at once.
-                lock(&context.handed)
-                    .entry(pod_ref.clone())
-                    .or_default()
-                    .tokens_due = Some(std::time::Instant::now());
-            }
-        }
-        return Ok(next_action(&context, &pod_ref));
-    }
-
-    let mut resolution = match Resolver::resolve(
-        context.client.clone(),
-        &pod,
-        &service_env(&context, &pod).await,
-    )
-    .await
-    {
-        Ok(resolution) => resolution,
-        Err(err) => {
-            publish(
-                &context,
-                &pod,
-                EventType::Warning,
-                err.event_reason(),
-                error_chain(&err),
-            )
-            .await;
-            return Err(err.into());
-        }
-    };
-    context.references.track(
-        &pod_ref.namespace,
-        &pod_ref.name,
-        resolution.references.clone(),
-    );
-    let inputs = inputs_hash(&resolution.pod);
-    if running
-        && applied == Some(spec)
-        && lock(&context.handed).get(&pod_ref).and_then(|h| h.inputs) == Some(inputs)
-    {
-        // A referenced object changed, but nothing the provider receives did.
-        return Ok(next_action(&context, &pod_ref));
-    }
-    for missing in &resolution.missing_optional {
-        publish(
-            &context,
-            &pod,
-            EventType::Warning,
-            missing.reason,
-            missing.message.clone(),
-        )
-        .await;
-    }
-    let (dns, dns_warnings) = crate::dns::pod_dns(&pod, &context.config.dns);
-    resolution.pod.dns = Some(dns);
-    for warning in dns_warnings {
-        publish(
-            &context,
-            &pod,
-            EventType::Warning,
-            warning.reason,
-            warning.message,
-        )
-        .await;
-    }
-    let (call, operation, failed_reason) = if running {
-        (
-            provider.update_pod(&resolution.pod).await,
-            "update",
-            "ProviderUpdateFailed",
-        )
-    } else {
-        (
-            provider.create_pod(&resolution.pod).await,
-            "create",
-            "ProviderCreateFailed",
-        )
-    };
-    if let Err(err) = &call {
-        context.metrics.provider_error(operation, err);
-    }
-    match call {
-        Ok(()) => {
-            let tokens_due = resolution.token_lifetime.map(|lifetime| {
-                let fraction = context.config.token_refresh_fraction.clamp(0.0, 1.0);
-                std::time::Instant::now() + lifetime.mul_f64(fraction)
-            });
-            lock(&context.handed).insert(
-                pod_ref.clone(),
-                Handed {
-                    spec: Some(spec),
-                    inputs: Some(inputs),
-                    tokens_due,
-                    failures: 0,
-                },
-            );
-        }
-        Err(err) => {
-            publish(
-                &context,
-                &pod,
-                EventType::Warning,
-                failed_reason,
-                error_chain(&err),
-            )
-            .await;
-            if err.is_transient() {
-                if running {
-                    // Make the retry resolve and update again rather than take the pod as done.
-                    context
-                        .references
-                        .mark_changed(&pod_ref.namespace, &pod_ref.name);
-                }
-                return Err(err.into());
-            }
-            // Retrying will not help: say why on the pod, as the Go virtual-kubelet does.
-            write_provider_failure(&context, &pod, &err).await?;
-            return Ok(Action::await_change());
-        }
-    }
-    if !context.streams_status
-        && let Some(status) = provider
-            .pod_status(&pod_ref)
-            .await
-            .inspect_err(|err| context.metrics.provider_error("status", err))?
-    {
-        write_status(&context, &pod, status).await?;
-    }
-    Ok(next_action(&context, &pod_ref))
-}
-
-/// The service variables `pod`'s containers get, once the Services have been listed.
-async fn service_env<P>(context: &Context<P>, pod: &Pod) -> Vec<updraft_provider::EnvVar> {
-    context.services.ready().await;
-    let links = pod
-        .spec
-        .as_ref()
-        .and_then(|s| s.enable_service_links)
-        .unwrap_or(true);
-    context
-        .services
-        .env(pod.metadata.namespace.as_deref().unwrap_or_default(), links)
-}
-
-fn forget<P>(context: &Context<P>, pod_ref: &PodRef) {
-    lock(&context.handed).remove(pod_ref);
-    context.references.forget(&pod_ref.namespace, &pod_ref.name);
-}
-
-fn inputs_hash(resolved: &updraft_provider::ResolvedPod) -> u64 {
-    let mut hasher = DefaultHasher::new();
-    resolved.env.hash(&mut hasher);
-    resolved.volumes.hash(&mut hasher);
-    hasher.finish()
-}
-
-/// What to do after a pod is in the wanted state: wait for a change, but come back when its
-/// tokens are due for refresh.
-fn next_action<P>(context: &Context<P>, pod_ref: &PodRef) -> Action {
-    let due = lock(&context.handed)
-        .get(pod_ref)
-        .and_then(|h| h.tokens_due);
-    match due {
-        Some(due) => {
-            let wait = due
-                .saturating_duration_since(std::time::Instant::now())
-                .max(Duration::from_secs(1));
-            if context.streams_status {
-                Action::requeue(wait)
-            } else {
-                // Without a status stream the minute's resync still applies.
-                Action::requeue(wait.min(Duration::from_secs(60)))
-            }
-        }
-        None => resync(context),
-    }
-}
-
-fn resync<P>(context: &Context<P>) -> Action {
-    if context.streams_status {
-        Action::await_change()
-    } else {
-        Action::requeue(Duration::from_secs(60))
-    }
-}
-
-fn error_policy<P: Provider>(
-    pod: Arc<CachedPod>,
-    error: &ReconcileError,
-    context: Arc<Context<P>>,
-) -> Action {
-    let pod_ref = pod.pod_ref();
-    let attempt = {
-        let mut handed = lock(&context.handed);
-        let failures = &mut handed.entry(pod_ref.clone()).or_default().failures;
-        *failures = failures.saturating_add(1);
-        *failures
-    };
-    // 1 s, 2 s, 4 s … capped at 5 min, like the kubelet's back-off.
-    let delay =
-        Duration::from_secs(1u64 << attempt.min(9).saturating_sub(1)).min(Duration::from_secs(300));
-    tracing::info!(pod = %pod_ref, attempt, ?delay, "reconciliation failed, retrying: {}", error_chain(error));
-    Action::requeue(delay)
-}
-
-async fn publish<P>(context: &Context<P>, pod: &Pod, type_: EventType, reason: &str, note: String) {
-    let event = Event {
-        type_,
-        reason: reason.into(),
-        note: Some(note.chars().take(1000).collect()),
-        action: "Reconcile".into(),
-        secondary: None,
-    };
-    if let Err(err) = context.recorder.publish(&event, &pod.object_ref(&())).await {
-        tracing::debug!("publishing event {reason}: {err}");
-    }
-}
-
-/// Marks a pod the provider refused: `Failed` if it would never be restarted, else `Pending`,
-/// with reason `ProviderFailed` and the provider's message.
-async fn write_provider_failure<P>(
-    context: &Context<P>,
-    pod: &Pod,
-    err: &ProviderError,
-) -> Result<(), kube::Error> {
-    let never_restarts =
-        pod.spec.as_ref().and_then(|s| s.restart_policy.as_deref()) == Some("Never");
-    let patch = serde_json::json!({"status": {
-        "phase": if never_restarts { "Failed" } else { "Pending" },
-        "reason": "ProviderFailed",
-        "message": error_chain(err),
-    }});
-    let pod_ref = PodRef::of(pod);
-    Api::<Pod>::namespaced(context.client.clone(), &pod_ref.namespace)
-        .patch_status(
-            &pod_ref.name,
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
-        .await?;
-    Ok(())
 }
 
 /// The status to write: the provider's, with what the API already knows and the provider
@@ -757,7 +373,7 @@ async fn sweep_orphans<P: Provider>(cache: PodCache, context: Arc<Context<P>>) {
                 context.metrics.provider_error("delete", &err);
                 tracing::warn!(pod = %orphan.pod, "deleting an orphaned pod: {err}");
             }
-            forget(&context, &orphan.pod);
+            context.forget(&orphan.pod);
         }
     }
 }

@@ -4,8 +4,16 @@
 //! Each referenced object gets a watch with `fieldSelector=metadata.name=<name>` in its
 //! namespace, as the kubelet does; the Node authorizer allows exactly these. Nothing is
 //! cached but the object's `resourceVersion`. When an object changes, appears or goes away,
-//! the pods that reference it are marked and handed to the pod controller, which resolves
-//! them again and updates the provider if what it would receive changed.
+//! the pods that reference it are marked "resolve again" and handed to the pod controller.
+//!
+//! The mark is a trigger and nothing more: it says that the pod's inputs must be resolved
+//! before the controller can tell whether the provider needs them, not that it does (an
+//! object may change in a key the pod does not use). That is decided in one place, the pod
+//! controller's decision, by comparing the hash of the resolved inputs with what was
+//! handed. Without the mark the controller does not resolve a pod whose spec is unchanged:
+//! resolving reads every referenced object and requests tokens, too much for every status
+//! write and resync. The pod controller also sets the mark itself when an update failed,
+//! so that its retry resolves again.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
@@ -71,8 +79,9 @@ struct State {
     watched: HashMap<Referenced, (HashSet<PodKey>, JoinHandle<()>)>,
     /// What each pod references.
     by_pod: HashMap<PodKey, Vec<Referenced>>,
-    /// Pods whose references changed since they were last resolved.
-    changed: HashSet<PodKey>,
+    /// Pods to resolve again at their next reconciliation (a referenced object changed, or
+    /// their update is to be retried).
+    resolve_again: HashSet<PodKey>,
 }
 
 /// The watches of referenced objects, shared by the pod controller's reconciliations.
@@ -120,21 +129,23 @@ impl ReferenceWatches {
     pub fn forget(&self, namespace: &str, name: &str) {
         self.track(namespace, name, Vec::new());
         lock(&self.state)
-            .changed
+            .resolve_again
             .remove(&(namespace.to_owned(), name.to_owned()));
     }
 
-    /// Whether an object the pod references changed since the last call (clears the mark).
-    pub fn take_changed(&self, namespace: &str, name: &str) -> bool {
+    /// Whether the pod is to be resolved again (clears the mark): an object it references
+    /// changed, or [`ReferenceWatches::resolve_again`] was called, since the last call.
+    pub fn take_resolve_again(&self, namespace: &str, name: &str) -> bool {
         lock(&self.state)
-            .changed
+            .resolve_again
             .remove(&(namespace.to_owned(), name.to_owned()))
     }
 
-    /// Marks the pod as having inputs to resolve again at its next reconciliation.
-    pub fn mark_changed(&self, namespace: &str, name: &str) {
+    /// Marks the pod to be resolved again at its next reconciliation (without triggering
+    /// one: the caller's retry does).
+    pub fn resolve_again(&self, namespace: &str, name: &str) {
         lock(&self.state)
-            .changed
+            .resolve_again
             .insert((namespace.to_owned(), name.to_owned()));
     }
 
@@ -185,8 +196,9 @@ fn release(state: &mut State, object: &Referenced, pod: &PodKey) {
     }
 }
 
-/// Watches one object; marks and triggers its pods whenever its `resourceVersion` (or its
-/// existence) changes after the first listing, including across watch restarts.
+/// Watches one object; marks its pods "resolve again" and triggers them whenever its
+/// `resourceVersion` (or its existence) changes after the first listing, including across
+/// watch restarts.
 async fn watch_object<K>(
     api: Api<K>,
     object: Referenced,
@@ -232,12 +244,55 @@ async fn watch_object<K>(
                 .get(&object)
                 .map(|(pods, _)| pods.iter().cloned().collect())
                 .unwrap_or_default();
-            state.changed.extend(pods.iter().cloned());
+            state.resolve_again.extend(pods.iter().cloned());
             pods
         };
         tracing::debug!(?object, pods = pods.len(), "a referenced object changed");
         for (namespace, name) in pods {
             let _ = trigger.send(ObjectRef::new(&name).within(&namespace));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pods::fakes::FakeApi;
+
+    #[tokio::test]
+    async fn the_resolve_again_mark_is_taken_once_and_dropped_with_the_pod() {
+        let api = FakeApi::default();
+        let (trigger, _triggered) = mpsc::unbounded_channel();
+        let watches = ReferenceWatches::new(api.client(), trigger);
+        let shared = Referenced::config_map("ns", "shared");
+        watches.track(
+            "ns",
+            "p",
+            vec![shared.clone(), Referenced::secret("ns", "own")],
+        );
+        watches.track("ns", "q", vec![shared]);
+        assert_eq!(watches.watched(), 2);
+
+        assert!(
+            !watches.take_resolve_again("ns", "p"),
+            "tracking marks nothing"
+        );
+        watches.resolve_again("ns", "p");
+        assert!(
+            !watches.take_resolve_again("ns", "q"),
+            "only the pod marked"
+        );
+        assert!(watches.take_resolve_again("ns", "p"));
+        assert!(!watches.take_resolve_again("ns", "p"), "taken once");
+
+        watches.resolve_again("ns", "p");
+        watches.forget("ns", "p");
+        assert!(
+            !watches.take_resolve_again("ns", "p"),
+            "dropped with the pod"
+        );
+        assert_eq!(watches.watched(), 1, "q still references the shared one");
+        watches.track("ns", "q", Vec::new());
+        assert_eq!(watches.watched(), 0);
     }
 }
