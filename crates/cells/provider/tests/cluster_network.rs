@@ -8,9 +8,13 @@
 //! - a Service without endpoints refuses connections at once (no timeout);
 //! - the pod calls the API server at `https://kubernetes.default.svc` with its projected token,
 //!   verifying TLS with its `ca.crt`;
-//! - scaled to zero endpoints and back, the Service follows.
+//! - scaled to zero endpoints and back, the Service follows;
+//! - the API server proxies to the node at its `InternalIP` (`--node-ip` on the host
+//!   address), so `kubectl get --raw /api/v1/nodes/<node>/proxy/stats/summary` works.
 //!
-//! Needs root, the control plane and the `updraft-cell` binary (see `common`).
+//! Runs the real `updraft` binary with the kubelet's `--cluster-dns`, `--cluster-domain` and
+//! `--node-ip`. Needs root, the control plane and the `updraft` and `updraft-cell` binaries
+//! (see `common`).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
@@ -18,12 +22,11 @@ mod common;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::api::{Api, DeleteParams, PostParams};
 use updraft_devcluster::coredns::{CLUSTER_DNS_IP, CLUSTER_DOMAIN};
-use updraft_node::dns::DnsSettings;
 use updraft_testing::{eventually, wait_for, wait_for_deletion};
 
 use common::{
-    Cells, ConfigOptions, Setup, TIMEOUT, describe_output, run_kubectl, run_node,
-    running_and_ready, sleeping_pod,
+    Cells, ConfigOptions, Setup, TIMEOUT, UpdraftProcess, delete_node, describe_output, free_port,
+    run_kubectl, running_and_ready, sleeping_pod, wait_node_ready,
 };
 
 /// A pod on `node` labelled `app: web` serving `hello from <its name>` over HTTP on its
@@ -107,14 +110,10 @@ async fn a_pod_on_a_cell_reaches_services_by_name_and_the_api_server_with_its_to
     let Cells {
         config, cleanup, ..
     } = Cells::new(tmp.path(), options);
-    let running = run_node(&cluster, &node, &config.config, |node| {
-        node.dns = DnsSettings {
-            cluster_dns: vec![CLUSTER_DNS_IP.into()],
-            cluster_domain: CLUSTER_DOMAIN.into(),
-            host: None,
-        };
-    })
-    .await;
+    // The real binary, with the kubelet's flags: --node-ip on the host address,
+    // --cluster-dns and --cluster-domain (see `UpdraftProcess`).
+    let updraft = UpdraftProcess::start(&cluster, &node, free_port(), &config);
+    wait_node_ready(&cluster, &node).await;
     let ns = namespace.name();
     let pods = Api::<Pod>::namespaced(cluster.client(), ns);
     let services = Api::<Service>::namespaced(cluster.client(), ns);
@@ -198,6 +197,32 @@ async fn a_pod_on_a_cell_reaches_services_by_name_and_the_api_server_with_its_to
     let body = eventually(TIMEOUT, || fetch(&cluster, ns, "client", "http://web")).await;
     assert_eq!(body.trim(), "hello from web-1");
 
-    running.stop_and_delete().await;
+    // The API server proxies to the node at its InternalIP (it refuses loopback).
+    let summary = run_kubectl(
+        &cluster,
+        &[
+            "get",
+            "--raw",
+            &format!("/api/v1/nodes/{node}/proxy/stats/summary"),
+        ],
+    )
+    .await;
+    assert!(
+        summary.status.success() && String::from_utf8_lossy(&summary.stdout).contains("\"pods\""),
+        "{}",
+        describe_output(&summary)
+    );
+
+    pods.delete("client", &DeleteParams::default())
+        .await
+        .unwrap();
+    pods.delete("web-1", &DeleteParams::default())
+        .await
+        .unwrap();
+    for name in ["client", "web-1"] {
+        wait_for_deletion(&pods, name, TIMEOUT).await;
+    }
+    updraft.kill();
+    delete_node(&node);
     drop(cleanup);
 }

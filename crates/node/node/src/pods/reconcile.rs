@@ -300,6 +300,11 @@ async fn resolve<P>(
             Ok(resolution)
         }
         Err(err) => {
+            // The retry must resolve again, also when a referenced object's change brought
+            // this resolve (its trigger is taken).
+            context
+                .references
+                .resolve_again(&pod_ref.namespace, &pod_ref.name);
             publish(
                 context,
                 pod,
@@ -484,7 +489,7 @@ pub(super) fn error_policy<P: Provider>(
 
 /// 1 s, 2 s, 4 s … capped at 5 min, like the kubelet's back-off.
 fn backoff(attempt: u32) -> Duration {
-    Duration::from_secs(1u64 << attempt.min(9).saturating_sub(1)).min(Duration::from_secs(300))
+    Duration::from_secs(1u64 << attempt.min(10).saturating_sub(1)).min(Duration::from_secs(300))
 }
 
 /// Publishes an Event on `pod`; a failure to publish is only logged.

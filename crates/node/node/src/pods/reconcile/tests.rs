@@ -280,6 +280,27 @@ async fn a_changed_reference_updates_the_pod_only_when_its_inputs_changed() {
     assert!(h.provider.take_calls().is_empty());
 }
 
+#[tokio::test]
+async fn a_resolve_that_fails_after_a_reference_changed_is_resolved_again_on_the_retry() {
+    let h = Harness::new(true);
+    h.api.put(CONFIG, settings("one", "x"));
+    let pod = h.add(referencing("p"));
+    h.reconcile(&pod).await.unwrap();
+    h.provider.take_calls();
+
+    // The change's trigger is taken by a resolve the API server fails.
+    h.api.put(CONFIG, settings("two", "x"));
+    h.reference_changed(&pod);
+    h.api.refuse_next(http::Method::GET, CONFIG, 500);
+    h.reconcile(&pod).await.unwrap_err();
+    assert!(h.provider.take_calls().is_empty());
+
+    // The retry resolves again and updates the pod.
+    h.reconcile(&pod).await.unwrap();
+    assert_eq!(h.provider.take_calls(), ["update ns/p"]);
+    assert_eq!(h.env(&pod), [("A".to_owned(), "two".to_owned())]);
+}
+
 #[tokio::test(start_paused = true)]
 async fn projected_tokens_are_refreshed_when_due() {
     let h = Harness::new(true);
@@ -648,7 +669,8 @@ async fn failures_back_off_exponentially_and_reset_once_handed() {
     );
     assert_eq!(h.handed(&pod).unwrap().failures, 3);
     assert_eq!(backoff(9), Duration::from_secs(256));
-    assert_eq!(backoff(30), Duration::from_secs(256));
+    assert_eq!(backoff(10), Duration::from_secs(300));
+    assert_eq!(backoff(30), Duration::from_secs(300));
 
     h.reconcile(&pod).await.unwrap();
     assert_eq!(h.handed(&pod).unwrap().failures, 0);
