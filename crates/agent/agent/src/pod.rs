@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Container as K8sContainer;
 use tokio::sync::watch;
+use updraft_common::sync::lock;
 use updraft_cell_api::{ApplyPodRequest, PodStatusResponse};
 use updraft_cell_runtime::{
     CgroupDriver, DnsConfig, ExecTarget, PodNetwork, PodSandbox, Resources, SandboxSpec,
@@ -21,7 +22,7 @@ use crate::logs::ContainerLog;
 use crate::record::write_json;
 use crate::services::Services;
 use crate::status::StatusBoard;
-use crate::{spec, volumes};
+use crate::volumes;
 
 /// Errors of creating a pod.
 #[derive(Debug, thiserror::Error)]
@@ -75,10 +76,6 @@ pub struct Pod {
     stops: Stops,
     /// The lifecycle task.
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn valid_name(n: &str) -> bool {
@@ -259,7 +256,7 @@ impl Pod {
                 let limit = e
                     .size_limit
                     .as_ref()
-                    .and_then(|q| spec::quantity(&q.0, 1.0));
+                    .and_then(|q| updraft_common::quantity::bytes(&q.0).ok());
                 volumes::empty_dir(&v.name, &vdir, memory, limit)?;
             } else if v.host_path.is_some() {
                 // Bound directly at start.

@@ -44,19 +44,6 @@ pub fn env(image: &PreparedImage, resolved: &[(String, String)]) -> Vec<(String,
     out
 }
 
-/// A quantity in whole units (`scale` 1: bytes) or in thousandths (`scale` 1000: millicores),
-/// rounded up; `None` when it is not a quantity of zero or more. Only the emptyDir size limit
-/// in `pod.rs` still calls this (with `scale` 1); everything else calls [`quantity::bytes`] or
-/// [`quantity::cpu_millis`], which this is.
-pub fn quantity(text: &str, scale: f64) -> Option<u64> {
-    let convert = if scale >= 1000.0 {
-        quantity::cpu_millis
-    } else {
-        quantity::bytes
-    };
-    convert(text).ok()
-}
-
 /// cgroup limits from `resources.limits` (cpu → CFS quota per 100 ms, memory → bytes) and
 /// `requests.cpu` → shares.
 pub fn resources(c: &Container) -> Resources {
@@ -87,12 +74,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn quantities_and_argv_rules() {
-        assert_eq!(quantity("500m", 1000.0), Some(500));
-        assert_eq!(quantity("2", 1000.0), Some(2000));
-        assert_eq!(quantity("64Mi", 1.0), Some(64 << 20));
-        assert_eq!(quantity("1G", 1.0), Some(1_000_000_000));
-        assert_eq!(quantity("x", 1.0), None);
+    fn argv_rules() {
         let image = PreparedImage {
             entrypoint: vec!["/ep".into()],
             cmd: vec!["c1".into()],
