@@ -265,6 +265,10 @@ struct Shared {
     outbox_data: usize,
     send_waiters: Vec<Waker>,
     pings: HashMap<u32, oneshot::Sender<()>>,
+    /// What the reader task is waiting for instead of reading the transport, if anything.
+    reader_waiting: Option<ReaderWait>,
+    /// The writer is handing a batch of frames to the transport.
+    writing: bool,
     /// Live ConnectionHandle clones plus the IncomingStreams, for closing an abandoned connection.
     users: usize,
 }
@@ -369,6 +373,82 @@ fn ended_error(ended: Ended) -> StreamError {
     }
 }
 
+/// Why the reader task is not reading the transport.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReaderWait {
+    /// The outbox holds too many frames: the peer is not reading what we send.
+    Outbox,
+    /// This stream's buffer is full (head-of-line blocking, lax receive mode only).
+    Stream(StreamId),
+}
+
+/// A snapshot of one stream's flow-control state; see [`ConnectionHandle::diagnostics`].
+#[derive(Clone, Debug)]
+pub struct StreamDiagnostics {
+    /// The stream id.
+    pub id: StreamId,
+    /// Received bytes the application has not read yet.
+    pub recv_buffered: usize,
+    /// Credit the peer still has on this stream.
+    pub recv_window: i64,
+    /// Our credit for sending on this stream.
+    pub send_window: i64,
+    /// The peer finished sending.
+    pub recv_fin: bool,
+    /// We finished sending.
+    pub send_fin: bool,
+    /// How the stream ended early, if it did.
+    pub ended: Option<StreamError>,
+}
+
+/// A snapshot of a session's flow-control state, for explaining a stall.
+#[derive(Clone, Debug)]
+pub struct Diagnostics {
+    /// Why the connection ended, if it has.
+    pub closed: Option<CloseReason>,
+    /// What the reader task waits for instead of reading the transport.
+    pub reader_waiting: Option<ReaderWait>,
+    /// The writer is inside a transport write; if this persists, the peer is not reading.
+    pub writing: bool,
+    /// Frames queued for the writer.
+    pub outbox_frames: usize,
+    /// Data bytes queued for the writer; stream writers wait once this reaches the limit.
+    pub outbox_data: usize,
+    /// Our credit for sending on the whole session.
+    pub session_send_window: i64,
+    /// Streams in id order.
+    pub streams: Vec<StreamDiagnostics>,
+}
+
+impl std::fmt::Display for Diagnostics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "closed={:?} reader_waiting={:?} writing={} outbox={} frames/{} data bytes (limit {OUTBOX_DATA_LIMIT}) session_send_window={}",
+            self.closed,
+            self.reader_waiting,
+            self.writing,
+            self.outbox_frames,
+            self.outbox_data,
+            self.session_send_window
+        )?;
+        for s in &self.streams {
+            write!(
+                f,
+                "; stream {}: recv_buffered={} recv_window={} send_window={} recv_fin={} send_fin={} ended={:?}",
+                s.id,
+                s.recv_buffered,
+                s.recv_window,
+                s.send_window,
+                s.recv_fin,
+                s.send_fin,
+                s.ended
+            )?;
+        }
+        Ok(())
+    }
+}
+
 /// Entry point: wraps a transport into a running SPDY session.
 #[derive(Debug)]
 pub struct Connection;
@@ -420,6 +500,8 @@ impl Connection {
             outbox_data: 0,
             send_waiters: Vec::new(),
             pings: HashMap::new(),
+            reader_waiting: None,
+            writing: false,
             users: 2,
         };
         shared.queue(Frame::Settings {
@@ -543,6 +625,7 @@ where
                 }
                 continue;
             }
+            inner.lock().writing = true;
             let write_all = async {
                 for frame in frames {
                     writer.feed(frame).await?;
@@ -562,6 +645,7 @@ where
             } else {
                 write_all.await?;
             }
+            inner.lock().writing = false;
         }
     }
     .await;
@@ -592,8 +676,13 @@ async fn handle_frame(
     // Bound what a peer that never reads can make us queue.
     loop {
         let wait = inner.reader_wake.notified();
-        if inner.lock().outbox.len() < OUTBOX_FRAME_LIMIT {
-            break;
+        {
+            let mut shared = inner.lock();
+            if shared.outbox.len() < OUTBOX_FRAME_LIMIT {
+                shared.reader_waiting = None;
+                break;
+            }
+            shared.reader_waiting = Some(ReaderWait::Outbox);
         }
         inner.writer_wake.notify_one();
         wait.await;
@@ -810,6 +899,7 @@ async fn on_data(
         let wait = inner.reader_wake.notified();
         {
             let mut shared = inner.lock();
+            shared.reader_waiting = None;
             let strict = shared.config.strict_receive_window;
             let capacity = shared.config.initial_window as usize;
             let session_window = shared.config.session_window;
@@ -867,6 +957,7 @@ async fn on_data(
                 let _ = session_window;
                 return Ok(());
             }
+            shared.reader_waiting = Some(ReaderWait::Stream(stream_id));
         }
         wait.await;
     }
@@ -1010,6 +1101,34 @@ impl ConnectionHandle {
     pub async fn closed(&self) -> CloseReason {
         self.inner.done.cancelled().await;
         self.close_reason()
+    }
+
+    /// A snapshot of the session's flow-control state, for explaining a stall.
+    pub fn diagnostics(&self) -> Diagnostics {
+        let shared = self.inner.lock();
+        let mut streams: Vec<StreamDiagnostics> = shared
+            .streams
+            .iter()
+            .map(|(&id, s)| StreamDiagnostics {
+                id,
+                recv_buffered: s.recv_buffered,
+                recv_window: s.recv_window,
+                send_window: s.send_window,
+                recv_fin: s.recv_fin,
+                send_fin: s.send_fin,
+                ended: s.ended.map(ended_error),
+            })
+            .collect();
+        streams.sort_by_key(|s| s.id);
+        Diagnostics {
+            closed: shared.closed.clone(),
+            reader_waiting: shared.reader_waiting,
+            writing: shared.writing,
+            outbox_frames: shared.outbox.len(),
+            outbox_data: shared.outbox_data,
+            session_send_window: shared.session_send_window,
+            streams,
+        }
     }
 
     /// Whether the connection has ended.
