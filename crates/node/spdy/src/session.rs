@@ -4,6 +4,14 @@
 //! state, the writer drains the outbox. Stream handles and the [`ConnectionHandle`] only touch
 //! the shared state under a short synchronous lock, so frame order on the wire is exactly the
 //! order in which frames were queued (SYN_STREAM before its data, ids increasing).
+//!
+//! Memory bounds: the outbox holds at most `OUTBOX_DATA_LIMIT` data bytes before stream
+//! writers wait (plus the writer's batch in flight) and at most `OUTBOX_FRAME_LIMIT` frames
+//! before the reader waits. Each stream buffers at most `initial_window` received bytes (or one
+//! frame), except that in lax receive mode the reader may go past that, by at most
+//! [`Config::stalled_read_ahead`] bytes over the whole session, and only while the outbox is
+//! full: then our own sending is what stalls, and refusing to read as well can deadlock
+//! against a peer that stops reading until its writes go through (spdystream does).
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -34,6 +42,8 @@ const MAX_DATA_FRAME: usize = 16 * 1024;
 const OUTBOX_DATA_LIMIT: usize = 256 * 1024;
 /// Frames queued for the writer before the reader stops reading (a peer that sends PINGs but never reads).
 const OUTBOX_FRAME_LIMIT: usize = 1024;
+/// Default [`Config::stalled_read_ahead`].
+pub const DEFAULT_STALLED_READ_AHEAD: usize = 4 << 20;
 
 /// Which end of the connection we are: clients open odd streams, servers even ones.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,6 +77,15 @@ pub struct Config {
     pub strict_receive_window: bool,
     /// How long closing waits to flush queued frames to a peer that does not read.
     pub close_timeout: Duration,
+    /// With `strict_receive_window` off: bytes the reader may buffer beyond the per-stream
+    /// bound, summed over the session, while our own sending is stalled (the outbox is full).
+    /// A spdystream peer stops reading while one of its frame handlers waits to write (it
+    /// sends SYN_REPLY from its stream handler, queued behind its data writers). If we then
+    /// also stopped reading because the application draining a stream is itself blocked
+    /// sending to that peer (an echo, a port forward, `cat` under exec), both ends would wait
+    /// on each other forever. Reading ahead lets the peer's writes complete so it reads
+    /// again; a peer that needs more than this absorbed before it reads can still stall.
+    pub stalled_read_ahead: usize,
 }
 
 impl Default for Config {
@@ -79,6 +98,7 @@ impl Default for Config {
             send_flow_control: true,
             strict_receive_window: true,
             close_timeout: Duration::from_secs(5),
+            stalled_read_ahead: DEFAULT_STALLED_READ_AHEAD,
         }
     }
 }
@@ -292,6 +312,24 @@ impl Inner {
 }
 
 impl Shared {
+    /// Whether the reader may buffer `len` more bytes for a stream holding `buffered`, past its
+    /// bound `capacity`: only while stream writers wait on a full outbox (our sending is
+    /// stalled on the peer), and within [`Config::stalled_read_ahead`] over all streams.
+    fn may_read_ahead(&self, capacity: usize, buffered: usize, len: usize) -> bool {
+        if self.outbox_data < OUTBOX_DATA_LIMIT {
+            return false;
+        }
+        let ahead: usize = self
+            .streams
+            .values()
+            .map(|s| s.recv_buffered.saturating_sub(capacity))
+            .sum();
+        let more = (buffered + len)
+            .saturating_sub(capacity)
+            .saturating_sub(buffered.saturating_sub(capacity));
+        ahead.saturating_add(more) <= self.config.stalled_read_ahead
+    }
+
     fn queue(&mut self, frame: Frame) {
         if let Frame::Data { data, .. } = &frame {
             self.outbox_data += data.len();
@@ -943,8 +981,13 @@ async fn on_data(
                 inner.writer_wake.notify_one();
                 return Ok(());
             }
-            // A peer ignoring our window waits here until the application drains the stream.
-            if s.recv_buffered == 0 || s.recv_buffered + len <= capacity {
+            // A peer ignoring our window waits here until the application drains the stream,
+            // unless our own sending is stalled too (see `Config::stalled_read_ahead`).
+            let buffered = s.recv_buffered;
+            let fits = buffered == 0 || buffered + len <= capacity;
+            if (fits || shared.may_read_ahead(capacity, buffered, len))
+                && let Some(s) = shared.streams.get_mut(&stream_id)
+            {
                 s.recv_window -= len as i64;
                 s.recv_buffered += len;
                 if !data.is_empty() {
@@ -1463,6 +1506,8 @@ impl AsyncWrite for SendStream {
             shared.send_waiters.push(cx.waker().clone());
             drop(guard);
             self.inner.writer_wake.notify_one();
+            // Our sending is stalled: a reader waiting on a full stream buffer may read ahead.
+            self.inner.reader_wake.notify_one();
             return Poll::Pending;
         }
         let mut n = buf.len().min(MAX_DATA_FRAME);
