@@ -37,6 +37,6 @@ pub mod session;
 pub use frame::{CodecLimits, Frame, FrameCodec, FrameError, GoAwayStatus, RstStatus, StreamId};
 pub use headers::{HeaderError, Headers};
 pub use session::{
-    CloseReason, Config, Connection, ConnectionHandle, IncomingStreams, RecvStream, Role,
-    SendStream, SessionError, Stream, StreamError,
+    CloseReason, Config, Connection, ConnectionHandle, Diagnostics, IncomingStreams, ReaderWait,
+    RecvStream, Role, SendStream, SessionError, Stream, StreamDiagnostics, StreamError,
 };

@@ -4,6 +4,14 @@
 //! state, the writer drains the outbox. Stream handles and the [`ConnectionHandle`] only touch
 //! the shared state under a short synchronous lock, so frame order on the wire is exactly the
 //! order in which frames were queued (SYN_STREAM before its data, ids increasing).
+//!
+//! Memory bounds: the outbox holds at most `OUTBOX_DATA_LIMIT` data bytes before stream
+//! writers wait (plus the writer's batch in flight) and at most `OUTBOX_FRAME_LIMIT` frames
+//! before the reader waits. Each stream buffers at most `initial_window` received bytes (or one
+//! frame), except that in lax receive mode the reader may go past that, by at most
+//! [`Config::stalled_read_ahead`] bytes over the whole session, and only while the outbox is
+//! full: then our own sending is what stalls, and refusing to read as well can deadlock
+//! against a peer that stops reading until its writes go through (spdystream does).
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -34,6 +42,8 @@ const MAX_DATA_FRAME: usize = 16 * 1024;
 const OUTBOX_DATA_LIMIT: usize = 256 * 1024;
 /// Frames queued for the writer before the reader stops reading (a peer that sends PINGs but never reads).
 const OUTBOX_FRAME_LIMIT: usize = 1024;
+/// Default [`Config::stalled_read_ahead`].
+pub const DEFAULT_STALLED_READ_AHEAD: usize = 4 << 20;
 
 /// Which end of the connection we are: clients open odd streams, servers even ones.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,6 +77,15 @@ pub struct Config {
     pub strict_receive_window: bool,
     /// How long closing waits to flush queued frames to a peer that does not read.
     pub close_timeout: Duration,
+    /// With `strict_receive_window` off: bytes the reader may buffer beyond the per-stream
+    /// bound, summed over the session, while our own sending is stalled (the outbox is full).
+    /// A spdystream peer stops reading while one of its frame handlers waits to write (it
+    /// sends SYN_REPLY from its stream handler, queued behind its data writers). If we then
+    /// also stopped reading because the application draining a stream is itself blocked
+    /// sending to that peer (an echo, a port forward, `cat` under exec), both ends would wait
+    /// on each other forever. Reading ahead lets the peer's writes complete so it reads
+    /// again; a peer that needs more than this absorbed before it reads can still stall.
+    pub stalled_read_ahead: usize,
 }
 
 impl Default for Config {
@@ -79,6 +98,7 @@ impl Default for Config {
             send_flow_control: true,
             strict_receive_window: true,
             close_timeout: Duration::from_secs(5),
+            stalled_read_ahead: DEFAULT_STALLED_READ_AHEAD,
         }
     }
 }
@@ -265,6 +285,10 @@ struct Shared {
     outbox_data: usize,
     send_waiters: Vec<Waker>,
     pings: HashMap<u32, oneshot::Sender<()>>,
+    /// What the reader task is waiting for instead of reading the transport, if anything.
+    reader_waiting: Option<ReaderWait>,
+    /// The writer is handing a batch of frames to the transport.
+    writing: bool,
     /// Live ConnectionHandle clones plus the IncomingStreams, for closing an abandoned connection.
     users: usize,
 }
@@ -288,6 +312,24 @@ impl Inner {
 }
 
 impl Shared {
+    /// Whether the reader may buffer `len` more bytes for a stream holding `buffered`, past its
+    /// bound `capacity`: only while stream writers wait on a full outbox (our sending is
+    /// stalled on the peer), and within [`Config::stalled_read_ahead`] over all streams.
+    fn may_read_ahead(&self, capacity: usize, buffered: usize, len: usize) -> bool {
+        if self.outbox_data < OUTBOX_DATA_LIMIT {
+            return false;
+        }
+        let ahead: usize = self
+            .streams
+            .values()
+            .map(|s| s.recv_buffered.saturating_sub(capacity))
+            .sum();
+        let more = (buffered + len)
+            .saturating_sub(capacity)
+            .saturating_sub(buffered.saturating_sub(capacity));
+        ahead.saturating_add(more) <= self.config.stalled_read_ahead
+    }
+
     fn queue(&mut self, frame: Frame) {
         if let Frame::Data { data, .. } = &frame {
             self.outbox_data += data.len();
@@ -369,6 +411,82 @@ fn ended_error(ended: Ended) -> StreamError {
     }
 }
 
+/// Why the reader task is not reading the transport.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReaderWait {
+    /// The outbox holds too many frames: the peer is not reading what we send.
+    Outbox,
+    /// This stream's buffer is full (head-of-line blocking, lax receive mode only).
+    Stream(StreamId),
+}
+
+/// A snapshot of one stream's flow-control state; see [`ConnectionHandle::diagnostics`].
+#[derive(Clone, Debug)]
+pub struct StreamDiagnostics {
+    /// The stream id.
+    pub id: StreamId,
+    /// Received bytes the application has not read yet.
+    pub recv_buffered: usize,
+    /// Credit the peer still has on this stream.
+    pub recv_window: i64,
+    /// Our credit for sending on this stream.
+    pub send_window: i64,
+    /// The peer finished sending.
+    pub recv_fin: bool,
+    /// We finished sending.
+    pub send_fin: bool,
+    /// How the stream ended early, if it did.
+    pub ended: Option<StreamError>,
+}
+
+/// A snapshot of a session's flow-control state, for explaining a stall.
+#[derive(Clone, Debug)]
+pub struct Diagnostics {
+    /// Why the connection ended, if it has.
+    pub closed: Option<CloseReason>,
+    /// What the reader task waits for instead of reading the transport.
+    pub reader_waiting: Option<ReaderWait>,
+    /// The writer is inside a transport write; if this persists, the peer is not reading.
+    pub writing: bool,
+    /// Frames queued for the writer.
+    pub outbox_frames: usize,
+    /// Data bytes queued for the writer; stream writers wait once this reaches the limit.
+    pub outbox_data: usize,
+    /// Our credit for sending on the whole session.
+    pub session_send_window: i64,
+    /// Streams in id order.
+    pub streams: Vec<StreamDiagnostics>,
+}
+
+impl std::fmt::Display for Diagnostics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "closed={:?} reader_waiting={:?} writing={} outbox={} frames/{} data bytes (limit {OUTBOX_DATA_LIMIT}) session_send_window={}",
+            self.closed,
+            self.reader_waiting,
+            self.writing,
+            self.outbox_frames,
+            self.outbox_data,
+            self.session_send_window
+        )?;
+        for s in &self.streams {
+            write!(
+                f,
+                "; stream {}: recv_buffered={} recv_window={} send_window={} recv_fin={} send_fin={} ended={:?}",
+                s.id,
+                s.recv_buffered,
+                s.recv_window,
+                s.send_window,
+                s.recv_fin,
+                s.send_fin,
+                s.ended
+            )?;
+        }
+        Ok(())
+    }
+}
+
 /// Entry point: wraps a transport into a running SPDY session.
 #[derive(Debug)]
 pub struct Connection;
@@ -420,6 +538,8 @@ impl Connection {
             outbox_data: 0,
             send_waiters: Vec::new(),
             pings: HashMap::new(),
+            reader_waiting: None,
+            writing: false,
             users: 2,
         };
         shared.queue(Frame::Settings {
@@ -543,6 +663,7 @@ where
                 }
                 continue;
             }
+            inner.lock().writing = true;
             let write_all = async {
                 for frame in frames {
                     writer.feed(frame).await?;
@@ -562,6 +683,7 @@ where
             } else {
                 write_all.await?;
             }
+            inner.lock().writing = false;
         }
     }
     .await;
@@ -592,8 +714,13 @@ async fn handle_frame(
     // Bound what a peer that never reads can make us queue.
     loop {
         let wait = inner.reader_wake.notified();
-        if inner.lock().outbox.len() < OUTBOX_FRAME_LIMIT {
-            break;
+        {
+            let mut shared = inner.lock();
+            if shared.outbox.len() < OUTBOX_FRAME_LIMIT {
+                shared.reader_waiting = None;
+                break;
+            }
+            shared.reader_waiting = Some(ReaderWait::Outbox);
         }
         inner.writer_wake.notify_one();
         wait.await;
@@ -810,6 +937,7 @@ async fn on_data(
         let wait = inner.reader_wake.notified();
         {
             let mut shared = inner.lock();
+            shared.reader_waiting = None;
             let strict = shared.config.strict_receive_window;
             let capacity = shared.config.initial_window as usize;
             let session_window = shared.config.session_window;
@@ -853,8 +981,13 @@ async fn on_data(
                 inner.writer_wake.notify_one();
                 return Ok(());
             }
-            // A peer ignoring our window waits here until the application drains the stream.
-            if s.recv_buffered == 0 || s.recv_buffered + len <= capacity {
+            // A peer ignoring our window waits here until the application drains the stream,
+            // unless our own sending is stalled too (see `Config::stalled_read_ahead`).
+            let buffered = s.recv_buffered;
+            let fits = buffered == 0 || buffered + len <= capacity;
+            if (fits || shared.may_read_ahead(capacity, buffered, len))
+                && let Some(s) = shared.streams.get_mut(&stream_id)
+            {
                 s.recv_window -= len as i64;
                 s.recv_buffered += len;
                 if !data.is_empty() {
@@ -867,6 +1000,7 @@ async fn on_data(
                 let _ = session_window;
                 return Ok(());
             }
+            shared.reader_waiting = Some(ReaderWait::Stream(stream_id));
         }
         wait.await;
     }
@@ -1010,6 +1144,34 @@ impl ConnectionHandle {
     pub async fn closed(&self) -> CloseReason {
         self.inner.done.cancelled().await;
         self.close_reason()
+    }
+
+    /// A snapshot of the session's flow-control state, for explaining a stall.
+    pub fn diagnostics(&self) -> Diagnostics {
+        let shared = self.inner.lock();
+        let mut streams: Vec<StreamDiagnostics> = shared
+            .streams
+            .iter()
+            .map(|(&id, s)| StreamDiagnostics {
+                id,
+                recv_buffered: s.recv_buffered,
+                recv_window: s.recv_window,
+                send_window: s.send_window,
+                recv_fin: s.recv_fin,
+                send_fin: s.send_fin,
+                ended: s.ended.map(ended_error),
+            })
+            .collect();
+        streams.sort_by_key(|s| s.id);
+        Diagnostics {
+            closed: shared.closed.clone(),
+            reader_waiting: shared.reader_waiting,
+            writing: shared.writing,
+            outbox_frames: shared.outbox.len(),
+            outbox_data: shared.outbox_data,
+            session_send_window: shared.session_send_window,
+            streams,
+        }
     }
 
     /// Whether the connection has ended.
@@ -1344,6 +1506,8 @@ impl AsyncWrite for SendStream {
             shared.send_waiters.push(cx.waker().clone());
             drop(guard);
             self.inner.writer_wake.notify_one();
+            // Our sending is stalled: a reader waiting on a full stream buffer may read ahead.
+            self.inner.reader_wake.notify_one();
             return Poll::Pending;
         }
         let mut n = buf.len().min(MAX_DATA_FRAME);

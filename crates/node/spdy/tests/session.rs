@@ -702,3 +702,104 @@ async fn dropping_the_read_half_discards_data_without_stalling_the_sender() {
     stream.read_to_string(&mut got).await.unwrap();
     assert_eq!(got, "done");
 }
+
+/// A spdystream peer stops reading while one of its frame handlers waits to write (it sends
+/// SYN_REPLY from the stream handler, behind its own data writers). Here the raw peer writes a
+/// 2 MiB burst on an echoed stream before it reads anything. The echo blocks on the full outbox,
+/// its stream buffer fills, and if the server then stopped reading too, neither side would move
+/// again (go_client_against_our_server hung like this). The server must read ahead while its
+/// own sending is stalled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lax_mode_reads_ahead_while_the_peer_waits_for_its_own_writes() {
+    const BURST: usize = 2 << 20;
+    const FRAME: usize = 16 * 1024;
+    let (handle, mut incoming, raw) = raw_server(Config::spdystream_compatible()).await;
+    let parts = raw.into_parts();
+    let (r, w) = tokio::io::split(parts.io);
+    let mut raw_rx =
+        tokio_util::codec::FramedRead::new(r, FrameCodec::new(CodecLimits::default()).unwrap());
+    let mut raw_tx = tokio_util::codec::FramedWrite::new(w, parts.codec);
+    raw_tx.send(syn(1)).await.unwrap();
+    let stream = tokio::time::timeout(WAIT, incoming.accept())
+        .await
+        .expect("the server did not accept stream 1")
+        .unwrap();
+    stream.reply(Headers::new(), false).unwrap();
+    let (mut rx, mut tx) = stream.split();
+    let echo = tokio::spawn(async move {
+        let n = tokio::io::copy(&mut rx, &mut tx).await.unwrap();
+        tx.shutdown().await.unwrap();
+        n
+    });
+    let data = payload(7, BURST);
+    let sent = Arc::new(AtomicUsize::new(0));
+    let burst = {
+        let (data, sent) = (data.clone(), sent.clone());
+        async move {
+            for chunk in data.chunks(FRAME) {
+                raw_tx
+                    .send(Frame::Data {
+                        stream_id: 1,
+                        fin: false,
+                        data: Bytes::copy_from_slice(chunk),
+                    })
+                    .await
+                    .unwrap();
+                sent.fetch_add(chunk.len(), Ordering::SeqCst);
+            }
+            raw_tx
+                .send(Frame::Data {
+                    stream_id: 1,
+                    fin: true,
+                    data: Bytes::new(),
+                })
+                .await
+                .unwrap();
+            raw_tx
+        }
+    };
+    // Nothing else runs on the peer side until the burst is written, so without read-ahead
+    // this stalls for good; on success it takes milliseconds.
+    let _raw_tx = tokio::time::timeout(WAIT, burst).await.unwrap_or_else(|_| {
+        panic!(
+            "the peer's burst on stream 1 stalled after {} of {BURST} bytes: the server stopped reading while its echo waited on the peer; server state: {}",
+            sent.load(Ordering::SeqCst),
+            handle.diagnostics()
+        )
+    });
+    let mut echoed = Vec::new();
+    let read_echo = async {
+        loop {
+            match raw_rx.next().await.unwrap().unwrap() {
+                Frame::Data {
+                    stream_id: 1,
+                    fin,
+                    data,
+                } => {
+                    echoed.extend_from_slice(&data);
+                    if fin {
+                        break;
+                    }
+                }
+                Frame::SynReply { stream_id: 1, .. } | Frame::WindowUpdate { .. } => {}
+                other => panic!("unexpected frame {other:?}"),
+            }
+        }
+    };
+    if tokio::time::timeout(WAIT, read_echo).await.is_err() {
+        panic!(
+            "the echo of stream 1 stalled after {} of {BURST} bytes; server state: {}",
+            echoed.len(),
+            handle.diagnostics()
+        );
+    }
+    assert_eq!(
+        tokio::time::timeout(WAIT, echo)
+            .await
+            .expect("the server's echo task did not finish")
+            .unwrap(),
+        BURST as u64
+    );
+    assert_eq!(echoed.len(), BURST);
+    assert!(echoed == data, "the echo differs from what was sent");
+}
