@@ -76,6 +76,8 @@ pub struct ServicesBench {
     pub phase_seconds: Option<f64>,
     /// MiB per bulk transfer (default 256, quick 32).
     pub bulk_mib: Option<usize>,
+    /// Namespaces the table is installed in at once (default 50, quick 10).
+    pub cells: Option<usize>,
 }
 
 /// What the child process of part 1 measures (`bench services-probe`).
@@ -602,6 +604,76 @@ fn part_install(updates: usize, nft: &Nft) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The 200 × 5 table's updates installed in `cells` namespaces at once, each rendered and
+/// applied on its own thread as each cell's agent does (local cells share one host): the
+/// time from the derived table to the last namespace done, per update.
+fn fan_out(cells: usize, updates: usize, nft: &Nft) -> anyhow::Result<Vec<Duration>> {
+    let namespaces = (0..cells)
+        .map(|c| Netns::create(&format!("cell{c}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let files = namespaces
+        .iter()
+        .map(Netns::file)
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let services: Vec<Service> = (0..SIZES[0]).map(service).collect();
+    let mut slices: Vec<EndpointSlice> = (0..SIZES[0]).map(slice).collect();
+    let install_everywhere = |table: &[ServiceRoute]| -> anyhow::Result<Duration> {
+        let start = Instant::now();
+        let results: Vec<Result<(), updraft_cell_proxy::ApplyError>> =
+            std::thread::scope(|scope| {
+                let running: Vec<_> = files
+                    .iter()
+                    .map(|file| scope.spawn(move || nft.apply(Some(*file), &render(table).script)))
+                    .collect();
+                running
+                    .into_iter()
+                    .map(|t| {
+                        t.join().unwrap_or_else(|_| {
+                            Err(updraft_cell_proxy::ApplyError::Run {
+                                program: "nft".into(),
+                                source: std::io::Error::other("the install thread panicked"),
+                            })
+                        })
+                    })
+                    .collect()
+            });
+        let elapsed = start.elapsed();
+        for result in results {
+            result.context("installing the table in a cell's namespace")?;
+        }
+        Ok(elapsed)
+    };
+    install_everywhere(&service_routes::routes(&services, &slices, NODE).0)?;
+    let mut times = Vec::with_capacity(updates);
+    for u in 0..updates {
+        let s = (u * 37 + 1) % SIZES[0];
+        let address = Ipv4Addr::new(10, 254, (u / 250) as u8, (u % 250 + 1) as u8);
+        if let Some(endpoint) = slices[s].endpoints.as_mut().and_then(|e| e.first_mut()) {
+            endpoint.addresses = vec![address.to_string()];
+        }
+        let start = Instant::now();
+        let (table, _) = service_routes::routes(&services, &slices, NODE);
+        let derived = start.elapsed();
+        times.push(derived + install_everywhere(&table)?);
+    }
+    drop(files);
+    drop(namespaces);
+    Ok(times)
+}
+
+fn part_fan_out(cells: usize, updates: usize, nft: &Nft) -> anyhow::Result<()> {
+    let mut times = fan_out(cells, updates, nft)?;
+    times.sort();
+    println!();
+    println!(
+        "The 200 × {ENDPOINTS} table's updates installed in {cells} namespaces at once (each rendered and applied on its own thread, as every local cell's agent does on one host): derived table → the last namespace done, {} updates: p50 {}, max {}",
+        times.len(),
+        duration(percentile(&times, 0.5)),
+        duration(times.last().copied().unwrap_or_default()),
+    );
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------
 // Part 3
 
@@ -1039,6 +1111,11 @@ fn run_parts(bench: &ServicesBench) -> anyhow::Result<()> {
     let nft = Nft::new("nft");
     part_derivation(quick)?;
     part_install(bench.updates.unwrap_or(if quick { 10 } else { 50 }), &nft)?;
+    part_fan_out(
+        bench.cells.unwrap_or(if quick { 10 } else { 50 }).max(1),
+        if quick { 3 } else { 10 },
+        &nft,
+    )?;
     part_throughput(
         &nft,
         &Throughput {

@@ -129,6 +129,10 @@ enum Bench {
         /// MiB per bulk transfer (default 256, --quick 32).
         #[arg(long)]
         bulk_mib: Option<usize>,
+        /// Network namespaces the table is installed in at once, as on a host of local
+        /// cells (default 50, --quick 10).
+        #[arg(long)]
+        cells: Option<usize>,
     },
     /// Part of `bench services`: derives one size's table in this fresh process and prints
     /// its time and memory as one JSON line.
@@ -241,6 +245,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     rounds,
                     phase_seconds,
                     bulk_mib,
+                    cells,
                 },
         } => runtime.block_on(bench_services::run(bench_services::ServicesBench {
             quick,
@@ -248,6 +253,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             rounds,
             phase_seconds,
             bulk_mib,
+            cells,
         }))?,
         Task::Bench {
             bench: Bench::ServicesProbe { services, runs },
