@@ -79,6 +79,8 @@ pub struct ServicesBench {
     pub bulk_mib: Option<usize>,
     /// Namespaces the table is installed in at once (default 50, quick 10).
     pub cells: Option<usize>,
+    /// The parts to run (1–3); empty: all.
+    pub parts: Vec<u8>,
 }
 
 /// What the child process of part 1 measures (`bench services-probe`).
@@ -767,7 +769,13 @@ fn serve(stream: &mut TcpStream) -> std::io::Result<()> {
             };
             let mut reply = [b'.'; 16];
             reply[0] = octet;
-            stream.write_all(&reply)
+            stream.write_all(&reply)?;
+            // The client closes first, with a reset (see `connection_rate`).
+            match stream.read(&mut [0u8; 1]) {
+                Ok(_) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Ok(()),
+                Err(e) => Err(e),
+            }
         }
         b'U' => {
             let mut buf = vec![0u8; 256 * 1024];
@@ -797,9 +805,17 @@ fn serve(stream: &mut TcpStream) -> std::io::Result<()> {
     }
 }
 
-/// Sequential connections (connect, 16 bytes each way, the server closes, the client reads
-/// the end and closes) for `duration`, cycling through `targets`: how many, how long, and
-/// how many reached each pod address (by its last octet).
+/// Sequential connections (connect, 16 bytes each way, the client closes) for `duration`,
+/// cycling through `targets`: how many, how long, and how many reached each pod address (by
+/// its last octet).
+///
+/// The client closes with a reset (`SO_LINGER` 0), so that no side keeps a TIME_WAIT socket.
+/// With a graceful close the loop reuses every ephemeral port within seconds against 4-tuples
+/// the server still holds in TIME_WAIT, and the connections of the two paths share the
+/// client's address with different TCP timestamp clocks (the offset is per source and
+/// destination address, and the ClusterIP's destination is not the pod's): the server's
+/// PAWS check refuses some reused 4-tuples and the client waits a 1 s SYN retransmit. The
+/// first run of this bench, closing gracefully, stalled that way on both paths.
 fn connection_rate(
     targets: &[SocketAddr],
     duration: Duration,
@@ -815,13 +831,69 @@ fn connection_rate(
         stream.write_all(b"Cping-updraft-01")?;
         let mut reply = [0u8; 16];
         stream.read_exact(&mut reply)?;
-        if stream.read(&mut [0u8; 1])? != 0 {
-            return Err(std::io::Error::other("the server said more than 16 bytes"));
-        }
+        nix::sys::socket::setsockopt(
+            &stream,
+            nix::sys::socket::sockopt::Linger,
+            &nix::libc::linger {
+                l_onoff: 1,
+                l_linger: 0,
+            },
+        )
+        .map_err(std::io::Error::from)?;
+        drop(stream);
         *reached.entry(reply[0]).or_insert(0) += 1;
         count += 1;
     }
     Ok((count, start.elapsed(), reached))
+}
+
+/// The calling thread's network namespace's TCP counters (`/proc/thread-self/net/snmp` and
+/// `netstat`), as `Tcp:RetransSegs`, `TcpExt:PAWSEstab`, ….
+fn tcp_counters() -> std::io::Result<BTreeMap<String, i64>> {
+    let mut counters = BTreeMap::new();
+    for file in ["snmp", "netstat"] {
+        let text = std::fs::read_to_string(format!("/proc/thread-self/net/{file}"))?;
+        let lines: Vec<&str> = text.lines().collect();
+        for pair in lines.chunks(2) {
+            let [names, values] = pair else { continue };
+            let mut names = names.split_whitespace();
+            let mut values = values.split_whitespace();
+            let (Some(prefix), Some(_)) = (names.next(), values.next()) else {
+                continue;
+            };
+            if !prefix.starts_with("Tcp") {
+                continue;
+            }
+            for (name, value) in names.zip(values) {
+                if let Ok(value) = value.parse() {
+                    counters.insert(format!("{prefix}{name}"), value);
+                }
+            }
+        }
+    }
+    Ok(counters)
+}
+
+/// The counters that tell a stalled connection loop: SYNs sent again, segments retransmitted,
+/// SYNs a TIME_WAIT socket refused (PAWS), listen queue drops.
+const WATCHED: [&str; 5] = [
+    "TcpExt:TCPSynRetrans",
+    "Tcp:RetransSegs",
+    "TcpExt:PAWSEstab",
+    "TcpExt:ListenDrops",
+    "TcpExt:TCPTimeWaitOverflow",
+];
+
+fn counter_changes(before: &BTreeMap<String, i64>, after: &BTreeMap<String, i64>) -> String {
+    WATCHED
+        .iter()
+        .map(|name| {
+            let delta =
+                after.get(*name).copied().unwrap_or(0) - before.get(*name).copied().unwrap_or(0);
+            format!("{} {delta}", name.split(':').nth(1).unwrap_or(name))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -933,6 +1005,10 @@ fn part_throughput(nft: &Nft, settings: &Throughput) -> anyhow::Result<()> {
             .run(move || connection_rate(&targets, Duration::from_millis(200)))?
             .context("warming up")?;
     }
+    let counters_before = (
+        client.run(tcp_counters)?.context("reading TCP counters")?,
+        pod.run(tcp_counters)?.context("reading TCP counters")?,
+    );
     let mut totals = [(0u64, Duration::ZERO); 2];
     let mut per_round = [Vec::new(), Vec::new()];
     let mut reached = BTreeMap::new();
@@ -963,10 +1039,14 @@ fn part_throughput(nft: &Nft, settings: &Throughput) -> anyhow::Result<()> {
             }
         }
     }
+    let counters_after = (
+        client.run(tcp_counters)?.context("reading TCP counters")?,
+        pod.run(tcp_counters)?.context("reading TCP counters")?,
+    );
     let rate = |t: (u64, Duration)| t.0 as f64 / t.1.as_secs_f64();
     println!();
     println!(
-        "New connections per second, one client thread, sequential (connect, 16 bytes each way, close), {} interleaved rounds of {:.1} s per target:",
+        "New connections per second, one client thread, sequential (connect, 16 bytes each way, close with a reset), {} interleaved rounds of {:.1} s per target:",
         settings.rounds,
         settings.phase.as_secs_f64()
     );
@@ -1013,6 +1093,11 @@ fn part_throughput(nft: &Nft, settings: &Throughput) -> anyhow::Result<()> {
         .map(|(octet, n)| format!("10.252.0.{octet}: {n}"))
         .collect();
     println!("the ClusterIP's connections reached: {}", spread.join(", "));
+    println!(
+        "TCP counters during the connection test: client namespace: {}; pod namespace: {}",
+        counter_changes(&counters_before.0, &counters_after.0),
+        counter_changes(&counters_before.1, &counters_after.1),
+    );
 
     // Bulk throughput over one connection.
     let mut bulk: BTreeMap<(u8, u8), Vec<f64>> = BTreeMap::new();
@@ -1113,13 +1198,21 @@ pub async fn run(bench: ServicesBench) -> anyhow::Result<()> {
 fn run_parts(bench: &ServicesBench) -> anyhow::Result<()> {
     let quick = bench.quick;
     let nft = Nft::new("nft");
-    part_derivation(quick)?;
-    part_install(bench.updates.unwrap_or(if quick { 10 } else { 50 }), &nft)?;
-    part_fan_out(
-        bench.cells.unwrap_or(if quick { 10 } else { 50 }).max(1),
-        if quick { 3 } else { 10 },
-        &nft,
-    )?;
+    let runs = |part: u8| bench.parts.is_empty() || bench.parts.contains(&part);
+    if runs(1) {
+        part_derivation(quick)?;
+    }
+    if runs(2) {
+        part_install(bench.updates.unwrap_or(if quick { 10 } else { 50 }), &nft)?;
+        part_fan_out(
+            bench.cells.unwrap_or(if quick { 10 } else { 50 }).max(1),
+            if quick { 3 } else { 10 },
+            &nft,
+        )?;
+    }
+    if !runs(3) {
+        return Ok(());
+    }
     part_throughput(
         &nft,
         &Throughput {

@@ -133,6 +133,9 @@ enum Bench {
         /// cells (default 50, --quick 10).
         #[arg(long)]
         cells: Option<usize>,
+        /// Run only this part (1 derivation and memory, 2 install, 3 throughput); repeatable.
+        #[arg(long = "part", value_parser = clap::value_parser!(u8).range(1..=3))]
+        parts: Vec<u8>,
     },
     /// Part of `bench services`: derives one size's table in this fresh process and prints
     /// its time and memory as one JSON line.
@@ -246,6 +249,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     phase_seconds,
                     bulk_mib,
                     cells,
+                    parts,
                 },
         } => runtime.block_on(bench_services::run(bench_services::ServicesBench {
             quick,
@@ -254,6 +258,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             phase_seconds,
             bulk_mib,
             cells,
+            parts,
         }))?,
         Task::Bench {
             bench: Bench::ServicesProbe { services, runs },
