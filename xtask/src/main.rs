@@ -12,6 +12,7 @@ mod bench;
 mod bench_cells;
 mod bench_exec;
 mod bench_forward;
+mod bench_services;
 mod demo;
 mod demo_registry;
 mod deps;
@@ -108,6 +109,45 @@ enum Bench {
         #[arg(long, default_value_t = 64)]
         pod_workers: usize,
     },
+    /// ClusterIP Services for pods on cells (issue 13), without the control plane: the
+    /// node's derivation of the route table (time, memory), installing it in a network
+    /// namespace with nft (first time and updates), and connections through a ClusterIP
+    /// against the pod IP directly. Runs as root.
+    Services {
+        /// Smaller repetitions and shorter phases.
+        #[arg(long)]
+        quick: bool,
+        /// Table updates installed per size (default 50, --quick 10).
+        #[arg(long)]
+        updates: Option<usize>,
+        /// Interleaved rounds of the connection-rate test (default 10, --quick 4).
+        #[arg(long)]
+        rounds: Option<usize>,
+        /// Seconds per target and round of the connection-rate test (default 1, --quick 0.5).
+        #[arg(long)]
+        phase_seconds: Option<f64>,
+        /// MiB per bulk transfer (default 256, --quick 32).
+        #[arg(long)]
+        bulk_mib: Option<usize>,
+        /// Network namespaces the table is installed in at once, as on a host of local
+        /// cells (default 50, --quick 10).
+        #[arg(long)]
+        cells: Option<usize>,
+        /// Run only this part (1 derivation and memory, 2 install, 3 throughput); repeatable.
+        #[arg(long = "part", value_parser = clap::value_parser!(u8).range(1..=3))]
+        parts: Vec<u8>,
+    },
+    /// Part of `bench services`: derives one size's table in this fresh process and prints
+    /// its time and memory as one JSON line.
+    #[command(hide = true)]
+    ServicesProbe {
+        /// Services (one port, 5 endpoints each).
+        #[arg(long)]
+        services: usize,
+        /// Timed derivations.
+        #[arg(long)]
+        runs: usize,
+    },
 }
 
 #[derive(Subcommand)]
@@ -200,6 +240,29 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 mib,
             },
         ))?,
+        Task::Bench {
+            bench:
+                Bench::Services {
+                    quick,
+                    updates,
+                    rounds,
+                    phase_seconds,
+                    bulk_mib,
+                    cells,
+                    parts,
+                },
+        } => runtime.block_on(bench_services::run(bench_services::ServicesBench {
+            quick,
+            updates,
+            rounds,
+            phase_seconds,
+            bulk_mib,
+            cells,
+            parts,
+        }))?,
+        Task::Bench {
+            bench: Bench::ServicesProbe { services, runs },
+        } => bench_services::probe(&bench_services::Probe { services, runs })?,
         Task::Demo { down: true } => runtime.block_on(demo::down(&layout))?,
         Task::Demo { down: false } => {
             deps::install_packages()?;
