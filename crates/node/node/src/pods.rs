@@ -310,14 +310,20 @@ async fn write_status<P>(
         "metadata": { "uid": pod_ref.uid },
         "status": desired
     });
-    Api::<Pod>::namespaced(context.client.clone(), &pod_ref.namespace)
-        .patch_status(
-            &pod_ref.name,
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
-        .await?;
+    patch_status(&context.client, &pod_ref, &patch).await?;
     Ok(true)
+}
+
+/// Merge-patches the status of the pod `pod_ref` names with `patch`.
+async fn patch_status(
+    client: &kube::Client,
+    pod_ref: &PodRef,
+    patch: &serde_json::Value,
+) -> Result<(), kube::Error> {
+    Api::<Pod>::namespaced(client.clone(), &pod_ref.namespace)
+        .patch_status(&pod_ref.name, &PatchParams::default(), &Patch::Merge(patch))
+        .await?;
+    Ok(())
 }
 
 async fn write_status_updates<P: Provider>(

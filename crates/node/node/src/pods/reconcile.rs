@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::Resource as _;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
+use kube::api::{Api, DeleteParams, Preconditions};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
 use tokio::time::Instant;
@@ -520,14 +520,7 @@ async fn write_provider_failure<P>(
         "reason": "ProviderFailed",
         "message": error_chain(err),
     }});
-    let pod_ref = PodRef::of(pod);
-    Api::<Pod>::namespaced(context.client.clone(), &pod_ref.namespace)
-        .patch_status(
-            &pod_ref.name,
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
-        .await?;
+    super::patch_status(&context.client, &PodRef::of(pod), &patch).await?;
     Ok(())
 }
 
