@@ -9,11 +9,11 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Container as K8sContainer;
 use tokio::sync::watch;
-use updraft_common::sync::lock;
 use updraft_cell_api::{ApplyPodRequest, PodStatusResponse};
 use updraft_cell_runtime::{
     CgroupDriver, DnsConfig, ExecTarget, PodNetwork, PodSandbox, Resources, SandboxSpec,
 };
+use updraft_common::sync::lock;
 
 use crate::images::ImageSource;
 use crate::launch::CellRuntime;
