@@ -263,23 +263,21 @@ pub async fn run(layout: &Layout) -> anyhow::Result<()> {
         &format!("kubectl exec {first} -- sh -c '{exec_script}'"),
         kubectl(layout).args(["exec", first, "--", "sh", "-c", exec_script]),
     )?;
-    // From the other replica's cell: the Service by short name and FQDN (the cluster DNS),
-    // then the API server with the pod's own token.
+    // From the other replica's cell: the Service's name through the cluster DNS, then the
+    // Service by its cluster IP. (The image's static busybox crashes in `wget`'s name and
+    // port lookups; its `nslookup` and `nc` do their own.)
     let other = running.last().map(String::as_str).unwrap_or(first);
-    wait_for_service(layout, other).await?;
-    for url in [
-        format!("http://{DEPLOYMENT}"),
-        format!("http://{DEPLOYMENT}.default.svc.cluster.local"),
-    ] {
-        show(
-            &format!("kubectl exec {other} -- wget -qO- {url}"),
-            kubectl(layout).args(["exec", other, "--", "wget", "-qO-", &url]),
-        )?;
-    }
-    let api_call = "wget -qO- --header \"Authorization: Bearer $(cat /var/run/secrets/kubernetes.io/serviceaccount/token)\" https://kubernetes.default.svc/version";
+    let fqdn = format!("{DEPLOYMENT}.default.svc.cluster.local");
+    let cluster_ip = service_ip(&client).await?;
+    let fetch = format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {cluster_ip} 80 | tail -1");
+    wait_for_service(layout, other, &fetch).await?;
     show(
-        &format!("kubectl exec {other} -- sh -c '{api_call}'"),
-        kubectl(layout).args(["exec", other, "--", "sh", "-c", api_call]),
+        &format!("kubectl exec {other} -- nslookup {fqdn}"),
+        kubectl(layout).args(["exec", other, "--", "nslookup", &fqdn]),
+    )?;
+    show(
+        &format!("kubectl exec {other} -- sh -c \"{fetch}\""),
+        kubectl(layout).args(["exec", other, "--", "sh", "-c", &fetch]),
     )?;
     show(
         &format!(
@@ -417,23 +415,33 @@ async fn wait_for_log_line(layout: &Layout, pod: &str) -> anyhow::Result<()> {
     bail!("pod {pod} wrote no log line within 30 s")
 }
 
-/// Waits until `pod` reaches the demo's Service by name: its cell has the Service routes and
-/// the cluster DNS answers (the endpoints follow the replicas' readiness).
-async fn wait_for_service(layout: &Layout, pod: &str) -> anyhow::Result<()> {
-    let url = format!("http://{DEPLOYMENT}");
+/// The demo Service's cluster IP.
+async fn service_ip(client: &kube::Client) -> anyhow::Result<String> {
+    let service = Api::<Service>::namespaced(client.clone(), "default")
+        .get(DEPLOYMENT)
+        .await?;
+    service
+        .spec
+        .and_then(|s| s.cluster_ip)
+        .context("the demo Service has no cluster IP")
+}
+
+/// Waits until `fetch` run in `pod` gets a replica's answer through the Service: its cell has
+/// the Service routes (the endpoints follow the replicas' readiness).
+async fn wait_for_service(layout: &Layout, pod: &str, fetch: &str) -> anyhow::Result<()> {
     let mut last = String::new();
     for _ in 0..60 {
         let output = kubectl(layout)
-            .args(["exec", pod, "--", "wget", "-qO-", "-T", "5", &url])
+            .args(["exec", pod, "--", "sh", "-c", fetch])
             .output()
             .context("running kubectl exec")?;
-        if output.status.success() {
+        if String::from_utf8_lossy(&output.stdout).contains("hello from") {
             return Ok(());
         }
         last = String::from_utf8_lossy(&output.stderr).trim().to_owned();
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    bail!("pod {pod} could not reach {url} within a minute: {last}")
+    bail!("pod {pod} could not reach the {DEPLOYMENT} Service within a minute: {last}")
 }
 
 /// `cargo xtask demo --down`: deletes the Deployment (Updraft terminates its cells) and its
