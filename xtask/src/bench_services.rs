@@ -778,15 +778,7 @@ fn serve(stream: &mut TcpStream) -> std::io::Result<()> {
             }
         }
         b'U' => {
-            let mut buf = vec![0u8; 256 * 1024];
-            let mut total = 0u64;
-            loop {
-                let n = stream.read(&mut buf)?;
-                if n == 0 {
-                    break;
-                }
-                total += n as u64;
-            }
+            let total = drain(stream)?;
             stream.write_all(&total.to_be_bytes())
         }
         b'D' => {
@@ -932,15 +924,7 @@ fn transfer(target: SocketAddr, direction: Direction, bytes: u64) -> std::io::Re
             request[0] = b'D';
             request[1..].copy_from_slice(&bytes.to_be_bytes());
             stream.write_all(&request)?;
-            let mut buf = vec![0u8; 256 * 1024];
-            let mut total = 0u64;
-            loop {
-                let n = stream.read(&mut buf)?;
-                if n == 0 {
-                    break;
-                }
-                total += n as u64;
-            }
+            let total = drain(&mut stream)?;
             if total != bytes {
                 return Err(std::io::Error::other(format!(
                     "received {total} bytes of {bytes}"
@@ -1296,5 +1280,18 @@ fn mib(bytes: f64) -> String {
         format!("{:.0} KiB", bytes / 1024.0)
     } else {
         format!("{:.2} MiB", bytes / (1024.0 * 1024.0))
+    }
+}
+
+/// Reads `stream` to its end in 256 KiB reads (the bulk phases' read size); the bytes read.
+fn drain(stream: &mut impl std::io::Read) -> std::io::Result<u64> {
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0u64;
+    loop {
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            return Ok(total);
+        }
+        total += n as u64;
     }
 }
